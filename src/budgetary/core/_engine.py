@@ -1,0 +1,597 @@
+"""The budget rules applied to state: reserve, settle, release, record, begin_agent, ...
+
+Every function here runs while the store holds its lock (memory) or its
+transaction (SQLite), so each operation is one atomic step. The engine does no
+I/O and knows nothing of frameworks; it works in store units (tokens and
+nano-dollars) on vectors indexed like `DIMENSIONS`, plus one extra slot that
+counts calls whose model had no price.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from budgetary.core._units import (
+    AGENTS,
+    COST,
+    DIMENSIONS,
+    IN,
+    LLM,
+    OUT,
+    SPEND_DIMS,
+    TOOL,
+    nanos_to_usd,
+    sat,
+)
+from budgetary.core.errors import UnknownAgent
+from budgetary.core.gate import ConfidenceGate
+from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
+from budgetary.core.ledger import LedgerEntry
+from budgetary.core.reallocator import DonorView, plan_transfers
+from budgetary.core.usage import Usage
+
+UNPRICED = 7
+WIDTH = 8
+"""Vector width: the seven limit dimensions plus the unpriced-call counter."""
+
+Vector = list[int]
+
+
+def zeros() -> Vector:
+    return [0] * WIDTH
+
+
+def user_value(dim: int, value: int) -> int | Decimal:
+    """A store-unit value as the API shows it (dollars for cost)."""
+    return nanos_to_usd(value) if dim == COST else value
+
+
+@dataclass(slots=True)
+class AgentState:
+    """An agent's contract and counters inside one budget."""
+
+    priority: int = 1
+    unit: int | None = None
+    """`TOTAL` for a token allocation, `COST` for a USD allocation, ``None`` for none."""
+    allocated: int = 0
+    """Current allocation (initial allocation plus transfers in, minus transfers out)."""
+    min_reserve: int = 0
+    threshold: float | None = None
+    confidence: float | None = None
+    spent: Vector = field(default_factory=zeros)
+    held: Vector = field(default_factory=zeros)
+
+
+@dataclass(slots=True)
+class Level:
+    """One budget: its limits and counters, and its agents."""
+
+    key: str
+    name: str
+    base: list[int | None]
+    """Limits as constructed, store units."""
+    warn_at: tuple[float, ...] = (0.8,)
+    window: int | None = None
+    topup: Vector = field(default_factory=zeros)
+    spent: Vector = field(default_factory=zeros)
+    held: Vector = field(default_factory=zeros)
+    fired: set[tuple[Any, ...]] = field(default_factory=set)
+    window_start: float = 0.0
+    agents: dict[str | None, AgentState] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> list[int | None]:
+        return [None if b is None else sat(b + t) for b, t in zip(self.base, self.topup)]
+
+
+@dataclass(slots=True)
+class Hold:
+    """Budget held for one call in flight; a lease that expires unless settled or renewed."""
+
+    id: str
+    chain: tuple[str, ...]
+    agent: str | None
+    amounts: Vector
+    expires: float
+    run_id: str | None = None
+    model: str | None = None
+    location: str | None = None
+
+
+@dataclass(slots=True)
+class Meta:
+    """What a ledger entry records besides the numbers."""
+
+    run_id: str | None = None
+    model: str | None = None
+    location: str | None = None
+
+
+Sink = Callable[[LedgerEntry], None]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one engine operation."""
+
+    decision: Decision = ALLOW
+    events: list[SoftLimit] = field(default_factory=list)
+    moved: int = 0
+    entry: LedgerEntry | None = None
+
+
+class Engine:
+    """State plus the rules. Stores own one (memory) or build one per transaction (SQLite)."""
+
+    def __init__(self, sink: Sink | None = None) -> None:
+        self.levels: dict[str, Level] = {}
+        self.holds: dict[str, Hold] = {}
+        self.entries: list[LedgerEntry] = []
+        self.seq = 0
+        self.next_expiry = float("inf")
+        self._sink = sink if sink is not None else self.entries.append
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _append(self, now: float, level: Level, chain: tuple[str, ...], **fields: Any) -> LedgerEntry:
+        self.seq += 1
+        entry = LedgerEntry(id=self.seq, time=now, budget=level.name, scopes=chain, **fields)
+        self._sink(entry)
+        return entry
+
+    def _chain(self, chain: tuple[str, ...], now: float) -> list[Level]:
+        if now >= self.next_expiry:
+            self.expire(now)
+        levels = [self.levels[k] for k in chain]
+        for level in levels:
+            if level.window is not None and now >= level.window_start + level.window:
+                self._roll_window(level, now)
+        return levels
+
+    @staticmethod
+    def _roll_window(level: Level, now: float) -> None:
+        assert level.window is not None
+        level.window_start = (now // level.window) * level.window
+        level.spent = zeros()
+        level.fired.clear()
+        for state in level.agents.values():
+            state.spent = zeros()
+
+    @staticmethod
+    def _agent(level: Level, agent: str | None) -> AgentState:
+        state = level.agents.get(agent)
+        if state is None:
+            if agent is not None:
+                raise UnknownAgent(agent, level.name)
+            state = level.agents[None] = AgentState()
+        return state
+
+    def expire(self, now: float) -> None:
+        """Release every hold whose lease has run out (its worker died)."""
+        nearest = float("inf")
+        for hold in list(self.holds.values()):
+            if hold.expires <= now:
+                self._drop_hold(hold)
+                level = self.levels[hold.chain[0]]
+                self._append(
+                    now, level, hold.chain, agent=hold.agent, kind="release", model=hold.model,
+                    usage=_usage_of(hold.amounts), run_id=hold.run_id, location=hold.location,
+                    reason="lease expired",
+                )  # fmt: skip
+            else:
+                nearest = min(nearest, hold.expires)
+        self.next_expiry = nearest
+
+    def _drop_hold(self, hold: Hold) -> None:
+        del self.holds[hold.id]
+        levels = [self.levels[k] for k in hold.chain]
+        for level in levels:
+            _sub(level.held, hold.amounts)
+        state = levels[0].agents.get(hold.agent)
+        if state is not None:
+            _sub(state.held, hold.amounts)
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _evaluate(
+        self, levels: list[Level], agent: str | None, state: AgentState, req: Vector, gate: bool
+    ) -> tuple[Decision, list[tuple[str | None, int]]]:
+        """Decide a request; return the decision and the transfers it needs (not applied)."""
+        # Spend limits first, at every level: they are reported before anything else.
+        for level in levels:
+            limits = level.limits
+            for d in SPEND_DIMS:
+                limit = limits[d]
+                if limit is None:
+                    continue
+                spent = level.spent[d]
+                if spent >= limit:
+                    return _deny(level, agent, d, limit, spent, req[d], "exhausted"), []
+                if not gate and spent + level.held[d] + req[d] > limit:
+                    return _deny(level, agent, d, limit, spent + level.held[d], req[d], "would pass"), []
+        plan: list[tuple[str | None, int]] = []
+        if state.unit is not None:
+            u = state.unit
+            need = state.spent[u] + state.held[u] + (0 if gate else req[u])
+            # In gate mode the call is allowed while something is left, so it needs one unit.
+            shortfall = need - state.allocated + (1 if gate else 0)
+            if (need >= state.allocated) if gate else (need > state.allocated):
+                plan = self._plan(levels[0], agent, state, shortfall)
+                if sum(amount for _, amount in plan) < shortfall:
+                    return (
+                        Deny(
+                            resource="allocation",
+                            reason=(
+                                f"agent {agent!r} would pass its allocation of "
+                                f"{user_value(u, state.allocated)} {_unit_name(u)} "
+                                f"({user_value(u, state.spent[u] + state.held[u])} used or held, "
+                                f"{user_value(u, req[u])} requested) and reallocation cannot cover "
+                                f"{user_value(u, shortfall)}"
+                            ),
+                            limit=user_value(u, state.allocated),
+                            spent=user_value(u, state.spent[u] + state.held[u]),
+                            requested=user_value(u, req[u]),
+                            budget=levels[0].name,
+                            agent=agent,
+                        ),
+                        [],
+                    )
+        if not ConfidenceGate(state.threshold).allows(state.confidence):
+            return (
+                Deny(
+                    resource="confidence",
+                    reason=(
+                        f"agent {agent!r} reported confidence {state.confidence} >= its threshold "
+                        f"{state.threshold}; it is done"
+                    ),
+                    limit=state.threshold,
+                    spent=state.confidence,
+                    budget=levels[0].name,
+                    agent=agent,
+                ),
+                [],
+            )
+        for level in levels:
+            limits = level.limits
+            for d in (LLM, TOOL, AGENTS):
+                limit = limits[d]
+                if limit is not None and req[d] and level.spent[d] + level.held[d] + req[d] > limit:
+                    return _deny(level, agent, d, limit, level.spent[d] + level.held[d], req[d], "would pass"), []
+        return self._soft(levels, agent, state) or ALLOW, plan
+
+    def _plan(self, run: Level, agent: str | None, state: AgentState, shortfall: int) -> list[tuple[str | None, int]]:
+        views = [
+            DonorView(name, s.priority, s.allocated - s.spent[s.unit] - s.held[s.unit], s.min_reserve)
+            for name, s in run.agents.items()
+            if s.unit == state.unit and name != agent and s.unit is not None
+        ]
+        return plan_transfers(views, needy=agent, priority=state.priority, shortfall=shortfall)
+
+    def _apply_plan(
+        self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,
+        plan: list[tuple[str | None, int]], meta: Meta,
+    ) -> int:  # fmt: skip
+        state = run.agents[agent]
+        moved = 0
+        for donor, amount in plan:
+            if amount <= 0:
+                continue
+            run.agents[donor].allocated -= amount
+            state.allocated += amount
+            moved += amount
+            assert state.unit is not None
+            self._append(
+                now, run, chain, agent=agent, kind="transfer", donor=donor,
+                amount=user_value(state.unit, amount), run_id=meta.run_id, location=meta.location,
+                reason=f"reallocated {user_value(state.unit, amount)} {_unit_name(state.unit)} from {donor!r}",
+            )  # fmt: skip
+        return moved
+
+    @staticmethod
+    def _soft(levels: list[Level], agent: str | None, state: AgentState) -> SoftLimit | None:
+        best: tuple[float, Level | None, int, int, int, float] | None = None
+        for level in levels:
+            if not level.warn_at:
+                continue
+            first = level.warn_at[0]
+            limits = level.limits
+            for d in range(7):
+                limit = limits[d]
+                if limit:
+                    ratio = level.spent[d] / limit
+                    if first <= ratio < 1 and (best is None or ratio > best[0]):
+                        best = (ratio, level, d, level.spent[d], limit, _crossed(level.warn_at, ratio))
+        if state.unit is not None and state.allocated > 0 and levels[0].warn_at:
+            ratio = state.spent[state.unit] / state.allocated
+            if levels[0].warn_at[0] <= ratio < 1 and (best is None or ratio > best[0]):
+                best = (ratio, None, state.unit, state.spent[state.unit], state.allocated,
+                        _crossed(levels[0].warn_at, ratio))  # fmt: skip
+        if best is None:
+            return None
+        ratio, level, d, spent, limit, threshold = best
+        return _soft_limit(level, levels[0], agent, d, spent, limit, threshold)
+
+    def _fire(self, now: float, levels: list[Level], chain: tuple[str, ...], agent: str | None,
+              state: AgentState, meta: Meta) -> list[SoftLimit]:  # fmt: skip
+        """Soft-limit events for thresholds crossed for the first time (once per scope)."""
+        events: list[SoftLimit] = []
+        for level in levels:
+            limits = level.limits
+            for d in range(7):
+                limit = limits[d]
+                if not limit:
+                    continue
+                for t in level.warn_at:
+                    if level.spent[d] >= t * limit and (d, t) not in level.fired:
+                        level.fired.add((d, t))
+                        events.append(_soft_limit(level, levels[0], agent, d, level.spent[d], limit, t))
+        run = levels[0]
+        if state.unit is not None and state.allocated > 0:
+            for t in run.warn_at:
+                key = ("allocation", agent, t)
+                if state.spent[state.unit] >= t * state.allocated and key not in run.fired:
+                    run.fired.add(key)
+                    events.append(_soft_limit(None, run, agent, state.unit, state.spent[state.unit],
+                                              state.allocated, t))  # fmt: skip
+        for event in events:
+            self._append(now, run, chain, agent=agent, kind="soft_limit", resource=event.resource,
+                         reason=event.message, run_id=meta.run_id, location=meta.location)  # fmt: skip
+        return events
+
+    # -- operations --------------------------------------------------------------------
+
+    def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
+        """Could an LLM call start now? Changes nothing."""
+        levels = self._chain(chain, now)
+        state = self._agent(levels[0], agent)
+        req = zeros()
+        req[LLM] = 1
+        return self._evaluate(levels, agent, state, req, gate=True)[0]
+
+    def reserve(
+        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str,
+        ttl: float, now: float, meta: Meta, quiet: bool = False,
+    ) -> Outcome:  # fmt: skip
+        """Atomically check and hold ``req`` for one call; ``quiet`` writes no ``deny`` entry."""
+        levels = self._chain(chain, now)
+        run = levels[0]
+        state = self._agent(run, agent)
+        if gate:
+            req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
+        decision, plan = self._evaluate(levels, agent, state, req, gate)
+        if not decision.allowed:
+            if not quiet:
+                self._deny_entry(now, run, chain, agent, decision, meta)
+            return Outcome(decision=decision)
+        moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
+        for level in levels:
+            _add(level.held, req)
+        _add(state.held, req)
+        expires = now + ttl
+        self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
+        if expires < self.next_expiry:
+            self.next_expiry = expires
+        return Outcome(decision=decision, moved=moved)
+
+    def renew(self, hold_id: str, ttl: float, now: float) -> bool:
+        """Extend a live hold's lease; False if it already expired."""
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            return False
+        hold.expires = now + ttl
+        return True
+
+    def settle(
+        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *,
+        now: float, meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
+    ) -> Outcome:  # fmt: skip
+        """Replace a hold (if still there) by what the call consumed; also plain records.
+
+        ``usage`` is what the ledger entry shows (with cache and reasoning parts);
+        ``actual`` is what the counters add.
+        """
+        levels = self._chain(chain, now)
+        run = levels[0]
+        state = self._agent(run, agent)
+        hold = self.holds.get(hold_id) if hold_id is not None else None
+        if hold is not None:
+            self._drop_hold(hold)
+        for level in levels:
+            _add(level.spent, actual)
+        _add(state.spent, actual)
+        entry = self._append(
+            now, run, chain, agent=agent, kind="llm", model=meta.model,
+            usage=usage if usage is not None else _usage_of(actual, cost_known),
+            cost_usd=nanos_to_usd(actual[COST]) if cost_known else None,
+            estimated=estimated, run_id=meta.run_id, location=meta.location,
+        )  # fmt: skip
+        moved = self._cover_overrun(now, run, chain, agent, state, meta)
+        events = self._fire(now, levels, chain, agent, state, meta)
+        return Outcome(decision=self._soft(levels, agent, state) or ALLOW, events=events, moved=moved, entry=entry)
+
+    def _cover_overrun(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,
+                       state: AgentState, meta: Meta) -> int:  # fmt: skip
+        if state.unit is None:
+            return 0
+        shortfall = state.spent[state.unit] + state.held[state.unit] - state.allocated
+        if shortfall <= 0:
+            return 0
+        plan = self._plan(run, agent, state, shortfall)
+        if sum(amount for _, amount in plan) < shortfall:
+            return 0  # all or nothing: the agent stays over and its next call is denied
+        return self._apply_plan(now, run, chain, agent, plan, meta)
+
+    def release(self, hold_id: str, *, now: float, reason: str) -> bool:
+        """Drop a hold without charging it (the call failed or was cancelled)."""
+        if now >= self.next_expiry:
+            self.expire(now)
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            return False
+        self._drop_hold(hold)
+        self._append(
+            now, self.levels[hold.chain[0]], hold.chain, agent=hold.agent, kind="release", model=hold.model,
+            usage=_usage_of(hold.amounts), run_id=hold.run_id, location=hold.location, reason=reason,
+        )  # fmt: skip
+        return True
+
+    def held_amounts(self, hold_id: str) -> Vector | None:
+        hold = self.holds.get(hold_id)
+        return None if hold is None else list(hold.amounts)
+
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+        """The spawn gate: take one ``max_agents`` slot if nothing denies."""
+        levels = self._chain(chain, now)
+        run = levels[0]
+        state = self._agent(run, agent)
+        req = zeros()
+        req[AGENTS] = 1
+        decision, plan = self._evaluate(levels, agent, state, req, gate=True)
+        if not decision.allowed:
+            self._deny_entry(now, run, chain, agent, decision, meta)
+            return decision
+        if plan:
+            self._apply_plan(now, run, chain, agent, plan, meta)
+        for level in levels:
+            level.spent[AGENTS] = sat(level.spent[AGENTS] + 1)
+        state.spent[AGENTS] += 1
+        self._append(now, run, chain, agent=agent, kind="agent_start", run_id=meta.run_id, location=meta.location)
+        return decision
+
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
+        """Check and count one tool call (only ``max_tool_calls`` gates tools)."""
+        levels = self._chain(chain, now)
+        run = levels[0]
+        state = self._agent(run, agent)
+        for level in levels:
+            limit = level.limits[TOOL]
+            if limit is not None and level.spent[TOOL] + 1 > limit:
+                decision = _deny(level, agent, TOOL, limit, level.spent[TOOL], 1, "would pass")
+                self._deny_entry(now, run, chain, agent, decision, Meta(meta.run_id, None, tool))
+                return decision
+        for level in levels:
+            level.spent[TOOL] = sat(level.spent[TOOL] + 1)
+        state.spent[TOOL] += 1
+        self._append(now, run, chain, agent=agent, kind="tool", run_id=meta.run_id, location=tool)
+        return self._soft(levels, agent, state) or ALLOW
+
+    def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float,
+                   meta: Meta) -> int:  # fmt: skip
+        """Move up to ``shortfall`` to ``agent``; return what moved (may be partial)."""
+        levels = self._chain(chain, now)
+        state = self._agent(levels[0], agent)
+        if state.unit is None or shortfall <= 0:
+            return 0
+        plan = self._plan(levels[0], agent, state, shortfall)
+        return self._apply_plan(now, levels[0], chain, agent, plan, meta)
+
+    def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
+        self._agent(self._chain(chain, now)[0], agent).confidence = value
+
+    def top_up(self, key: str, amounts: Vector, now: float) -> None:
+        level = self.levels[key]
+        _add(level.topup, amounts)
+        limits = level.limits
+        # A raised limit can put spend back under a threshold: let it fire again when re-crossed.
+        level.fired = {
+            k for k in level.fired
+            if k[0] == "allocation" or (limits[k[0]] is not None and level.spent[k[0]] >= k[1] * limits[k[0]])
+        }  # fmt: skip
+
+    def levels_of(self, chain: tuple[str, ...], now: float) -> list[Level]:
+        """The levels of ``chain`` with expired leases released and windows rolled."""
+        return self._chain(chain, now)
+
+    def _deny_entry(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None, decision: Decision,
+                    meta: Meta) -> None:  # fmt: skip
+        self._append(now, run, chain, agent=agent, kind="deny", model=meta.model, resource=decision.resource,
+                     reason=decision.reason, run_id=meta.run_id, location=meta.location)  # fmt: skip
+
+    def note(
+        self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
+        decision: Decision | None = None, reason: str | None = None,
+    ) -> None:  # fmt: skip
+        """Write an entry that changes no counter: a ``skip``, or a ``deny`` decided outside the engine."""
+        run = self._chain(chain, now)[0]
+        self._append(
+            now, run, chain, agent=agent, kind=kind, model=meta.model,
+            resource=None if decision is None else decision.resource,
+            reason=reason if reason is not None else None if decision is None else decision.reason,
+            run_id=meta.run_id, location=meta.location,
+        )  # fmt: skip
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+
+def _add(target: Vector, amounts: Vector) -> None:
+    for i, value in enumerate(amounts):
+        if value:
+            target[i] = sat(target[i] + value)
+
+
+def _sub(target: Vector, amounts: Vector) -> None:
+    for i, value in enumerate(amounts):
+        if value:
+            target[i] = max(0, target[i] - value)
+
+
+def _usage_of(amounts: Vector, cost_known: bool = True) -> Usage:
+    return Usage(
+        input_tokens=amounts[IN],
+        output_tokens=amounts[OUT],
+        cost_usd=nanos_to_usd(amounts[COST]) if cost_known else None,
+    )
+
+
+def _unit_name(dim: int) -> str:
+    return "USD" if dim == COST else "tokens"
+
+
+def _crossed(warn_at: tuple[float, ...], ratio: float) -> float:
+    return max((t for t in warn_at if ratio >= t), default=0.0)
+
+
+def _deny(level: Level, agent: str | None, d: int, limit: int, spent: int, requested: int, how: str) -> Deny:
+    resource = DIMENSIONS[d]
+    shown_limit, shown_spent, shown_req = user_value(d, limit), user_value(d, spent), user_value(d, requested)
+    if how == "exhausted":
+        reason = (
+            f"Exhausted the {resource} limit of {shown_limit} of budget {level.name!r} "
+            f"({resource}={shown_spent})"
+        )
+    else:
+        reason = (
+            f"Would exceed the {resource} limit of {shown_limit} of budget {level.name!r} "
+            f"({resource}={shown_spent} spent or held, {shown_req} requested)"
+        )
+    if agent is not None:
+        reason += f" for agent {agent!r}"
+    return Deny(resource=resource, reason=reason, limit=shown_limit, spent=shown_spent, requested=shown_req,
+                budget=level.name, agent=agent)  # fmt: skip
+
+
+def _soft_limit(
+    level: Level | None, run: Level, agent: str | None, d: int, spent: int, limit: int, threshold: float
+) -> SoftLimit:
+    shown_spent, shown_limit = user_value(d, spent), user_value(d, limit)
+    if level is None:
+        message = (
+            f"agent {agent!r} used {shown_spent} of its {shown_limit} {_unit_name(d)} allocation "
+            f"({threshold:.0%} threshold)"
+        )
+        return SoftLimit(resource="allocation", consumed=shown_spent, limit=shown_limit, message=message,
+                         threshold=threshold, budget=run.name, agent=agent)  # fmt: skip
+    resource = DIMENSIONS[d]
+    message = (
+        f"budget {level.name!r} used {shown_spent} of its {resource} limit of {shown_limit} "
+        f"({threshold:.0%} threshold)"
+    )
+    return SoftLimit(resource=resource, consumed=shown_spent, limit=shown_limit, message=message,
+                     threshold=threshold, budget=level.name, agent=agent)  # fmt: skip
+
+
+__all__ = ["UNPRICED", "WIDTH", "AgentState", "Engine", "Hold", "Level", "Meta", "Outcome", "user_value", "zeros"]

@@ -1,0 +1,758 @@
+"""`Budget`: limits, agents and a ledger, enforced before every call."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Literal, TypeVar, cast
+
+from budgetary.core._engine import UNPRICED, Meta, Outcome, Vector, user_value, zeros
+from budgetary.core._units import COST, DIMENSIONS, IN, LLM, OUT, TOTAL, nanos_to_usd, sat, usd_to_nanos
+from budgetary.core.contract import AgentContract
+from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError
+from budgetary.core.estimator import count_tokens, estimate_text_tokens, upper_bound
+from budgetary.core.gate import check_fraction
+from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit, combine_guards
+from budgetary.core.ledger import Ledger, LedgerEntry
+from budgetary.core.limits import Limits
+from budgetary.core.prices import Price, PriceTable
+from budgetary.core.skip import Skipped
+from budgetary.core.snapshot import Snapshot
+from budgetary.core.stores import Store, store_from_url
+from budgetary.core.stores.memory import MemoryStore
+from budgetary.core.usage import Usage, coerce_cost, coerce_count
+
+__all__ = ["POLICIES", "Budget", "Policy", "Reservation"]
+
+logger = logging.getLogger("budgetary")
+
+Policy = Literal["deny", "skip", "interrupt", "end"]
+POLICIES: tuple[str, ...] = ("deny", "skip", "interrupt", "end")
+"""What an adapter does when the budget refuses: raise, skip the work, pause the run, end the run."""
+
+# A refusal on one of these may disappear when the cheap upper bound is replaced by an exact count.
+_INPUT_SENSITIVE = frozenset({"input_tokens", "total_tokens", "cost_usd", "allocation"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Reservation:
+    """Budget held for one LLM call until it is settled, released or charged as estimated.
+
+    Example:
+        ```python
+        r = budget.reserve("writer", model="gpt-4o", messages=msgs, max_output_tokens=500)
+        try:
+            reply = client.chat(...)
+        except Exception:
+            r.release()
+            raise
+        r.settle(reply.usage)  # OpenAI, Anthropic, Gemini, LangChain... shapes
+        ```
+    """
+
+    __slots__ = ("_budget", "_done", "_req", "agent", "decision", "events", "hold_id", "meta", "model", "provider")
+
+    def __init__(
+        self, budget: Budget, hold_id: str, agent: str | None, model: str | None, provider: str | None,
+        req: Vector, meta: Meta, decision: Decision,
+    ) -> None:  # fmt: skip
+        self._budget = budget
+        self.hold_id = hold_id
+        self.agent = agent
+        self.model = model
+        self.provider = provider
+        self._req = req
+        self.meta = meta
+        self.decision = decision
+        """`Allow` or `SoftLimit` (the call proceeds either way)."""
+        self.events: list[SoftLimit] = []
+        """Soft-limit crossings the settle caused (each fires once per threshold and scope)."""
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once settled, released or charged."""
+        return self._done
+
+    @property
+    def estimate(self) -> Usage:
+        """What was estimated before the call (prompt tokens and the output reserve)."""
+        return Usage(input_tokens=self._req[IN], output_tokens=self._req[OUT])
+
+    def settle(self, usage: Any, *, model: str | None = None, lenient: bool = False) -> LedgerEntry:
+        """Replace the hold by what the provider reported (any supported shape).
+
+        With ``lenient=True`` (what adapters use) an unreadable report never
+        raises: the estimate is charged instead and flagged ``estimated``.
+        """
+        try:
+            parsed = Usage.from_provider(usage)
+        except UsageError:
+            if not lenient:
+                raise
+            logger.warning("unreadable usage %r for agent %r; charging the estimate", usage, self.agent)
+            return self.charge_estimate()
+        return self._settle(parsed, model or self.model, estimated=False)
+
+    def charge_estimate(self) -> LedgerEntry:
+        """Charge the pre-call estimate, flagged ``estimated`` (the call's real usage is unknown)."""
+        return self._settle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
+
+    def _settle(self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None) -> LedgerEntry:
+        if self._done:
+            raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
+        self._done = True
+        budget = self._budget
+        nanos = actual_cost if actual_cost else budget._prices.cost_nanos(usage, model, self.provider)
+        if nanos is not None and usage.cost_usd is None:
+            usage = replace(usage, cost_usd=nanos_to_usd(nanos))
+        actual = [usage.input_tokens, usage.output_tokens, usage.total_tokens, nanos or 0, 1, 0, 0,
+                  1 if nanos is None else 0]  # fmt: skip
+        meta = self.meta if model == self.meta.model else Meta(self.meta.run_id, model, self.meta.location)
+        outcome = budget._store.settle(
+            budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
+            estimated=estimated, cost_known=nanos is not None, usage=usage,
+        )  # fmt: skip
+        self.events = outcome.events
+        budget._after(outcome, self.agent, usage)
+        assert outcome.entry is not None
+        return outcome.entry
+
+    def release(self, reason: str = "call failed") -> None:
+        """Give the hold back without charging (the call failed before the provider billed it)."""
+        if self._done:
+            return
+        self._done = True
+        budget = self._budget
+        if budget.charge_failed_calls:
+            self._done = False
+            self.charge_estimate()
+            return
+        budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
+
+    def renew(self) -> bool:
+        """Extend the hold's lease (long streamed calls); False if it had already expired."""
+        budget = self._budget
+        return budget._store.renew(self.hold_id, budget.lease_ttl, budget._clock())
+
+
+class _LLMCall:
+    """``with``/``async with`` block around one reservation."""
+
+    __slots__ = ("_budget", "_kwargs", "_reservation")
+
+    def __init__(self, budget: Budget, kwargs: dict[str, Any]) -> None:
+        self._budget = budget
+        self._kwargs = kwargs
+        self._reservation: Reservation | None = None
+
+    def __enter__(self) -> Reservation:
+        self._reservation = self._budget.reserve(**self._kwargs)
+        return self._reservation
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        r = self._reservation
+        if r is None or r.done:
+            return
+        if exc_type is None:
+            r.charge_estimate()  # the caller forgot to settle: charge what was held
+        else:
+            r.release(f"call failed: {exc_type.__name__}")
+
+    async def __aenter__(self) -> Reservation:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+class Budget:
+    """A budget: limits on a run (or a tenant, a day), agents with contracts, and a ledger.
+
+    Example:
+        ```python
+        budget = Budget(Limits(max_total_tokens=100_000, max_cost_usd=2), name="run")
+        budget.agent("researcher", priority=3, max_tokens=40_000)
+        with budget.llm_call("researcher", model="gpt-4o", messages=msgs, max_output_tokens=500) as call:
+            reply = client.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=500)
+            call.settle(reply.usage)
+        print(budget.report())
+        ```
+
+    Args:
+        limits: The caps; ``None`` means unbounded.
+        name: The budget's name (shown in refusals and the ledger).
+        mode: ``"reserve"`` (hold an estimate before each call; never exceeded when the provider
+            honours ``max_tokens``) or ``"gate"`` (allow while nothing is exhausted).
+        parent: A parent budget (tenant, day) charged with everything this one spends.
+        guards: Host guards (see `BudgetGuard`); every one must allow.
+        store: A store or its URL; default: the parent's store, else a new ``memory://``.
+        on_exhausted: What adapters do on a refusal: ``deny``, ``skip``, ``interrupt`` or ``end``.
+        on_soft_limit: Called once per ``warn_at`` crossing per scope with the `SoftLimit`.
+        default_output_reserve: Output tokens held for a call that sets no ``max_tokens``.
+        lease_ttl: Seconds a hold lives unless renewed; a dead worker's holds free themselves.
+        charge_failed_calls: Charge a failed call's hold instead of releasing it.
+        allow_unpriced: Under a USD cap, allow models with no known price (their cost is unknown).
+        prices: Per-model price overrides (`Price` or a mapping of its fields).
+        clock: Seconds since the epoch; inject one in tests.
+        run_id: Tag for ledger entries; default a new random id.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        name: str = "budget",
+        mode: Literal["reserve", "gate"] = "reserve",
+        parent: Budget | None = None,
+        guards: Iterable[Any] | None = None,
+        store: str | Store | None = None,
+        on_exhausted: Policy = "deny",
+        on_soft_limit: Callable[[SoftLimit], Any] | None = None,
+        default_output_reserve: int = 1024,
+        lease_ttl: float = 60.0,
+        charge_failed_calls: bool = False,
+        allow_unpriced: bool = False,
+        prices: Mapping[str, Price | Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] = time.time,
+        run_id: str | None = None,
+    ) -> None:
+        if limits is None:
+            limits = Limits()
+        if not isinstance(limits, Limits):
+            raise ConfigurationError(f"limits must be a Limits, got {type(limits).__name__}")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+        if mode not in ("reserve", "gate"):
+            raise ConfigurationError(f"mode must be 'reserve' or 'gate', got {mode!r}")
+        if on_exhausted not in POLICIES:
+            raise ConfigurationError(f"on_exhausted must be one of {POLICIES}, got {on_exhausted!r}")
+        if parent is not None and not isinstance(parent, Budget):
+            raise ConfigurationError(f"parent must be a Budget, got {type(parent).__name__}")
+        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, (int, float)) or not lease_ttl > 0:
+            raise ConfigurationError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
+        self.name = name
+        self.mode = mode
+        self.parent = parent
+        self.on_exhausted: Policy = on_exhausted
+        self.default_output_reserve = _config_count(default_output_reserve, "default_output_reserve")
+        self.lease_ttl = float(lease_ttl)
+        self.charge_failed_calls = charge_failed_calls
+        self.allow_unpriced = allow_unpriced
+        self.run_id = run_id or uuid.uuid4().hex
+        self._limits = limits
+        self._clock = clock
+        self._gate = mode == "gate"
+        self._prices = PriceTable(prices) if prices or parent is None else parent._prices
+        self._guards = combine_guards(guards) if guards else None
+        self._listeners: list[Callable[[SoftLimit], Any]] = [on_soft_limit] if on_soft_limit else []
+        self._contracts: dict[str | None, AgentContract] = {}
+        self._hold_prefix = uuid.uuid4().hex[:12] + ":"
+        self._hold_seq = itertools.count(1)
+
+        if parent is None:
+            self._path: tuple[str, ...] = (name,)
+            self._store = _open_store(store)
+        else:
+            self._path = (*parent._path, name)
+            if store is not None and store is not parent._store:
+                raise ConfigurationError(
+                    f"budget {name!r} must live in its parent's store ({parent._store.url}) so that one "
+                    "atomic step can check every level"
+                )
+            self._store = parent._store
+        # Names are data: JSON-encoding the path keeps any character in a name from reaching another key.
+        self._key = json.dumps(self._path, ensure_ascii=False)
+        self._chain: tuple[str, ...] = (self._key, *(parent._chain if parent else ()))
+        self._cost_capped = limits.max_cost_usd is not None or (parent is not None and parent._cost_capped)
+        self._store.ensure_budget(self._key, name, limits, clock())
+
+    # -- configuration -----------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        """Where this budget's state lives."""
+        return self._store
+
+    @property
+    def limits(self) -> Limits:
+        """The limits in force, including top-ups."""
+        return self.snapshot().limits
+
+    @property
+    def ledger(self) -> Ledger:
+        """This budget's entries and its child budgets'."""
+        return Ledger(self._store, self._key, self.name)
+
+    def agent(
+        self,
+        name: str | None,
+        *,
+        priority: int = 1,
+        max_tokens: int | None = None,
+        max_cost_usd: Decimal | int | float | str | None = None,
+        min_reserve: int | Decimal | float | str | None = None,
+        confidence_threshold: float | None = None,
+    ) -> AgentContract:
+        """Register an agent with its contract (see `AgentContract`) and return the contract.
+
+        Registering a name again updates its contract; allocation already moved
+        by transfers is kept when the unit does not change.
+        """
+        contract = AgentContract(
+            name=name,
+            priority=priority,
+            max_tokens=max_tokens,
+            max_cost_usd=cast(Any, max_cost_usd),
+            min_reserve=cast(Any, min_reserve),
+            confidence_threshold=confidence_threshold,
+        )
+        self._store.ensure_agent(self._key, contract, replace=True)
+        self._contracts[name] = contract
+        return contract
+
+    def ensure_agent(self, name: str | None) -> AgentContract:
+        """Return ``name``'s contract, registering it with no allocation if it is new (for adapters)."""
+        contract = self._contracts.get(name)
+        if contract is None:
+            contract = AgentContract(name=name)
+            self._store.ensure_agent(self._key, contract, replace=False)
+            self._contracts[name] = contract
+        return contract
+
+    def contract(self, name: str | None) -> AgentContract:
+        """The contract registered for ``name``; raises `UnknownAgent`."""
+        if name in self._contracts:
+            return self._contracts[name]
+        if name is None:
+            return AgentContract(name=None)
+        raise UnknownAgent(name, self.name)
+
+    def has_agent(self, name: str | None) -> bool:
+        """Whether ``name`` is registered (here or by another worker sharing the store)."""
+        return name is None or name in self._contracts or self._store.has_agent(self._key, name)
+
+    def add_soft_limit_listener(self, listener: Callable[[SoftLimit], Any]) -> Callable[[], None]:
+        """Call ``listener`` on every soft-limit crossing; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def check(self, agent: str | None = None) -> Decision:
+        """Could an LLM call for ``agent`` start now? Changes nothing (counts what reallocation could bring)."""
+        decision = self._store.check(self._chain, agent, self._clock())
+        if decision.allowed and self._guards is not None:
+            host = self._guards.check_before_llm(agent, 0)
+            if not host.allowed or isinstance(host, SoftLimit) and not isinstance(decision, SoftLimit):
+                return host
+        return decision
+
+    def begin_agent(self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None) -> Decision:
+        """The spawn gate: take one ``max_agents`` slot for ``agent`` if allowed. Never raises on refusal."""
+        meta = Meta(run_id or self.run_id, None, location)
+        return self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta)
+
+    def check_tool(
+        self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None
+    ) -> Decision:
+        """Decide a tool call for ``agent`` and, when it is allowed, count it."""
+        meta = Meta(run_id or self.run_id, None, tool)
+        if self._guards is not None:
+            host = self._guards.check_before_tool(agent, tool)
+            if not host.allowed:
+                self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
+                return host
+        return self._store.count_tool(self._chain, agent, tool, now=self._clock(), meta=meta)
+
+    def reserve(
+        self,
+        agent: str | None = None,
+        *,
+        model: str | None = None,
+        messages: Any = None,
+        prompt_tokens: int | None = None,
+        max_output_tokens: int | None = None,
+        provider: str | None = None,
+        run_id: str | None = None,
+        location: str | None = None,
+    ) -> Reservation:
+        """Hold budget for one LLM call, or raise `BudgetExceeded`.
+
+        The hold is the prompt (``prompt_tokens``, or an estimate of
+        ``messages``) plus ``max_output_tokens`` (or ``default_output_reserve``),
+        priced for ``model``. Prefer `llm_call`, which also settles or releases.
+        """
+        return self._reserve(agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
+
+    def _reserve(
+        self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
+        max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
+        unpriced_ok: bool = False,
+    ) -> Reservation:  # fmt: skip
+        if prompt_tokens is not None:
+            prompt, exact = coerce_count(prompt_tokens, "prompt_tokens"), True
+        elif messages is not None:
+            prompt, exact = upper_bound(messages), False
+        else:
+            prompt, exact = 0, True
+        out = self.default_output_reserve if max_output_tokens is None else coerce_count(max_output_tokens, "max_output_tokens")
+        meta = Meta(run_id or self.run_id, model, location)
+        if self._guards is not None:
+            host = self._guards.check_before_llm(agent, prompt)
+            if not host.allowed:
+                self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
+                raise self._exceeded(host, agent)
+        rates = None
+        if self._cost_capped or self._usd_agent(agent):
+            rates = self._prices.rates(model, provider)
+            if rates is None and not (self.allow_unpriced or unpriced_ok):
+                deny = Deny(
+                    resource="cost_usd",
+                    reason=(
+                        f"model {model!r} has no known price and budget {self.name!r} has a USD limit, so its "
+                        f"cost cannot be checked. Pass prices={{{model!r}: Price(input_mtok=..., "
+                        "output_mtok=...)}} to Budget, or allow_unpriced=True to let it run uncounted."
+                    ),
+                    budget=self.name,
+                    agent=agent,
+                )
+                self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
+                raise self._exceeded(deny, agent)
+        req = _request(prompt, out, rates)
+        hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
+        store, chain, now = self._store, self._chain, self._clock()
+        outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                now=now, meta=meta, quiet=not exact)  # fmt: skip
+        decision = outcome.decision
+        if not decision.allowed and not exact:
+            # The byte bound was refused: count exactly (tiktoken) before saying no.
+            exact_prompt = count_tokens(messages, model)
+            if exact_prompt < prompt and decision.resource in _INPUT_SENSITIVE:
+                req = _request(exact_prompt, out, rates)
+                outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                        now=now, meta=meta)  # fmt: skip
+                decision = outcome.decision
+            else:
+                store.record_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
+        if not decision.allowed:
+            raise self._exceeded(decision, agent)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, decision)
+
+    def llm_call(
+        self,
+        agent: str | None = None,
+        *,
+        model: str | None = None,
+        messages: Any = None,
+        prompt_tokens: int | None = None,
+        max_output_tokens: int | None = None,
+        provider: str | None = None,
+        run_id: str | None = None,
+        location: str | None = None,
+    ) -> _LLMCall:
+        """A ``with`` (or ``async with``) block around one LLM call.
+
+        Entering reserves (or raises `BudgetExceeded`); call ``settle(usage)`` on
+        the yielded `Reservation`. Leaving without a settle charges the hold as
+        an estimate; leaving by an exception releases it.
+        """
+        return _LLMCall(self, {
+            "agent": agent, "model": model, "messages": messages, "prompt_tokens": prompt_tokens,
+            "max_output_tokens": max_output_tokens, "provider": provider, "run_id": run_id, "location": location,
+        })  # fmt: skip
+
+    def record(
+        self,
+        agent: str | None = None,
+        usage: Any = None,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        estimated: bool = False,
+        run_id: str | None = None,
+        location: str | None = None,
+    ) -> LedgerEntry:
+        """Charge usage that happened without a reservation (after the fact); never refuses."""
+        if usage is None:
+            raise UsageError("record() needs the usage to charge")
+        parsed = Usage.from_provider(usage)
+        # A reservation with no hold id: settling it only charges.
+        charge = Reservation(self, "", agent, model, provider, zeros(), Meta(run_id or self.run_id, model, location),
+                             ALLOW)  # fmt: skip
+        return charge._settle(parsed, model, estimated=estimated)
+
+    def set_confidence(self, agent: str | None, confidence: float) -> None:
+        """Report ``agent``'s confidence in its work, for the confidence gate."""
+        try:
+            value = check_fraction(confidence, "confidence")
+        except ConfigurationError as exc:
+            raise UsageError(str(exc)) from None
+        self._store.set_confidence(self._chain, agent, value, self._clock())
+
+    def reallocate(self, agent: str | None, shortfall: int | Decimal | float | str) -> int | Decimal:
+        """Pull up to ``shortfall`` (in ``agent``'s unit) from less important agents; return what moved."""
+        contract = self.contract(agent)
+        if contract.unit == "usd":
+            amount = coerce_cost(shortfall, "shortfall")
+            units = usd_to_nanos(amount) if amount is not None else 0
+        else:
+            units = coerce_count(shortfall, "shortfall")
+        moved = self._store.reallocate(self._chain, agent, units, now=self._clock(), meta=Meta(self.run_id))
+        return nanos_to_usd(moved) if contract.unit == "usd" else moved
+
+    def top_up(self, **amounts: int | Decimal | float | str) -> None:
+        """Raise this budget's limits by ``amounts`` (``total_tokens=10_000, cost_usd=1, llm_calls=5``)."""
+        vector = zeros()
+        for resource, amount in amounts.items():
+            if resource not in DIMENSIONS:
+                raise ConfigurationError(f"cannot top up {resource!r}; known resources: {', '.join(DIMENSIONS)}")
+            index = DIMENSIONS.index(resource)
+            if index == COST:
+                cost = coerce_cost(amount, resource)
+                vector[index] = usd_to_nanos(cost) if cost is not None else 0
+            else:
+                vector[index] = coerce_count(amount, resource)
+        self._store.top_up(self._key, vector, self._clock())
+
+    def skip(
+        self, agent: str | None = None, reason: str = "", *, resource: str | None = None,
+        location: str | None = None, run_id: str | None = None,
+    ) -> Skipped:  # fmt: skip
+        """Record that work was skipped for the budget and return the marker that takes its place."""
+        meta = Meta(run_id or self.run_id, None, location)
+        self._store.record_entry(self._chain, agent, "skip", now=self._clock(), meta=meta, reason=reason)
+        return Skipped(agent=agent, reason=reason, resource=resource, location=location)
+
+    def exceeded(self, decision: Decision, agent: str | None = None) -> BudgetExceeded:
+        """The `BudgetExceeded` for a `Deny` (adapters raise it)."""
+        return self._exceeded(decision, agent)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """This budget's figures now (and its parents', under ``.parent``)."""
+        figures = self._store.figures(self._chain, self._clock())
+        budgets: list[Budget] = []
+        node: Budget | None = self
+        while node is not None:
+            budgets.append(node)
+            node = node.parent
+        snapshot: Snapshot | None = None
+        for fig, owner in zip(reversed(figures), reversed(budgets)):
+            snapshot = _snapshot(fig, owner._limits, snapshot)
+        assert snapshot is not None
+        return snapshot
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Per agent: ``{"allocated", "consumed", "remaining"}`` in its contract's unit.
+
+        Agents without an allocation report ``consumed`` in tokens and
+        ``allocated``/``remaining`` as ``None``. ``remaining`` is negative after
+        an overrun nobody covered.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name, state in self._store.agents(self._key, self._clock()).items():
+            if name is None:
+                continue
+            if state.unit is None:
+                out[name] = {"allocated": None, "consumed": state.spent[TOTAL], "remaining": None}
+            else:
+                allocated = user_value(state.unit, state.allocated)
+                consumed = user_value(state.unit, state.spent[state.unit])
+                out[name] = {"allocated": allocated, "consumed": consumed, "remaining": allocated - consumed}
+        return out
+
+    # -- governing plain functions -----------------------------------------------------
+
+    def govern(
+        self,
+        agent: str | None = None,
+        *,
+        model: str | None = None,
+        confidence_fn: Callable[[Any], float | None] | None = None,
+        usage_fn: Callable[[Any], Any] | None = None,
+        on_exhausted: Policy | None = None,
+    ) -> Callable[[F], F]:
+        """Decorate a plain (sync or async) function so each call is checked and charged.
+
+        Before: limits, allocation and the confidence gate (no output reserve:
+        a plain function has no ``max_tokens``). After: charge
+        ``usage_fn(result)`` if given, else a tiktoken estimate of the string
+        arguments and result (flagged estimated); report ``confidence_fn(result)``.
+        On refusal: raise `BudgetExceeded`, or return a `Skipped` with
+        ``on_exhausted="skip"``.
+        """
+        if not self.has_agent(agent):
+            raise UnknownAgent(cast(str, agent), self.name)
+        policy = on_exhausted or self.on_exhausted
+        if policy not in POLICIES:
+            raise ConfigurationError(f"on_exhausted must be one of {POLICIES}, got {policy!r}")
+        if (self._cost_capped or self._usd_agent(agent)) and model is None and usage_fn is None:
+            raise ConfigurationError(
+                f"budget {self.name!r} has a USD limit but governed function for agent {agent!r} has neither "
+                "model= (to price its estimated tokens) nor usage_fn= (to report its cost)"
+            )
+
+        def decorate(fn: F) -> F:
+            location = getattr(fn, "__qualname__", repr(fn))
+
+            def before(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Reservation | Skipped:
+                texts = _string_args(args, kwargs)
+                try:
+                    return self._reserve(agent, model, texts, None, 0, None, None, location,
+                                         unpriced_ok=usage_fn is not None)  # fmt: skip
+                except BudgetExceeded as exc:
+                    if policy == "skip":
+                        return self.skip(agent, str(exc), resource=exc.resource, location=location)
+                    raise
+
+            def after(r: Reservation, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+                if usage_fn is not None:
+                    r.settle(usage_fn(result))
+                else:
+                    prompt = estimate_text_tokens(_string_args(args, kwargs), model)
+                    output = estimate_text_tokens(_string_args((result,), {}), model)
+                    r._settle(Usage(input_tokens=prompt, output_tokens=output), model, estimated=True)
+                if confidence_fn is not None:
+                    confidence = confidence_fn(result)
+                    if confidence is not None:
+                        self.set_confidence(agent, confidence)
+
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    r = before(args, kwargs)
+                    if isinstance(r, Skipped):
+                        return r
+                    try:
+                        result = await cast(Callable[..., Awaitable[Any]], fn)(*args, **kwargs)
+                    except BaseException as exc:
+                        r.release(f"function raised {type(exc).__name__}")
+                        raise
+                    after(r, args, kwargs, result)
+                    return result
+
+                return cast(F, async_wrapper)
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                r = before(args, kwargs)
+                if isinstance(r, Skipped):
+                    return r
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    r.release(f"function raised {type(exc).__name__}")
+                    raise
+                after(r, args, kwargs, result)
+                return result
+
+            return cast(F, wrapper)
+
+        return decorate
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _usd_agent(self, agent: str | None) -> bool:
+        contract = self._contracts.get(agent)
+        return contract is not None and contract.unit == "usd"
+
+    def _after(self, outcome: Outcome, agent: str | None, usage: Usage) -> None:
+        if self._guards is not None:
+            self._guards.record_after_llm(agent, usage)
+        if outcome.events:
+            node: Budget | None = self
+            while node is not None:
+                for listener in list(node._listeners):
+                    for event in outcome.events:
+                        try:
+                            listener(event)
+                        except Exception:
+                            logger.exception("soft-limit listener %r failed", listener)
+                node = node.parent
+
+    def _exceeded(self, decision: Decision, agent: str | None) -> BudgetExceeded:
+        d = cast(Deny, decision)
+        return BudgetExceeded(
+            d.reason,
+            budget=d.budget or self.name,
+            agent=agent,
+            resource=d.resource or "unknown",
+            limit=d.limit,
+            spent=d.spent,
+            requested=d.requested,
+            snapshot=self.snapshot(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Budget(name={self.name!r}, mode={self.mode!r}, store={self._store.url!r})"
+
+
+def _open_store(store: str | Store | None) -> Store:
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, str):
+        return store_from_url(store)
+    return store
+
+
+def _config_count(value: Any, name: str) -> int:
+    try:
+        return coerce_count(value, name)
+    except UsageError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _request(prompt: int, out: int, rates: Any) -> Vector:
+    cost = rates.worst_case_nanos(prompt, out) if rates is not None else 0
+    return [prompt, out, sat(prompt + out), cost, 1, 0, 0, 0]
+
+
+def _string_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    return [v for v in (*args, *kwargs.values()) if isinstance(v, str)]
+
+
+def _snapshot(fig: Any, base: Limits, parent: Snapshot | None) -> Snapshot:
+    values: dict[str, Any] = {}
+    for i, name in enumerate(DIMENSIONS):
+        limit = fig.limits[i]
+        values["max_" + name] = None if limit is None else user_value(i, limit)
+    limits = replace(base, **values)
+    spent = fig.spent
+    exhausted = tuple(
+        DIMENSIONS[d] for d in (IN, OUT, TOTAL, COST) if fig.limits[d] is not None and spent[d] >= fig.limits[d]
+    )
+    return Snapshot(
+        budget=fig.name,
+        limits=limits,
+        input_tokens=spent[IN],
+        output_tokens=spent[OUT],
+        total_tokens=spent[TOTAL],
+        cost_usd=nanos_to_usd(spent[COST]),
+        llm_calls=spent[LLM],
+        tool_calls=spent[5],
+        agents_started=spent[6],
+        unpriced_calls=spent[UNPRICED],
+        held_tokens=fig.held[TOTAL],
+        held_cost_usd=nanos_to_usd(fig.held[COST]),
+        held_llm_calls=fig.held[LLM],
+        exhausted_resources=exhausted,
+        window_resets_at=fig.window_start + fig.window if fig.window else None,
+        parent=parent,
+    )

@@ -1,0 +1,227 @@
+"""The append-only ledger: every charge, transfer, refusal and skip, in order."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from budgetary.core.usage import Usage
+
+if TYPE_CHECKING:
+    from budgetary.core.stores.base import Store
+
+__all__ = ["KINDS", "Ledger", "LedgerEntry", "read_csv", "read_jsonl"]
+
+KINDS = ("llm", "tool", "agent_start", "transfer", "skip", "deny", "soft_limit", "release")
+"""Entry kinds. Only ``llm``, ``tool`` and ``agent_start`` entries consume budget."""
+
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+_CSV_FIELDS = (
+    "id", "time", "budget", "agent", "kind", "model", *_USAGE_FIELDS, "total_tokens", "cost_usd",
+    "estimated", "run_id", "location", "resource", "reason", "donor", "amount", "scopes",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """One line of the ledger.
+
+    Example:
+        ```python
+        for e in budget.ledger.history(agent="writer"):
+            print(e.kind, e.model, e.usage.total_tokens if e.usage else "", e.cost_usd, e.estimated)
+        ```
+    """
+
+    id: int
+    """Position in the store's ledger (increasing)."""
+    time: float
+    """Seconds since the epoch (the budget's clock)."""
+    budget: str
+    """Name of the budget the entry was charged to (its ancestors were charged too)."""
+    agent: str | None
+    """The agent; ``None`` is the run itself."""
+    kind: str
+    """One of `KINDS`."""
+    model: str | None = None
+    usage: Usage | None = None
+    """What the call consumed (``llm`` entries), or what a released hold had held."""
+    cost_usd: Decimal | None = None
+    """What was charged in USD; ``None`` when the model has no known price."""
+    estimated: bool = False
+    """True when the usage is the pre-call estimate, not what the provider reported."""
+    run_id: str | None = None
+    location: str | None = None
+    """Where in the framework: a node, a task, a tool name."""
+    resource: str | None = None
+    """For ``deny``/``soft_limit``: the resource named by the decision."""
+    reason: str | None = None
+    donor: str | None = None
+    """For ``transfer``: the agent the allocation came from (``agent`` received it)."""
+    amount: int | Decimal | None = None
+    """For ``transfer``: tokens or USD moved."""
+    scopes: tuple[str, ...] = ()
+    """The budget and its ancestors, innermost first."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (Decimals as strings)."""
+        return {
+            "id": self.id,
+            "time": self.time,
+            "budget": self.budget,
+            "agent": self.agent,
+            "kind": self.kind,
+            "model": self.model,
+            "usage": None if self.usage is None else _usage_dict(self.usage),
+            "cost_usd": None if self.cost_usd is None else str(self.cost_usd),
+            "estimated": self.estimated,
+            "run_id": self.run_id,
+            "location": self.location,
+            "resource": self.resource,
+            "reason": self.reason,
+            "donor": self.donor,
+            "amount": None if self.amount is None else str(self.amount),
+            "scopes": list(self.scopes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LedgerEntry:
+        """Inverse of `to_dict`."""
+        usage = data.get("usage")
+        amount = data.get("amount")
+        return cls(
+            id=int(data["id"]),
+            time=float(data["time"]),
+            budget=data["budget"],
+            agent=data.get("agent"),
+            kind=data["kind"],
+            model=data.get("model"),
+            usage=None if usage is None else _usage_from_dict(usage),
+            cost_usd=None if data.get("cost_usd") in (None, "") else Decimal(data["cost_usd"]),
+            estimated=bool(data.get("estimated", False)),
+            run_id=data.get("run_id"),
+            location=data.get("location"),
+            resource=data.get("resource"),
+            reason=data.get("reason"),
+            donor=data.get("donor"),
+            amount=None if amount in (None, "") else _number(str(amount)),
+            scopes=tuple(data.get("scopes") or ()),
+        )
+
+
+def _usage_dict(usage: Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {name: getattr(usage, name) for name in _USAGE_FIELDS}
+    out["cost_usd"] = None if usage.cost_usd is None else str(usage.cost_usd)
+    return out
+
+
+def _usage_from_dict(data: dict[str, Any]) -> Usage:
+    cost = data.get("cost_usd")
+    return Usage(
+        **{name: int(data.get(name) or 0) for name in _USAGE_FIELDS},
+        cost_usd=None if cost in (None, "") else Decimal(cost),
+    )
+
+
+def _number(text: str) -> int | Decimal:
+    return int(text) if text.lstrip("-").isdigit() else Decimal(text)
+
+
+class Ledger:
+    """A read view of one budget's entries (its own and its child budgets').
+
+    Entries are written by the budget; this object only reads and exports them.
+    """
+
+    def __init__(self, store: Store, scope: str, name: str) -> None:
+        self._store = store
+        self._scope = scope
+        self._name = name
+
+    def __iter__(self) -> Iterator[LedgerEntry]:
+        return iter(self.history())
+
+    def __len__(self) -> int:
+        return len(self.history())
+
+    def history(
+        self, agent: str | None = None, *, kind: str | None = None, run_id: str | None = None
+    ) -> list[LedgerEntry]:
+        """Entries in order, optionally only one agent's, one kind, one run's.
+
+        ``agent=None`` (the default) means every agent; run-level entries are the
+        ones whose ``agent`` is ``None``.
+        """
+        return [
+            e
+            for e in self._store.entries(self._scope)
+            if (agent is None or e.agent == agent)
+            and (kind is None or e.kind == kind)
+            and (run_id is None or e.run_id == run_id)
+        ]
+
+    def to_jsonl(self, target: str | Path | IO[str] | None = None) -> str:
+        """Write the entries as JSON lines to ``target`` (a path or text file); return the text."""
+        text = "".join(json.dumps(e.to_dict(), sort_keys=True) + "\n" for e in self.history())
+        _write(target, text)
+        return text
+
+    def to_csv(self, target: str | Path | IO[str] | None = None) -> str:
+        """Write the entries as CSV (usage flattened into columns); return the text."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for entry in self.history():
+            row = entry.to_dict()
+            usage = row.pop("usage") or {}
+            row.update({name: usage.get(name, "") for name in _USAGE_FIELDS})
+            row["total_tokens"] = "" if entry.usage is None else entry.usage.total_tokens
+            row["scopes"] = json.dumps(row["scopes"])
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        _write(target, buffer.getvalue())
+        return buffer.getvalue()
+
+
+def read_jsonl(source: str | Path | IO[str]) -> list[LedgerEntry]:
+    """Read entries written by `Ledger.to_jsonl`."""
+    return [LedgerEntry.from_dict(json.loads(line)) for line in _lines(source) if line.strip()]
+
+
+def read_csv(source: str | Path | IO[str]) -> list[LedgerEntry]:
+    """Read entries written by `Ledger.to_csv`."""
+    entries = []
+    for row in csv.DictReader(_lines(source)):
+        data: dict[str, Any] = {k: (None if v == "" else v) for k, v in row.items()}
+        has_usage = data.get("input_tokens") is not None
+        data["usage"] = (
+            {name: data.pop(name) for name in _USAGE_FIELDS} | {"cost_usd": data.get("cost_usd")}
+            if has_usage
+            else None
+        )
+        for name in _USAGE_FIELDS:
+            data.pop(name, None)
+        data["estimated"] = data.get("estimated") == "True"
+        data["scopes"] = json.loads(data["scopes"] or "[]")
+        entries.append(LedgerEntry.from_dict(data))
+    return entries
+
+
+def _write(target: str | Path | IO[str] | None, text: str) -> None:
+    if target is None:
+        return
+    if isinstance(target, (str, Path)):
+        Path(target).write_text(text, encoding="utf-8")
+    else:
+        target.write(text)
+
+
+def _lines(source: str | Path | IO[str]) -> Iterable[str]:
+    if isinstance(source, (str, Path)):
+        return Path(source).read_text(encoding="utf-8").splitlines()
+    return source.read().splitlines()

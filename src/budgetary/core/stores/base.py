@@ -1,0 +1,229 @@
+"""The store seam: where budget state lives and how operations on it stay atomic.
+
+The budget (rules, estimation, prices) talks to a `Store`; a store keeps
+limits, counters, holds and the ledger, and runs each operation as one atomic
+step. The surface is wider than a key-value "try_reserve(key, amount, limit)"
+because one LLM call checks several counters at once (every level of the
+parent chain, the agent's allocation, a reallocation) and all of them must
+change together or not at all.
+
+`EngineStore` implements the whole surface with the shared `Engine` inside a
+critical section that subclasses provide (`_transaction`): a lock for memory,
+one ``BEGIN IMMEDIATE`` transaction for SQLite. A store that cannot run Python
+inside its critical section (Redis runs Lua) implements the Protocol directly
+and must pass the same conformance suite.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+from budgetary.core._engine import AgentState, Engine, Meta, Outcome, Vector
+from budgetary.core.contract import AgentContract
+from budgetary.core.guard import Decision
+from budgetary.core.ledger import LedgerEntry
+from budgetary.core.limits import Limits
+from budgetary.core.usage import Usage
+
+__all__ = ["EngineStore", "LevelFigures", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class LevelFigures:
+    """Raw figures of one budget level, in store units."""
+
+    key: str
+    name: str
+    limits: list[int | None]
+    spent: Vector
+    held: Vector
+    window_start: float
+    window: int | None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where budget state lives. Every method is one atomic step."""
+
+    url: str
+
+    def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None: ...
+    def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None: ...
+    def has_agent(self, key: str, agent: str | None) -> bool: ...
+    def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision: ...
+    def reserve(
+        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
+        now: float, meta: Meta, quiet: bool = False,
+    ) -> Outcome: ...  # fmt: skip
+    def settle(
+        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
+        meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
+    ) -> Outcome: ...  # fmt: skip
+    def release(self, hold_id: str, *, now: float, reason: str) -> bool: ...
+    def renew(self, hold_id: str, ttl: float, now: float) -> bool: ...
+    def held_amounts(self, hold_id: str) -> Vector | None: ...
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision: ...
+    def count_tool(
+        self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
+    ) -> Decision: ...
+    def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int: ...
+    def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None: ...
+    def top_up(self, key: str, amounts: Vector, now: float) -> None: ...
+    def record_entry(
+        self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
+        decision: Decision | None = None, reason: str | None = None,
+    ) -> None: ...  # fmt: skip
+    def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]: ...
+    def agents(self, key: str, now: float) -> dict[str | None, AgentState]: ...
+    def entries(self, scope: str) -> list[LedgerEntry]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Store: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class EngineStore(ABC):
+    """A store that runs the shared `Engine` inside a critical section."""
+
+    url: str = ""
+
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Engine]:
+        """Enter the critical section and yield the engine holding the current state."""
+
+    def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None:
+        from budgetary.core._engine import Level
+
+        with self._transaction() as engine:
+            level = engine.levels.get(key)
+            if level is None:
+                window = limits.window_seconds
+                start = (now // window) * window if window else 0.0
+                engine.levels[key] = Level(key, name, limits.as_vector(), limits.warn_at, window, window_start=start)
+            else:
+                # Another worker (or a restart) constructed the same budget: keep counters,
+                # transfers and top-ups; take the limits as constructed now.
+                level.base = limits.as_vector()
+                level.warn_at = limits.warn_at
+                level.window = limits.window_seconds
+
+    def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
+        """Register ``contract``; with ``replace=False`` an existing agent is kept as it is."""
+        from budgetary.core._units import COST, TOTAL
+
+        allocation, reserve = contract.store_units()
+        unit = None if contract.unit is None else TOTAL if contract.unit == "tokens" else COST
+        with self._transaction() as engine:
+            level = engine.levels[key]
+            state = level.agents.get(contract.name)
+            if state is None:
+                level.agents[contract.name] = AgentState(
+                    contract.priority, unit, allocation or 0, reserve, contract.confidence_threshold
+                )
+                return None
+            if replace:
+                if state.unit != unit:
+                    state.unit, state.allocated = unit, allocation or 0
+                state.priority = contract.priority
+                state.min_reserve = reserve
+                state.threshold = contract.confidence_threshold
+            return None
+
+    def has_agent(self, key: str, agent: str | None) -> bool:
+        with self._transaction() as engine:
+            return agent is None or agent in engine.levels[key].agents
+
+    def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
+        with self._transaction() as engine:
+            return engine.check(chain, agent, now)
+
+    def reserve(
+        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
+        now: float, meta: Meta, quiet: bool = False,
+    ) -> Outcome:  # fmt: skip
+        with self._transaction() as engine:
+            return engine.reserve(chain, agent, req, gate=gate, hold_id=hold_id, ttl=ttl, now=now, meta=meta,
+                                  quiet=quiet)  # fmt: skip
+
+    def settle(
+        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
+        meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
+    ) -> Outcome:  # fmt: skip
+        with self._transaction() as engine:
+            return engine.settle(chain, agent, hold_id, actual, now=now, meta=meta, estimated=estimated,
+                                 cost_known=cost_known, usage=usage)  # fmt: skip
+
+    def release(self, hold_id: str, *, now: float, reason: str) -> bool:
+        with self._transaction() as engine:
+            return engine.release(hold_id, now=now, reason=reason)
+
+    def renew(self, hold_id: str, ttl: float, now: float) -> bool:
+        with self._transaction() as engine:
+            return engine.renew(hold_id, ttl, now)
+
+    def held_amounts(self, hold_id: str) -> Vector | None:
+        with self._transaction() as engine:
+            return engine.held_amounts(hold_id)
+
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+        with self._transaction() as engine:
+            return engine.begin_agent(chain, agent, now=now, meta=meta)
+
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
+        with self._transaction() as engine:
+            return engine.count_tool(chain, agent, tool, now=now, meta=meta)
+
+    def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int:
+        with self._transaction() as engine:
+            return engine.reallocate(chain, agent, shortfall, now=now, meta=meta)
+
+    def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
+        with self._transaction() as engine:
+            engine.set_confidence(chain, agent, value, now)
+
+    def top_up(self, key: str, amounts: Vector, now: float) -> None:
+        with self._transaction() as engine:
+            engine.top_up(key, amounts, now)
+
+    def record_entry(
+        self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
+        decision: Decision | None = None, reason: str | None = None,
+    ) -> None:  # fmt: skip
+        with self._transaction() as engine:
+            engine.note(chain, agent, kind, now=now, meta=meta, decision=decision, reason=reason)
+
+    def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
+        with self._transaction() as engine:
+            return [
+                LevelFigures(lv.key, lv.name, lv.limits, list(lv.spent), list(lv.held), lv.window_start, lv.window)
+                for lv in engine.levels_of(chain, now)
+            ]
+
+    def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
+        with self._transaction() as engine:
+            level = engine.levels_of((key,), now)[0]
+            return {
+                name: AgentState(s.priority, s.unit, s.allocated, s.min_reserve, s.threshold, s.confidence,
+                                 list(s.spent), list(s.held))  # fmt: skip
+                for name, s in level.agents.items()
+            }
+
+    def close(self) -> None:
+        """Release resources; the memory store has none."""
+
+    def __enter__(self) -> EngineStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @abstractmethod
+    def entries(self, scope: str) -> list[LedgerEntry]:
+        """Ledger entries whose scopes include ``scope``, in order."""

@@ -1,0 +1,44 @@
+"""`MemoryStore`: the default store, in-process, thread- and asyncio-safe. Also the test fake."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from budgetary.core._engine import Engine
+from budgetary.core.ledger import LedgerEntry
+from budgetary.core.stores.base import EngineStore
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(EngineStore):
+    """Budget state in this process's memory (``memory://``).
+
+    One lock guards the whole store: an operation touches several budgets at
+    once (a run and its parents) and takes microseconds, so a single lock is
+    both simpler and faster than ordered per-key locks. Operations never block
+    on I/O, so calling them from asyncio code is safe.
+
+    Example:
+        ```python
+        store = MemoryStore()
+        run = Budget(Limits(max_llm_calls=10), store=store)
+        ```
+    """
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engine = Engine()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Engine]:
+        with self._lock:
+            yield self._engine
+
+    def entries(self, scope: str) -> list[LedgerEntry]:
+        with self._lock:
+            return [e for e in self._engine.entries if scope in e.scopes]

@@ -1,0 +1,320 @@
+"""`Usage`: what one call consumed, and normalisers for each provider's shape.
+
+Conventions (OpenAI's and LangChain's): ``cache_read_tokens`` and
+``cache_write_tokens`` are parts of ``input_tokens``; ``reasoning_tokens`` is
+part of ``output_tokens``; ``total_tokens`` is always ``input + output``.
+Providers that report parts *beside* the totals (Anthropic's cache tokens,
+Gemini's thinking tokens) are folded in by their normaliser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from budgetary.core._units import MAX_INT, sat
+from budgetary.core.errors import UsageError
+
+__all__ = ["Usage", "coerce_cost", "coerce_count"]
+
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def coerce_count(value: Any, name: str) -> int:
+    """Return ``value`` as a non-negative int (saturated), or raise `UsageError` naming ``name``."""
+    if type(value) is int:
+        if value < 0:
+            raise UsageError(f"{name} must be >= 0, got {value}")
+        return value if value <= MAX_INT else MAX_INT
+    if isinstance(value, bool) or value is None:
+        raise UsageError(f"{name} must be an integer token count, got {value!r}")
+    if isinstance(value, int):
+        return coerce_count(int(value), name)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value) or not value.is_integer():
+            raise UsageError(f"{name} must be a whole number of tokens, got {value!r}")
+        return coerce_count(int(value), name)
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value != value.to_integral_value():
+            raise UsageError(f"{name} must be a whole number of tokens, got {value!r}")
+        return coerce_count(int(value), name)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("+-").isdigit():
+            raise UsageError(f"{name} must be an integer token count, got {value!r}")
+        return coerce_count(int(text), name)
+    raise UsageError(f"{name} must be an integer token count, got {type(value).__name__} {value!r}")
+
+
+def coerce_cost(value: Any, name: str = "cost_usd") -> Decimal | None:
+    """Return ``value`` as an exact non-negative `Decimal` (``None`` stays unknown)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise UsageError(f"{name} must be a number of dollars, got {value!r}")
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, (int, float, str)):
+        try:
+            # str() first so that 0.1 means 0.1, not its binary approximation.
+            result = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise UsageError(f"{name} must be a number of dollars, got {value!r}") from None
+    else:
+        raise UsageError(f"{name} must be a number of dollars, got {type(value).__name__} {value!r}")
+    if not result.is_finite():
+        raise UsageError(f"{name} must be finite, got {value!r}")
+    if result < 0:
+        raise UsageError(f"{name} must be >= 0, got {value!r}")
+    return result
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Tokens and cost one call (or several, added up) consumed.
+
+    Example:
+        ```python
+        usage = Usage(input_tokens=1200, output_tokens=300, cache_read_tokens=1000)
+        usage.total_tokens  # 1500
+        Usage.from_provider(ai_message.usage_metadata)  # any supported shape
+        ```
+    """
+
+    input_tokens: int = 0
+    """Prompt tokens, cached ones included."""
+    output_tokens: int = 0
+    """Completion tokens, reasoning ones included."""
+    cache_read_tokens: int = 0
+    """Part of ``input_tokens`` served from the provider's prompt cache."""
+    cache_write_tokens: int = 0
+    """Part of ``input_tokens`` written to the provider's prompt cache."""
+    reasoning_tokens: int = 0
+    """Part of ``output_tokens`` spent on hidden reasoning."""
+    cost_usd: Decimal | None = None
+    """Exact cost in USD, or ``None`` when not known (yet)."""
+    total_tokens: int = field(default=-1)
+    """Always ``input_tokens + output_tokens`` (saturated); passing another value is an error."""
+
+    def __post_init__(self) -> None:
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int or value < 0 or value > MAX_INT:
+                object.__setattr__(self, name, coerce_count(value, name))
+        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
+            raise UsageError(
+                f"cache_read_tokens + cache_write_tokens ({self.cache_read_tokens} + "
+                f"{self.cache_write_tokens}) cannot exceed input_tokens ({self.input_tokens})"
+            )
+        if self.reasoning_tokens > self.output_tokens:
+            raise UsageError(
+                f"reasoning_tokens ({self.reasoning_tokens}) cannot exceed output_tokens ({self.output_tokens})"
+            )
+        if self.cost_usd is not None and type(self.cost_usd) is not Decimal:
+            object.__setattr__(self, "cost_usd", coerce_cost(self.cost_usd))
+        elif self.cost_usd is not None and (not self.cost_usd.is_finite() or self.cost_usd < 0):
+            coerce_cost(self.cost_usd)
+        total = sat(self.input_tokens + self.output_tokens)
+        given = self.total_tokens
+        if given != -1 and coerce_count(given, "total_tokens") != total:
+            raise UsageError(
+                f"total_tokens must equal input_tokens + output_tokens ({total}), got {given!r}"
+            )
+        object.__setattr__(self, "total_tokens", total)
+
+    def __add__(self, other: Usage) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        cost = None if self.cost_usd is None or other.cost_usd is None else self.cost_usd + other.cost_usd
+        return Usage(
+            input_tokens=sat(self.input_tokens + other.input_tokens),
+            output_tokens=sat(self.output_tokens + other.output_tokens),
+            cache_read_tokens=sat(self.cache_read_tokens + other.cache_read_tokens),
+            cache_write_tokens=sat(self.cache_write_tokens + other.cache_write_tokens),
+            reasoning_tokens=sat(self.reasoning_tokens + other.reasoning_tokens),
+            cost_usd=cost,
+        )
+
+    # -- normalisers -------------------------------------------------------------------
+
+    @classmethod
+    def from_provider(cls, data: Any) -> Usage:
+        """Build a `Usage` from any supported provider shape.
+
+        Accepts a `Usage`, a LangChain ``AIMessage`` (its ``usage_metadata``), an
+        object with ``model_dump()``, or a mapping in the LangChain, OpenAI chat,
+        OpenAI responses, Anthropic, Gemini, LiteLLM or CrewAI shape.
+        """
+        if isinstance(data, Usage):
+            return data
+        if data is None:
+            raise UsageError("usage is missing (got None)")
+        mapping = _as_mapping(data)
+        if mapping is None:
+            metadata = getattr(data, "usage_metadata", None)
+            if metadata is not None:
+                return cls.from_langchain(metadata)
+            raise UsageError(f"cannot read token usage from {type(data).__name__}")
+        return _NORMALISERS[_detect_shape(mapping)](mapping)
+
+    @classmethod
+    def from_langchain(cls, metadata: Any) -> Usage:
+        """LangChain ``usage_metadata`` (``input_token_details``/``output_token_details``)."""
+        m = _require_mapping(metadata, "usage_metadata")
+        inp = _details(m, "input_token_details")
+        out = _details(m, "output_token_details")
+        return cls(
+            input_tokens=_req(m, "input_tokens"),
+            output_tokens=_req(m, "output_tokens"),
+            cache_read_tokens=_opt(inp, "cache_read"),
+            cache_write_tokens=_opt(inp, "cache_creation"),
+            reasoning_tokens=_opt(out, "reasoning"),
+        )
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> Usage:
+        """OpenAI chat-completions or responses ``usage`` (also LiteLLM's OpenAI-shaped usage)."""
+        m = _require_mapping(usage, "usage")
+        if "prompt_tokens" in m or "completion_tokens" in m:
+            inp = _details(m, "prompt_tokens_details")
+            out = _details(m, "completion_tokens_details")
+            input_tokens = _req(m, "prompt_tokens")
+            output_tokens = _req(m, "completion_tokens")
+        else:
+            inp = _details(m, "input_tokens_details")
+            out = _details(m, "output_tokens_details")
+            input_tokens = _req(m, "input_tokens")
+            output_tokens = _req(m, "output_tokens")
+        cache_write = _opt(m, "cache_creation_input_tokens") or _opt(inp, "cache_creation_tokens")
+        return cls(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_read_tokens=_opt(inp, "cached_tokens"),
+            cache_write_tokens=cache_write,
+            reasoning_tokens=_opt(out, "reasoning_tokens"),
+            cost_usd=_reported_cost(m),
+        )
+
+    @classmethod
+    def from_anthropic(cls, usage: Any) -> Usage:
+        """Anthropic ``usage``: cache tokens are reported beside ``input_tokens`` and are added to it."""
+        m = _require_mapping(usage, "usage")
+        read = _opt(m, "cache_read_input_tokens")
+        write = _opt(m, "cache_creation_input_tokens")
+        return cls(
+            input_tokens=sat(_req(m, "input_tokens") + read + write),
+            output_tokens=_req(m, "output_tokens"),
+            cache_read_tokens=read,
+            cache_write_tokens=write,
+        )
+
+    @classmethod
+    def from_gemini(cls, usage_metadata: Any) -> Usage:
+        """Gemini ``usage_metadata`` (snake_case or camelCase); thinking tokens count as output."""
+        m = _require_mapping(usage_metadata, "usage_metadata")
+        if "promptTokenCount" in m or "candidatesTokenCount" in m:
+            m = {_snake(k): v for k, v in m.items()}
+        thoughts = _opt(m, "thoughts_token_count")
+        tool_prompt = _opt(m, "tool_use_prompt_token_count")
+        return cls(
+            input_tokens=sat(_req(m, "prompt_token_count") + tool_prompt),
+            output_tokens=sat(_opt(m, "candidates_token_count") + thoughts),
+            cache_read_tokens=_opt(m, "cached_content_token_count"),
+            reasoning_tokens=thoughts,
+        )
+
+    @classmethod
+    def from_litellm(cls, usage: Any) -> Usage:
+        """LiteLLM ``Usage`` objects or dicts (OpenAI-shaped, with Anthropic cache fields)."""
+        return cls.from_openai(usage)
+
+    @classmethod
+    def from_crewai(cls, metrics: Any) -> Usage:
+        """CrewAI ``UsageMetrics`` or the usage dict of ``LLMCallCompletedEvent``."""
+        m = _require_mapping(metrics, "usage metrics")
+        if "prompt_tokens_details" in m or "input_tokens" in m or "prompt_token_count" in m:
+            return cls.from_provider(m)
+        return cls(
+            input_tokens=_req(m, "prompt_tokens"),
+            output_tokens=_req(m, "completion_tokens"),
+            cache_read_tokens=_opt(m, "cached_prompt_tokens"),
+            cache_write_tokens=_opt(m, "cache_creation_tokens"),
+            reasoning_tokens=_opt(m, "reasoning_tokens"),
+        )
+
+
+def _as_mapping(data: Any) -> Mapping[str, Any] | None:
+    if isinstance(data, Mapping):
+        return data
+    dump = getattr(data, "model_dump", None)
+    if callable(dump):
+        dumped = dump()
+        if isinstance(dumped, Mapping):
+            return dumped
+    return None
+
+
+def _require_mapping(data: Any, what: str) -> Mapping[str, Any]:
+    mapping = _as_mapping(data)
+    if mapping is None:
+        raise UsageError(f"{what} must be a mapping, got {type(data).__name__}")
+    return mapping
+
+
+def _detect_shape(m: Mapping[str, Any]) -> str:
+    if "prompt_token_count" in m or "promptTokenCount" in m:
+        return "gemini"
+    if "cached_prompt_tokens" in m and "prompt_tokens_details" not in m:
+        return "crewai"
+    if "prompt_tokens" in m or "completion_tokens" in m:
+        return "openai"
+    if "input_tokens_details" in m or "output_tokens_details" in m:
+        return "openai"
+    if "input_token_details" in m or "output_token_details" in m:
+        return "langchain"
+    if "cache_read_input_tokens" in m or "cache_creation_input_tokens" in m or "total_tokens" not in m:
+        # Anthropic reports no total; LangChain always does.
+        return "anthropic"
+    return "langchain"
+
+
+def _details(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = m.get(key)
+    if value is None:
+        return {}
+    mapping = _as_mapping(value)
+    if mapping is None:
+        raise UsageError(f"{key} must be a mapping, got {type(value).__name__}")
+    return mapping
+
+
+def _req(m: Mapping[str, Any], key: str) -> int:
+    if key not in m or m[key] is None:
+        raise UsageError(f"usage is missing {key!r} (got keys {sorted(m)})")
+    return coerce_count(m[key], key)
+
+
+def _opt(m: Mapping[str, Any], key: str) -> int:
+    value = m.get(key)
+    return 0 if value is None else coerce_count(value, key)
+
+
+def _reported_cost(m: Mapping[str, Any]) -> Decimal | None:
+    # OpenRouter and LiteLLM proxies report the billed cost beside the tokens.
+    return coerce_cost(m.get("cost"), "cost") if m.get("cost") is not None else None
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+_NORMALISERS = {
+    "langchain": Usage.from_langchain,
+    "openai": Usage.from_openai,
+    "anthropic": Usage.from_anthropic,
+    "gemini": Usage.from_gemini,
+    "crewai": Usage.from_crewai,
+}

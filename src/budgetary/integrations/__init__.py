@@ -1,0 +1,4 @@
+"""Framework adapters, one module per framework; import them by path.
+
+Each imports its framework lazily and says which extra to install when it is missing.
+"""
