@@ -20,6 +20,7 @@ from budgetary.core._units import (
     DIMENSIONS,
     IN,
     LLM,
+    MAX_INT,
     OUT,
     SPEND_DIMS,
     TOOL,
@@ -81,10 +82,26 @@ class Level:
     fired: set[tuple[Any, ...]] = field(default_factory=set)
     window_start: float = 0.0
     agents: dict[str | None, AgentState] = field(default_factory=dict)
+    # Derived from base, topup and warn_at by `refresh()`; never stored. Precomputed because
+    # they are read on every call and most levels limit only one or two dimensions.
+    limits: list[int | None] = field(init=False, repr=False, compare=False)
+    spend_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
+    count_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
+    soft_checks: list[tuple[int, int, float]] = field(init=False, repr=False, compare=False)
 
-    @property
-    def limits(self) -> list[int | None]:
-        return [None if b is None else sat(b + t) for b, t in zip(self.base, self.topup)]
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the derived limits after base, topup or warn_at changed."""
+        limits = [None if b is None else sat(b + t) for b, t in zip(self.base, self.topup)]
+        self.limits = limits
+        self.spend_checks = [(d, lim) for d in SPEND_DIMS if (lim := limits[d]) is not None]
+        self.count_checks = [(d, lim) for d in (LLM, TOOL, AGENTS) if (lim := limits[d]) is not None]
+        first = self.warn_at[0] if self.warn_at else None
+        self.soft_checks = (
+            [(d, lim, first * lim) for d in range(7) if (lim := limits[d])] if first is not None else []
+        )
 
 
 @dataclass(slots=True)
@@ -202,11 +219,7 @@ class Engine:
         """Decide a request; return the decision and the transfers it needs (not applied)."""
         # Spend limits first, at every level: they are reported before anything else.
         for level in levels:
-            limits = level.limits
-            for d in SPEND_DIMS:
-                limit = limits[d]
-                if limit is None:
-                    continue
+            for d, limit in level.spend_checks:
                 spent = level.spent[d]
                 if spent >= limit:
                     return _deny(level, agent, d, limit, spent, req[d], "exhausted"), []
@@ -239,7 +252,7 @@ class Engine:
                         ),
                         [],
                     )
-        if not ConfidenceGate(state.threshold).allows(state.confidence):
+        if state.threshold is not None and not ConfidenceGate(state.threshold).allows(state.confidence):
             return (
                 Deny(
                     resource="confidence",
@@ -255,10 +268,8 @@ class Engine:
                 [],
             )
         for level in levels:
-            limits = level.limits
-            for d in (LLM, TOOL, AGENTS):
-                limit = limits[d]
-                if limit is not None and req[d] and level.spent[d] + level.held[d] + req[d] > limit:
+            for d, limit in level.count_checks:
+                if req[d] and level.spent[d] + level.held[d] + req[d] > limit:
                     return _deny(level, agent, d, limit, level.spent[d] + level.held[d], req[d], "would pass"), []
         return self._soft(levels, agent, state) or ALLOW, plan
 
@@ -292,37 +303,34 @@ class Engine:
 
     @staticmethod
     def _soft(levels: list[Level], agent: str | None, state: AgentState) -> SoftLimit | None:
-        best: tuple[float, Level | None, int, int, int, float] | None = None
+        best: tuple[float, Level | None, int, int, int] | None = None
         for level in levels:
-            if not level.warn_at:
-                continue
-            first = level.warn_at[0]
-            limits = level.limits
-            for d in range(7):
-                limit = limits[d]
-                if limit:
-                    ratio = level.spent[d] / limit
-                    if first <= ratio < 1 and (best is None or ratio > best[0]):
-                        best = (ratio, level, d, level.spent[d], limit, _crossed(level.warn_at, ratio))
-        if state.unit is not None and state.allocated > 0 and levels[0].warn_at:
-            ratio = state.spent[state.unit] / state.allocated
-            if levels[0].warn_at[0] <= ratio < 1 and (best is None or ratio > best[0]):
-                best = (ratio, None, state.unit, state.spent[state.unit], state.allocated,
-                        _crossed(levels[0].warn_at, ratio))  # fmt: skip
+            spent_v = level.spent
+            for d, limit, floor in level.soft_checks:
+                spent = spent_v[d]
+                if floor <= spent < limit:
+                    ratio = spent / limit
+                    if best is None or ratio > best[0]:
+                        best = (ratio, level, d, spent, limit)
+        run = levels[0]
+        u = state.unit
+        if u is not None and state.allocated > 0 and run.warn_at:
+            spent = state.spent[u]
+            ratio = spent / state.allocated
+            if run.warn_at[0] <= ratio < 1 and (best is None or ratio > best[0]):
+                best = (ratio, None, u, spent, state.allocated)
         if best is None:
             return None
-        ratio, level, d, spent, limit, threshold = best
-        return _soft_limit(level, levels[0], agent, d, spent, limit, threshold)
+        ratio, level, d, spent, limit = best
+        return _soft_limit(level, run, agent, d, spent, limit, _crossed(run.warn_at if level is None else level.warn_at, ratio))
 
     def _fire(self, now: float, levels: list[Level], chain: tuple[str, ...], agent: str | None,
               state: AgentState, meta: Meta) -> list[SoftLimit]:  # fmt: skip
         """Soft-limit events for thresholds crossed for the first time (once per scope)."""
         events: list[SoftLimit] = []
         for level in levels:
-            limits = level.limits
-            for d in range(7):
-                limit = limits[d]
-                if not limit:
+            for d, limit, floor in level.soft_checks:
+                if level.spent[d] < floor:
                     continue
                 for t in level.warn_at:
                     if level.spent[d] >= t * limit and (d, t) not in level.fired:
@@ -494,6 +502,7 @@ class Engine:
     def top_up(self, key: str, amounts: Vector, now: float) -> None:
         level = self.levels[key]
         _add(level.topup, amounts)
+        level.refresh()
         limits = level.limits
         # A raised limit can put spend back under a threshold: let it fire again when re-crossed.
         level.fired = {
@@ -528,15 +537,13 @@ class Engine:
 
 
 def _add(target: Vector, amounts: Vector) -> None:
-    for i, value in enumerate(amounts):
-        if value:
-            target[i] = sat(target[i] + value)
+    target[:] = [a + b for a, b in zip(target, amounts)]
+    if max(target) > MAX_INT:  # saturate instead of overflowing a 64-bit store
+        target[:] = [min(a, MAX_INT) for a in target]
 
 
 def _sub(target: Vector, amounts: Vector) -> None:
-    for i, value in enumerate(amounts):
-        if value:
-            target[i] = max(0, target[i] - value)
+    target[:] = [a - b if a > b else 0 for a, b in zip(target, amounts)]
 
 
 def _usage_of(amounts: Vector, cost_known: bool = True) -> Usage:

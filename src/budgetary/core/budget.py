@@ -115,7 +115,7 @@ class Reservation:
         budget = self._budget
         nanos = actual_cost if actual_cost else budget._prices.cost_nanos(usage, model, self.provider)
         if nanos is not None and usage.cost_usd is None:
-            usage = replace(usage, cost_usd=nanos_to_usd(nanos))
+            usage = usage.with_cost(nanos_to_usd(nanos))
         actual = [usage.input_tokens, usage.output_tokens, usage.total_tokens, nanos or 0, 1, 0, 0,
                   1 if nanos is None else 0]  # fmt: skip
         meta = self.meta if model == self.meta.model else Meta(self.meta.run_id, model, self.meta.location)

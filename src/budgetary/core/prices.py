@@ -224,12 +224,13 @@ class PriceTable:
             return usd_to_nanos(usage.cost_usd)
         rates = self.rates(model, provider)
         if rates is None:
-            if model not in _warned:
-                _warned.add(str(model))
+            key = str(model)
+            if key not in _warned:
+                _warned.add(key)
+                what = "usage without a model name" if model is None else f"no price is known for model {model!r}"
                 warnings.warn(
-                    f"no price is known for model {model!r}: its usage is recorded with cost unknown "
-                    f"(not zero). Pass prices={{{model!r}: Price(input_mtok=..., output_mtok=...)}} "
-                    "to Budget to price it.",
+                    f"{what}: its cost is recorded as unknown (not zero). Name the model, or pass "
+                    f"prices={{{(model or 'model')!r}: Price(input_mtok=..., output_mtok=...)}} to Budget.",
                     UnpricedModelWarning,
                     stacklevel=4,
                 )

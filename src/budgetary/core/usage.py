@@ -138,6 +138,19 @@ class Usage:
             cost_usd=cost,
         )
 
+    def with_cost(self, cost_usd: Decimal | None) -> Usage:
+        """A copy with ``cost_usd`` set (no re-validation: the token fields are already valid)."""
+        copy = object.__new__(Usage)
+        setattr_ = object.__setattr__
+        setattr_(copy, "input_tokens", self.input_tokens)
+        setattr_(copy, "output_tokens", self.output_tokens)
+        setattr_(copy, "cache_read_tokens", self.cache_read_tokens)
+        setattr_(copy, "cache_write_tokens", self.cache_write_tokens)
+        setattr_(copy, "reasoning_tokens", self.reasoning_tokens)
+        setattr_(copy, "total_tokens", self.total_tokens)
+        setattr_(copy, "cost_usd", cost_usd if type(cost_usd) is Decimal else coerce_cost(cost_usd))
+        return copy
+
     # -- normalisers -------------------------------------------------------------------
 
     @classmethod

@@ -111,6 +111,7 @@ class EngineStore(ABC):
                 level.base = limits.as_vector()
                 level.warn_at = limits.warn_at
                 level.window = limits.window_seconds
+                level.refresh()
 
     def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
         """Register ``contract``; with ``replace=False`` an existing agent is kept as it is."""
