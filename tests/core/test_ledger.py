@@ -1,0 +1,113 @@
+"""SPEC §5: the ledger is append-only, its totals equal the counters, and it exports and reads back."""
+
+from __future__ import annotations
+
+import io
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from budgetary import Budget, BudgetExceeded, Limits, Usage
+from budgetary.core.ledger import KINDS, read_csv, read_jsonl
+
+MODEL = "gpt-4o-mini"
+
+
+def _busy_budget() -> Budget:
+    budget = Budget(Limits(max_total_tokens=2_000, max_llm_calls=6, max_tool_calls=2, max_agents=3))
+    budget.agent("lead", priority=3, max_tokens=500)
+    budget.agent("helper", priority=1, max_tokens=1_000)
+    budget.begin_agent("lead")
+    with budget.llm_call("lead", model=MODEL, prompt_tokens=300, max_output_tokens=400, location="plan") as c:
+        c.settle({"input_tokens": 300, "output_tokens": 350, "input_token_details": {"cache_read": 100},
+                  "output_token_details": {"reasoning": 40}, "total_tokens": 650})  # fmt: skip
+    budget.check_tool("helper", "search")
+    budget.skip("helper", "optional summary", location="summarise")
+    try:
+        with budget.llm_call("helper", model=MODEL, prompt_tokens=5_000, max_output_tokens=10):
+            pass
+    except BudgetExceeded:
+        pass
+    with budget.llm_call("helper", model=MODEL, prompt_tokens=10, max_output_tokens=10):
+        pass  # forgot to settle: charged as estimated
+    return budget
+
+
+def test_entries_have_every_field_and_increasing_ids():
+    budget = _busy_budget()
+    entries = budget.ledger.history()
+    assert [e.id for e in entries] == sorted(e.id for e in entries)
+    assert {e.kind for e in entries} <= set(KINDS)
+    llm = budget.ledger.history(kind="llm")[0]
+    assert (llm.agent, llm.model, llm.location, llm.budget, llm.run_id) == ("lead", MODEL, "plan", "budget",
+                                                                            budget.run_id)  # fmt: skip
+    assert llm.usage is not None and llm.usage.cache_read_tokens == 100 and llm.usage.reasoning_tokens == 40
+    assert llm.cost_usd is not None and llm.cost_usd > 0 and not llm.estimated
+    transfer = budget.ledger.history(kind="transfer")[0]
+    assert (transfer.agent, transfer.donor, transfer.amount) == ("lead", "helper", 200)  # hold 700 - 500
+    deny = budget.ledger.history(kind="deny")[0]
+    assert deny.agent == "helper" and deny.resource == "total_tokens"
+    assert budget.ledger.history(kind="skip")[0].location == "summarise"
+    assert budget.ledger.history(kind="tool")[0].location == "search"
+    assert budget.ledger.history(kind="llm")[-1].estimated
+
+
+def test_history_filters_by_agent_kind_and_run():
+    budget = _busy_budget()
+    assert {e.agent for e in budget.ledger.history(agent="lead")} == {"lead"}
+    assert len(budget.ledger.history()) > len(budget.ledger.history(agent="lead"))
+    assert budget.ledger.history(run_id="someone-else") == []
+
+
+def test_totals_of_the_entries_equal_the_counters():
+    budget = _busy_budget()
+    snap = budget.snapshot()
+    llm = budget.ledger.history(kind="llm")
+    assert sum(e.usage.input_tokens for e in llm) == snap.input_tokens
+    assert sum(e.usage.output_tokens for e in llm) == snap.output_tokens
+    assert sum(e.cost_usd for e in llm) == snap.cost_usd
+    assert len(llm) == snap.llm_calls
+    assert len(budget.ledger.history(kind="tool")) == snap.tool_calls
+    assert len(budget.ledger.history(kind="agent_start")) == snap.agents_started
+
+
+def test_jsonl_round_trip(tmp_path):
+    budget = _busy_budget()
+    path = tmp_path / "ledger.jsonl"
+    text = budget.ledger.to_jsonl(path)
+    assert path.read_text() == text and text.count("\n") == len(budget.ledger.history())
+    assert read_jsonl(path) == budget.ledger.history()
+    assert read_jsonl(io.StringIO(text)) == budget.ledger.history()
+
+
+def test_csv_round_trip(tmp_path):
+    budget = _busy_budget()
+    path = tmp_path / "ledger.csv"
+    budget.ledger.to_csv(path)
+    header = path.read_text().splitlines()[0].split(",")
+    assert {"input_tokens", "cache_read_tokens", "reasoning_tokens", "cost_usd", "estimated"} <= set(header)
+    assert read_csv(path) == budget.ledger.history()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.integers(0, 3_000), st.integers(0, 3_000), st.integers(0, 100), st.booleans()), max_size=30
+    )
+)
+def test_counters_equal_ledger_totals_whatever_happens(calls):
+    budget = Budget(Limits(max_total_tokens=20_000, max_cost_usd="0.01"))
+    for inp, out, cached_pct, settle in calls:
+        try:
+            with budget.llm_call(model=MODEL, prompt_tokens=inp, max_output_tokens=out) as c:
+                if settle:
+                    c.settle(Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=inp * cached_pct // 100))
+        except BudgetExceeded:
+            pass
+        snap = budget.snapshot()
+        llm = budget.ledger.history(kind="llm")
+        assert sum(e.usage.total_tokens for e in llm) == snap.total_tokens
+        assert sum((e.cost_usd for e in llm), Decimal(0)) == snap.cost_usd
+        assert snap.held_tokens == 0
+        assert snap.total_tokens <= 20_000
