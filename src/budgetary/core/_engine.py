@@ -601,4 +601,15 @@ def _soft_limit(
                      threshold=threshold, budget=level.name, agent=agent)  # fmt: skip
 
 
-__all__ = ["UNPRICED", "WIDTH", "AgentState", "Engine", "Hold", "Level", "Meta", "Outcome", "user_value", "zeros"]
+__all__ = [
+    "AgentState",
+    "Engine",
+    "Hold",
+    "Level",
+    "Meta",
+    "Outcome",
+    "UNPRICED",
+    "WIDTH",
+    "user_value",
+    "zeros",
+]

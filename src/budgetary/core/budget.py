@@ -31,7 +31,7 @@ from budgetary.core.stores import Store, store_from_url
 from budgetary.core.stores.memory import MemoryStore
 from budgetary.core.usage import Usage, coerce_cost, coerce_count
 
-__all__ = ["POLICIES", "Budget", "Policy", "Reservation"]
+__all__ = ["Budget", "POLICIES", "Policy", "Reservation"]
 
 logger = logging.getLogger("budgetary")
 

@@ -22,9 +22,9 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_ENCODING",
+    "EstimationWarning",
     "FRAMING_PER_MESSAGE",
     "FRAMING_PER_PROMPT",
-    "EstimationWarning",
     "count_tokens",
     "estimate_text_tokens",
     "message_texts",

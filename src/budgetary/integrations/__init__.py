@@ -2,3 +2,5 @@
 
 Each imports its framework lazily and says which extra to install when it is missing.
 """
+
+__all__: list[str] = []

@@ -12,7 +12,7 @@ from budgetary.core.errors import ConfigurationError
 from budgetary.core.stores.base import EngineStore, Store
 from budgetary.core.stores.memory import MemoryStore
 
-__all__ = ["SCHEMES", "EngineStore", "MemoryStore", "Store", "store_from_url"]
+__all__ = ["EngineStore", "MemoryStore", "SCHEMES", "Store", "store_from_url"]
 
 
 def _memory(url: str) -> Store:

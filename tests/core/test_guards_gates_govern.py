@@ -1,0 +1,263 @@
+"""SPEC §7 (guard, decisions), §8 (gates), §9 (skip marker) and `Budget.govern`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from budgetary import (
+    Allow,
+    Budget,
+    BudgetExceeded,
+    BudgetGuard,
+    ConfidenceGate,
+    ConfigurationError,
+    Deny,
+    Limits,
+    Skipped,
+    SoftLimit,
+    UnknownAgent,
+    Usage,
+    is_budget_skipped,
+)
+from budgetary.core.skip import mark_skipped
+
+MODEL = "gpt-4o-mini"
+
+
+# -- decisions --------------------------------------------------------------------------------
+
+
+def test_decisions_expose_allowed_resource_and_reason():
+    assert Allow().allowed and Allow().resource is None and Allow().reason == ""
+    soft = SoftLimit(resource="cost_usd", consumed=1, limit=2, message="half way")
+    assert soft.allowed and soft.reason == "half way"
+    deny = Deny(resource="agents", reason="too many")
+    assert not deny.allowed and deny.resource == "agents"
+
+
+# -- host guards ------------------------------------------------------------------------------
+
+
+class CountingGuard(BudgetGuard):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str | None, int]] = []
+        self.usage: list[Usage] = []
+
+    def check_before_llm(self, agent, estimated_prompt_tokens):
+        self.seen.append((agent, estimated_prompt_tokens))
+        return Allow()
+
+    def record_after_llm(self, agent, usage):
+        self.usage.append(usage)
+
+
+class NoNights:
+    """A guard with only one method: the others default to allow / no-op."""
+
+    def check_before_tool(self, agent, tool_name):
+        if tool_name == "shell":
+            return Deny(resource="tool_policy", reason="no shell for agents")
+        return Allow()
+
+
+def test_host_guards_see_each_call_and_the_first_deny_wins():
+    counting = CountingGuard()
+
+    class Always:
+        def check_before_llm(self, agent, estimated_prompt_tokens):
+            return Deny(resource="first", reason="first says no")
+
+    class Second:
+        def check_before_llm(self, agent, estimated_prompt_tokens):
+            return Deny(resource="second", reason="second says no")
+
+    budget = Budget(Limits(max_llm_calls=10), guards=[counting, NoNights()])
+    with budget.llm_call(model=MODEL, prompt_tokens=42, max_output_tokens=1) as c:
+        c.settle(Usage(input_tokens=42, output_tokens=1))
+    assert counting.seen == [(None, 42)]
+    assert counting.usage[0].input_tokens == 42
+    assert budget.check_tool(None, "web").allowed
+    denied = budget.check_tool(None, "shell")
+    assert denied.resource == "tool_policy" and budget.snapshot().tool_calls == 1
+
+    strict = Budget(guards=[counting, Always(), Second()])
+    with pytest.raises(BudgetExceeded) as info:
+        strict.reserve(model=MODEL, prompt_tokens=1)
+    assert info.value.resource == "first"
+    assert strict.ledger.history(kind="deny")[0].reason == "first says no"
+    assert not strict.check().allowed
+
+
+def test_a_guard_that_raises_fails_closed():
+    class Broken:
+        def check_before_llm(self, agent, estimated_prompt_tokens):
+            raise RuntimeError("bug")
+
+    budget = Budget(guards=[Broken()])
+    with pytest.raises(BudgetExceeded, match="Broken failed"):
+        budget.reserve(model=MODEL, prompt_tokens=1)
+    assert budget.snapshot().held_tokens == 0
+
+
+def test_protocol_defaults_allow_and_do_nothing():
+    guard = BudgetGuard.__new__(type("Plain", (BudgetGuard,), {}))
+    assert guard.check_before_llm("a", 5).allowed
+    assert guard.check_before_tool("a", "t").allowed
+    assert guard.record_after_llm("a", Usage()) is None
+
+
+# -- check_tool ---------------------------------------------------------------------------------
+
+
+def test_check_tool_counts_only_allowed_tool_calls():
+    budget = Budget(Limits(max_tool_calls=2, max_llm_calls=0))
+    assert budget.check_tool(None, "a").allowed
+    assert budget.check_tool(None, "b").allowed
+    third = budget.check_tool(None, "c")
+    assert third.resource == "tool_calls"
+    assert budget.snapshot().tool_calls == 2
+    assert [e.location for e in budget.ledger.history(kind="tool")] == ["a", "b"]
+
+
+# -- confidence gate (§8) ---------------------------------------------------------------------
+
+
+def test_confidence_gate_rules():
+    assert ConfidenceGate(None).allows(0.99)
+    gate = ConfidenceGate(0.8)
+    assert gate.allows(None)  # fail open before any report
+    assert gate.allows(0.79)
+    assert not gate.allows(0.8)
+
+
+def test_a_confident_agent_is_stopped_and_others_are_not():
+    budget = Budget()
+    budget.agent("critic", confidence_threshold=0.85)
+    budget.agent("writer")
+    assert budget.check("critic").allowed
+    budget.set_confidence("critic", 0.9)
+    decision = budget.check("critic")
+    assert decision.resource == "confidence" and not decision.allowed
+    with pytest.raises(BudgetExceeded, match="confidence"):
+        budget.reserve("critic", model=MODEL, prompt_tokens=1)
+    assert budget.check("writer").allowed
+    budget.set_confidence("critic", 0.2)
+    assert budget.check("critic").allowed
+    with pytest.raises(ValueError, match="confidence"):
+        budget.set_confidence("critic", 1.2)
+
+
+# -- skip marker (§9) ---------------------------------------------------------------------------
+
+
+def test_skip_marker_is_structural():
+    marker = Skipped(agent="critic", reason="out of tokens")
+    assert is_budget_skipped(marker) and not marker
+    assert not is_budget_skipped("[skipped by budget]")  # never by string matching
+    assert is_budget_skipped(mark_skipped({"answer": ""}, marker))
+
+    class Output:
+        pass
+
+    assert is_budget_skipped(mark_skipped(Output(), marker))
+    assert not is_budget_skipped(Output())
+
+
+def test_budget_skip_records_an_entry_and_returns_the_marker():
+    budget = Budget()
+    budget.agent("critic")
+    marker = budget.skip("critic", "no tokens left", resource="total_tokens", location="review")
+    assert marker == Skipped(agent="critic", reason="no tokens left", resource="total_tokens", location="review")
+    assert budget.ledger.history(kind="skip")[0].reason == "no tokens left"
+
+
+# -- govern ------------------------------------------------------------------------------------
+
+
+def test_govern_charges_usage_fn_and_reports_confidence():
+    budget = Budget(Limits(max_llm_calls=5))
+    budget.agent("critic", confidence_threshold=0.8)
+
+    @budget.govern("critic", model=MODEL, usage_fn=lambda r: r["usage"], confidence_fn=lambda r: r["confidence"])
+    def review(text: str) -> dict:
+        return {"usage": {"prompt_tokens": 30, "completion_tokens": 7}, "confidence": 0.9}
+
+    assert review.__name__ == "review"
+    review("draft")
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.usage.input_tokens == 30 and not entry.estimated and entry.location.endswith("review")
+    with pytest.raises(BudgetExceeded) as info:
+        review("again")  # confident now: the gate stops it
+    assert info.value.resource == "confidence"
+
+
+def test_govern_without_usage_fn_estimates_with_tiktoken_and_flags_it():
+    budget = Budget()
+    budget.agent("summariser")
+
+    @budget.govern("summariser", model=MODEL)
+    def summarise(text: str) -> str:
+        return "short"
+
+    summarise("a b c d e f g")
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.estimated and entry.usage.input_tokens > 0 and entry.usage.output_tokens > 0
+
+
+def test_govern_holds_no_output_reserve():
+    budget = Budget(Limits(max_total_tokens=50))
+    seen = []
+
+    @budget.govern(model=MODEL)
+    def f(x: str) -> str:
+        seen.append(budget.snapshot().held_tokens)
+        return x
+
+    f("hi")
+    assert seen[0] < 50  # only the prompt estimate is held, not the default 1,024-token reserve
+
+
+def test_govern_skip_policy_returns_the_marker_and_does_not_run():
+    budget = Budget(Limits(max_llm_calls=0))
+    ran = []
+
+    @budget.govern(model=MODEL, on_exhausted="skip")
+    def finaliser(x: str) -> str:
+        ran.append(x)
+        return x
+
+    result = finaliser("x")
+    assert is_budget_skipped(result) and ran == []
+    assert result.resource == "llm_calls"
+
+
+def test_govern_releases_on_error_and_handles_async():
+    budget = Budget(Limits(max_total_tokens=10_000))
+
+    @budget.govern(model=MODEL)
+    def boom(x: str) -> str:
+        raise KeyError(x)
+
+    with pytest.raises(KeyError):
+        boom("x")
+    assert budget.snapshot().held_tokens == 0 and budget.snapshot().llm_calls == 0
+
+    @budget.govern(model=MODEL, usage_fn=lambda r: Usage(input_tokens=3, output_tokens=4))
+    async def agent_step(x: str) -> str:
+        await asyncio.sleep(0)
+        return x
+
+    assert asyncio.run(agent_step("y")) == "y"
+    assert budget.snapshot().total_tokens == 7
+
+
+def test_govern_fails_at_decoration_time():
+    budget = Budget(Limits(max_cost_usd=1))
+    with pytest.raises(UnknownAgent):
+        budget.govern("ghost", model=MODEL)
+    with pytest.raises(ConfigurationError, match="model"):
+        budget.govern()  # a USD cap with neither model nor usage_fn cannot be enforced
+    budget.govern(model=MODEL)
+    budget.govern(usage_fn=lambda r: r)
