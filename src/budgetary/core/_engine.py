@@ -413,12 +413,12 @@ class Engine:
         entry = self._append(
             now, run, chain, agent=agent, kind="llm", model=meta.model,
             usage=usage if usage is not None else _usage_of(actual, cost_known),
-            cost_usd=nanos_to_usd(actual[COST]) if cost_known else None,
+            cost_usd=(usage.cost_usd if usage is not None else nanos_to_usd(actual[COST])) if cost_known else None,
             estimated=estimated, run_id=meta.run_id, location=meta.location,
         )  # fmt: skip
         moved = self._cover_overrun(now, run, chain, agent, state, meta)
         events = self._fire(now, levels, chain, agent, state, meta)
-        return Outcome(decision=self._soft(levels, agent, state) or ALLOW, events=events, moved=moved, entry=entry)
+        return Outcome(events=events, moved=moved, entry=entry)
 
     def _cover_overrun(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,
                        state: AgentState, meta: Meta) -> int:  # fmt: skip
@@ -536,14 +536,39 @@ class Engine:
 # -- small helpers ------------------------------------------------------------------------
 
 
+# Vectors are always WIDTH (8) long; these two run several times per call, so they are unrolled.
+
+
 def _add(target: Vector, amounts: Vector) -> None:
-    target[:] = [a + b for a, b in zip(target, amounts)]
-    if max(target) > MAX_INT:  # saturate instead of overflowing a 64-bit store
-        target[:] = [min(a, MAX_INT) for a in target]
+    a0, a1, a2, a3, a4, a5, a6, a7 = amounts
+    t0, t1, t2, t3, t4, t5, t6, t7 = target
+    t0 += a0
+    t1 += a1
+    t2 += a2
+    t3 += a3
+    t4 += a4
+    t5 += a5
+    t6 += a6
+    t7 += a7
+    if (t0 | t1 | t2 | t3 | t4 | t5 | t6 | t7) > MAX_INT:  # exact for non-negative ints
+        target[:] = [min(v, MAX_INT) for v in (t0, t1, t2, t3, t4, t5, t6, t7)]
+    else:
+        target[:] = (t0, t1, t2, t3, t4, t5, t6, t7)
 
 
 def _sub(target: Vector, amounts: Vector) -> None:
-    target[:] = [a - b if a > b else 0 for a, b in zip(target, amounts)]
+    a0, a1, a2, a3, a4, a5, a6, a7 = amounts
+    t0, t1, t2, t3, t4, t5, t6, t7 = target
+    target[:] = (
+        t0 - a0 if t0 > a0 else 0,
+        t1 - a1 if t1 > a1 else 0,
+        t2 - a2 if t2 > a2 else 0,
+        t3 - a3 if t3 > a3 else 0,
+        t4 - a4 if t4 > a4 else 0,
+        t5 - a5 if t5 > a5 else 0,
+        t6 - a6 if t6 > a6 else 0,
+        t7 - a7 if t7 > a7 else 0,
+    )
 
 
 def _usage_of(amounts: Vector, cost_known: bool = True) -> Usage:
