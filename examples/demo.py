@@ -78,9 +78,7 @@ def main() -> int:
 def _print(budget: Budget, log: list[tuple[str, str]], events: list[SoftLimit]) -> None:
     snap = budget.snapshot()
     report = budget.report()
-    rows = [
-        (name, str(r["allocated"]), str(r["consumed"]), str(r["remaining"])) for name, r in report.items()
-    ]
+    rows = [(name, str(r["allocated"]), str(r["consumed"]), str(r["remaining"])) for name, r in report.items()]
     transfers = [f"{e.amount} tokens {e.donor} -> {e.agent}" for e in budget.ledger.history(kind="transfer")]
     try:
         from rich.console import Console

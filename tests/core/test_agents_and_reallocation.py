@@ -258,9 +258,7 @@ def test_overrun_after_the_fact_is_recorded_and_covered_all_or_nothing():
 
 
 def test_planner_takes_only_what_is_missing():
-    plan = plan_transfers(
-        [DonorView("a", 1, 100, 0), DonorView("b", 1, 50, 0)], needy="x", priority=2, shortfall=120
-    )
+    plan = plan_transfers([DonorView("a", 1, 100, 0), DonorView("b", 1, 50, 0)], needy="x", priority=2, shortfall=120)
     assert plan == [("a", 100), ("b", 20)]
     assert plan_transfers([DonorView("a", 1, 100, 0)], needy="x", priority=2, shortfall=0) == []
 

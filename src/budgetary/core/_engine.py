@@ -94,14 +94,12 @@ class Level:
 
     def refresh(self) -> None:
         """Recompute the derived limits after base, topup or warn_at changed."""
-        limits = [None if b is None else sat(b + t) for b, t in zip(self.base, self.topup)]
+        limits = [None if b is None else sat(b + t) for b, t in zip(self.base, self.topup, strict=False)]
         self.limits = limits
         self.spend_checks = [(d, lim) for d in SPEND_DIMS if (lim := limits[d]) is not None]
         self.count_checks = [(d, lim) for d in (LLM, TOOL, AGENTS) if (lim := limits[d]) is not None]
         first = self.warn_at[0] if self.warn_at else None
-        self.soft_checks = (
-            [(d, lim, first * lim) for d in range(7) if (lim := limits[d])] if first is not None else []
-        )
+        self.soft_checks = [(d, lim, first * lim) for d in range(7) if (lim := limits[d])] if first is not None else []
 
 
 @dataclass(slots=True)
@@ -321,8 +319,10 @@ class Engine:
                 best = (ratio, None, u, spent, state.allocated)
         if best is None:
             return None
-        ratio, level, d, spent, limit = best
-        return _soft_limit(level, run, agent, d, spent, limit, _crossed(run.warn_at if level is None else level.warn_at, ratio))
+        ratio, where, d, spent, limit = best
+        return _soft_limit(
+            where, run, agent, d, spent, limit, _crossed(run.warn_at if where is None else where.warn_at, ratio)
+        )
 
     def _fire(self, now: float, levels: list[Level], chain: tuple[str, ...], agent: str | None,
               state: AgentState, meta: Meta) -> list[SoftLimit]:  # fmt: skip
@@ -591,10 +591,7 @@ def _deny(level: Level, agent: str | None, d: int, limit: int, spent: int, reque
     resource = DIMENSIONS[d]
     shown_limit, shown_spent, shown_req = user_value(d, limit), user_value(d, spent), user_value(d, requested)
     if how == "exhausted":
-        reason = (
-            f"Exhausted the {resource} limit of {shown_limit} of budget {level.name!r} "
-            f"({resource}={shown_spent})"
-        )
+        reason = f"Exhausted the {resource} limit of {shown_limit} of budget {level.name!r} ({resource}={shown_spent})"
     else:
         reason = (
             f"Would exceed the {resource} limit of {shown_limit} of budget {level.name!r} "
@@ -619,8 +616,7 @@ def _soft_limit(
                          threshold=threshold, budget=run.name, agent=agent)  # fmt: skip
     resource = DIMENSIONS[d]
     message = (
-        f"budget {level.name!r} used {shown_spent} of its {resource} limit of {shown_limit} "
-        f"({threshold:.0%} threshold)"
+        f"budget {level.name!r} used {shown_spent} of its {resource} limit of {shown_limit} ({threshold:.0%} threshold)"
     )
     return SoftLimit(resource=resource, consumed=shown_spent, limit=shown_limit, message=message,
                      threshold=threshold, budget=level.name, agent=agent)  # fmt: skip

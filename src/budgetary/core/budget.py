@@ -108,7 +108,9 @@ class Reservation:
         """Charge the pre-call estimate, flagged ``estimated`` (the call's real usage is unknown)."""
         return self._settle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
 
-    def _settle(self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None) -> LedgerEntry:
+    def _settle(
+        self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
+    ) -> LedgerEntry:
         if self._done:
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
         self._done = True
@@ -257,7 +259,7 @@ class Budget:
         self._limits = limits
         self._clock = clock
         self._gate = mode == "gate"
-        self._prices = PriceTable(prices) if prices or parent is None else parent._prices
+        self._prices: PriceTable = PriceTable(prices) if prices or parent is None else parent._prices
         self._guards = combine_guards(guards) if guards else None
         self._listeners: list[Callable[[SoftLimit], Any]] = [on_soft_limit] if on_soft_limit else []
         self._contracts: dict[str | None, AgentContract] = {}
@@ -278,7 +280,7 @@ class Budget:
         # Names are data: JSON-encoding the path keeps any character in a name from reaching another key.
         self._key = json.dumps(self._path, ensure_ascii=False)
         self._chain: tuple[str, ...] = (self._key, *(parent._chain if parent else ()))
-        self._cost_capped = limits.max_cost_usd is not None or (parent is not None and parent._cost_capped)
+        self._cost_capped: bool = limits.max_cost_usd is not None or (parent is not None and parent._cost_capped)
         self._store.ensure_budget(self._key, name, limits, clock())
 
     # -- configuration -----------------------------------------------------------------
@@ -358,18 +360,18 @@ class Budget:
         decision = self._store.check(self._chain, agent, self._clock())
         if decision.allowed and self._guards is not None:
             host = self._guards.check_before_llm(agent, 0)
-            if not host.allowed or isinstance(host, SoftLimit) and not isinstance(decision, SoftLimit):
+            if not host.allowed or (isinstance(host, SoftLimit) and not isinstance(decision, SoftLimit)):
                 return host
         return decision
 
-    def begin_agent(self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None) -> Decision:
+    def begin_agent(
+        self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
+    ) -> Decision:
         """The spawn gate: take one ``max_agents`` slot for ``agent`` if allowed. Never raises on refusal."""
         meta = Meta(run_id or self.run_id, None, location)
         return self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta)
 
-    def check_tool(
-        self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None
-    ) -> Decision:
+    def check_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
         """Decide a tool call for ``agent`` and, when it is allowed, count it."""
         meta = Meta(run_id or self.run_id, None, tool)
         if self._guards is not None:
@@ -410,7 +412,11 @@ class Budget:
             prompt, exact = upper_bound(messages), False
         else:
             prompt, exact = 0, True
-        out = self.default_output_reserve if max_output_tokens is None else coerce_count(max_output_tokens, "max_output_tokens")
+        out = (
+            self.default_output_reserve
+            if max_output_tokens is None
+            else coerce_count(max_output_tokens, "max_output_tokens")
+        )
         meta = Meta(run_id or self.run_id, model, location)
         if self._guards is not None:
             host = self._guards.check_before_llm(agent, prompt)
@@ -553,7 +559,7 @@ class Budget:
             budgets.append(node)
             node = node.parent
         snapshot: Snapshot | None = None
-        for fig, owner in zip(reversed(figures), reversed(budgets)):
+        for fig, owner in zip(reversed(figures), reversed(budgets), strict=True):
             snapshot = _snapshot(fig, owner._limits, snapshot)
         assert snapshot is not None
         return snapshot

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, ClassVar, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 from budgetary.core.usage import Usage
 
@@ -89,7 +89,7 @@ class Deny:
     agent: str | None = None
 
 
-Decision = Union[Allow, SoftLimit, Deny]
+Decision = Allow | SoftLimit | Deny
 """What a check returns: `Allow`, `SoftLimit` (proceed, near a limit) or `Deny`."""
 
 ALLOW = Allow()
@@ -147,12 +147,12 @@ class _AllGuards:
                 decision = fn(*args)
             except Exception as exc:  # a broken host guard must not let calls through silently
                 return Deny(resource=type(guard).__name__, reason=f"guard {type(guard).__name__} failed: {exc!r}")
-            if decision is None or decision.allowed is True and not isinstance(decision, SoftLimit):
+            if decision is None or (decision.allowed is True and not isinstance(decision, SoftLimit)):
                 continue
             if not decision.allowed:
-                return decision
+                return cast(Decision, decision)
             if soft is ALLOW:
-                soft = decision
+                soft = cast(Decision, decision)
         return soft
 
     def check_before_llm(self, agent: str | None, estimated_prompt_tokens: int) -> Decision:

@@ -200,9 +200,7 @@ def read_csv(source: str | Path | IO[str]) -> list[LedgerEntry]:
         data: dict[str, Any] = {k: (None if v == "" else v) for k, v in row.items()}
         has_usage = data.get("input_tokens") is not None
         data["usage"] = (
-            {name: data.pop(name) for name in _USAGE_FIELDS} | {"cost_usd": data.get("cost_usd")}
-            if has_usage
-            else None
+            {name: data.pop(name) for name in _USAGE_FIELDS} | {"cost_usd": data.get("cost_usd")} if has_usage else None
         )
         for name in _USAGE_FIELDS:
             data.pop(name, None)

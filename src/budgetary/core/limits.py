@@ -23,9 +23,7 @@ def parse_window(window: str | None) -> int | None:
         return None
     match = _WINDOW.match(window) if isinstance(window, str) else None
     if match is None or int(match.group(1)) == 0:
-        raise ConfigurationError(
-            f"window must look like '30s', '15m', '1h', '1d' or '30d', got {window!r}"
-        )
+        raise ConfigurationError(f"window must look like '30s', '15m', '1h', '1d' or '30d', got {window!r}")
     return int(match.group(1)) * _WINDOW_SECONDS[match.group(2)]
 
 
@@ -107,9 +105,7 @@ class Limits:
         for name, amount in amounts.items():
             field_name = "max_" + name
             if name not in DIMENSIONS:
-                raise ConfigurationError(
-                    f"cannot top up {name!r}; known resources: {', '.join(DIMENSIONS)}"
-                )
+                raise ConfigurationError(f"cannot top up {name!r}; known resources: {', '.join(DIMENSIONS)}")
             current = getattr(self, field_name)
             if name == "cost_usd":
                 add = coerce_cost(amount, name)

@@ -36,9 +36,7 @@ def plan_transfers(
     """
     if shortfall <= 0:
         return []
-    donors = [
-        d for d in candidates if d.name != needy and d.priority <= priority and d.remaining - d.min_reserve > 0
-    ]
+    donors = [d for d in candidates if d.name != needy and d.priority <= priority and d.remaining - d.min_reserve > 0]
     donors.sort(key=lambda d: (d.priority, -d.remaining, "" if d.name is None else d.name))
     plan: list[tuple[str | None, int]] = []
     missing = shortfall

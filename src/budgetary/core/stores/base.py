@@ -51,36 +51,56 @@ class Store(Protocol):
 
     url: str
 
-    def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None: ...
-    def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None: ...
-    def has_agent(self, key: str, agent: str | None) -> bool: ...
-    def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision: ...
+    def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None:
+        """Create the budget ``key`` or update its limits, keeping counters and top-ups."""
+    def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
+        """Register an agent's contract (``replace=False`` keeps an existing one)."""
+    def has_agent(self, key: str, agent: str | None) -> bool:
+        """Whether ``agent`` is registered in budget ``key``."""
+    def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
+        """Could an LLM call start now? Changes nothing."""
     def reserve(
         self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
         now: float, meta: Meta, quiet: bool = False,
-    ) -> Outcome: ...  # fmt: skip
+    ) -> Outcome:
+        """Atomically check and hold ``req`` for one call."""
     def settle(
         self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
         meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
-    ) -> Outcome: ...  # fmt: skip
-    def release(self, hold_id: str, *, now: float, reason: str) -> bool: ...
-    def renew(self, hold_id: str, ttl: float, now: float) -> bool: ...
-    def held_amounts(self, hold_id: str) -> Vector | None: ...
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision: ...
+    ) -> Outcome:
+        """Replace a hold (if still there) by what the call consumed."""
+    def release(self, hold_id: str, *, now: float, reason: str) -> bool:
+        """Drop a hold without charging it."""
+    def renew(self, hold_id: str, ttl: float, now: float) -> bool:
+        """Extend a live hold's lease."""
+    def held_amounts(self, hold_id: str) -> Vector | None:
+        """What a live hold holds, or ``None``."""
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+        """Take one ``max_agents`` slot if allowed."""
     def count_tool(
         self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
-    ) -> Decision: ...
-    def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int: ...
-    def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None: ...
-    def top_up(self, key: str, amounts: Vector, now: float) -> None: ...
+    ) -> Decision:
+        """Check and count one tool call."""
+    def reallocate(
+        self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta
+    ) -> int: ...
+    def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
+        """Record ``agent``'s last reported confidence."""
+    def top_up(self, key: str, amounts: Vector, now: float) -> None:
+        """Raise budget ``key``'s limits by ``amounts``."""
     def record_entry(
         self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
         decision: Decision | None = None, reason: str | None = None,
-    ) -> None: ...  # fmt: skip
-    def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]: ...
-    def agents(self, key: str, now: float) -> dict[str | None, AgentState]: ...
-    def entries(self, scope: str) -> list[LedgerEntry]: ...
-    def close(self) -> None: ...
+    ) -> None:
+        """Write a ledger entry that changes no counter (skip, external deny)."""
+    def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
+        """Raw figures of every level of ``chain``."""
+    def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
+        """Copies of budget ``key``'s agent states."""
+    def entries(self, scope: str) -> list[LedgerEntry]:
+        """Ledger entries whose scopes include ``scope``, in order."""
+    def close(self) -> None:
+        """Release connections and other resources."""
     def __enter__(self) -> Store: ...
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -209,12 +229,20 @@ class EngineStore(ABC):
         with self._transaction() as engine:
             level = engine.levels_of((key,), now)[0]
             return {
-                name: AgentState(s.priority, s.unit, s.allocated, s.min_reserve, s.threshold, s.confidence,
-                                 list(s.spent), list(s.held))  # fmt: skip
+                name: AgentState(
+                    s.priority,
+                    s.unit,
+                    s.allocated,
+                    s.min_reserve,
+                    s.threshold,
+                    s.confidence,
+                    list(s.spent),
+                    list(s.held),
+                )
                 for name, s in level.agents.items()
             }
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op default; stores with connections override it
         """Release resources; the memory store has none."""
 
     def __enter__(self) -> EngineStore:

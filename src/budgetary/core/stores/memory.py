@@ -43,7 +43,7 @@ class MemoryStore(EngineStore):
 
 
 class _Locked:
-    """The critical section: a plain lock. (A @contextmanager generator costs more than the work it guards.)"""
+    """The critical section: a plain lock (a @contextmanager generator costs more than the work it guards)."""
 
     __slots__ = ("_engine", "_lock")
 
