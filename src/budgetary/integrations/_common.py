@@ -1,0 +1,39 @@
+"""Pieces the framework adapters share: applying a resume's top-up exactly once."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+from budgetary.core.budget import Budget
+from budgetary.core.errors import UsageError
+
+__all__ = ["apply_top_up_once"]
+
+_applied: set[tuple[int, Hashable]] = set()
+_lock = threading.Lock()
+
+
+def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
+    """Apply ``resume`` (``top_up`` keywords, e.g. ``{"total_tokens": 5000}``) to ``budget`` once per ``key``.
+
+    LangGraph hands the same resume value back every time an interrupted node
+    re-runs; ``key`` (the task's checkpoint namespace and the interrupt's index
+    in the node) tells a replay from a new resume. Returns True if applied now.
+    An empty mapping (a top-up made elsewhere) applies nothing.
+    """
+    if resume is None:
+        return False
+    if not isinstance(resume, Mapping):
+        raise UsageError(
+            f"resume a budget interrupt with top_up keywords, e.g. {{'total_tokens': 5000}}; got {resume!r}"
+        )
+    with _lock:
+        marker = (id(budget), key)
+        if marker in _applied:
+            return False
+        _applied.add(marker)
+    if resume:
+        budget.top_up(**dict(resume))
+    return True

@@ -1,0 +1,484 @@
+"""LangChain: an enforcing callback handler, a scope that attaches it everywhere, and agent middleware.
+
+``BudgetCallbackHandler`` reserves before every chat-model/LLM call and refuses
+it by raising `BudgetExceeded` (the model never runs), settles with the usage
+the provider reported, releases on errors, and gates tool calls. Attach it to
+an existing chain with ``config={"callbacks": [handler]}`` or
+``chain.with_config(callbacks=[handler])``, or govern everything started in a
+block with ``with budget_scope(budget): ...``.
+
+Streaming: usage arrives only if the provider sends a usage chunk. With
+``ChatOpenAI`` against a proxy, vLLM or Azure-style endpoints set
+``stream_usage=True``; otherwise the call is charged its estimate and flagged
+``estimated`` in the ledger. Calls made from a bare ``ThreadPoolExecutor`` inside a
+node do not see callbacks: use ``langchain_core.runnables.config.get_executor_for_config``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+try:
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.callbacks.manager import dispatch_custom_event
+    from langchain_core.tracers.context import register_configure_hook
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'budgetary.integrations.langchain needs langchain-core: pip install "budgetary[langchain]"'
+    ) from exc
+
+from budgetary.core.budget import Budget, Reservation
+from budgetary.core.guard import SoftLimit
+from budgetary.core.usage import Usage
+
+__all__ = [  # noqa: F822 - BudgetMiddleware is built on first access (it needs langchain v1)
+    "SOFT_LIMIT_EVENT",
+    "BudgetCallbackHandler",
+    "BudgetMiddleware",
+    "agent_from_metadata",
+    "budget_scope",
+]
+
+SOFT_LIMIT_EVENT = "budgetary_soft_limit"
+"""Name of the LangChain custom event dispatched on each soft-limit crossing."""
+
+_AGENT_KEYS = ("agent", "budgetary_agent")
+
+
+def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
+    """The agent a LangChain/LangGraph run belongs to, from its callback metadata.
+
+    In order: user metadata (``agent``); the outer node of a subgraph
+    (first segment of ``langgraph_checkpoint_ns``); ``langgraph_node``; else the run (``None``).
+    """
+    if not metadata:
+        return None
+    for key in _AGENT_KEYS:
+        value = metadata.get(key)
+        if isinstance(value, str) and value:
+            return value
+    namespace = metadata.get("langgraph_checkpoint_ns")
+    if isinstance(namespace, str) and namespace:
+        return namespace.split("|", 1)[0].split(":", 1)[0]
+    node = metadata.get("langgraph_node")
+    return node if isinstance(node, str) and node else None
+
+
+@dataclass
+class _Claim:
+    """Which handler charges a run: the same budget attached twice must charge once."""
+
+    handler: BudgetCallbackHandler
+    rank: int
+    reservation: Reservation | None = None
+    parent: UUID | None = None
+    renewed: float = 0.0
+
+
+# Claims per budget object, shared by every handler of that budget in this process.
+_claims: weakref.WeakKeyDictionary[Budget, dict[UUID, _Claim]] = weakref.WeakKeyDictionary()
+_claims_lock = threading.Lock()
+# Set while BudgetMiddleware makes a model call it has already reserved for.
+_middleware_budget: ContextVar[Budget | None] = ContextVar("budgetary_middleware_budget", default=None)
+
+
+class BudgetCallbackHandler(BaseCallbackHandler):
+    """Enforce a `Budget` on every LLM and tool call of the runs it is attached to.
+
+    A denial raises `BudgetExceeded` from the caller's ``invoke``/``stream``/...;
+    the model or tool never runs. ``agent`` pins every call to one agent;
+    otherwise calls are attributed by `agent_from_metadata`.
+
+    Example:
+        ```python
+        handler = BudgetCallbackHandler(budget, agent="researcher")
+        chain.invoke({"topic": "otters"}, config={"callbacks": [handler]})
+        ```
+    """
+
+    raise_error = True  # otherwise LangChain logs the denial and runs the model anyway
+    run_inline = True  # in async runs, decide in the event loop before the call, in order
+
+    def __init__(
+        self,
+        budget: Budget,
+        agent: str | None = None,
+        *,
+        on_soft_limit: Callable[[SoftLimit], Any] | None = None,
+        rank: int | None = None,
+    ) -> None:
+        """Attach ``budget``; ``rank`` orders attribution when several handlers of one budget see a call."""
+        super().__init__()
+        self.budget = budget
+        self.agent = agent
+        self.on_soft_limit = on_soft_limit
+        # An explicit agent is more specific than metadata: it wins a shared call.
+        self.rank = rank if rank is not None else (1 if agent is not None else 0)
+
+    def __copy__(self) -> BudgetCallbackHandler:
+        return self  # callback managers copy handler lists; state must stay shared
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BudgetCallbackHandler:
+        return self
+
+    # -- LLM calls -----------------------------------------------------------------------
+
+    def on_chat_model_start(
+        self, serialized: dict[str, Any] | None, messages: list[list[Any]], *, run_id: UUID,
+        parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """Reserve for the call or raise `BudgetExceeded`."""
+        self._start(messages, run_id, parent_run_id, metadata, kwargs)
+
+    def on_llm_start(
+        self, serialized: dict[str, Any] | None, prompts: list[str], *, run_id: UUID,
+        parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """Reserve for a text-completion call or raise `BudgetExceeded`."""
+        self._start(prompts, run_id, parent_run_id, metadata, kwargs)
+
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Renew the hold of a long streamed generation before its lease runs out."""
+        claim = self._claim(run_id)
+        if claim is not None and claim.reservation is not None:
+            now = time.monotonic()
+            if now - claim.renewed > self.budget.lease_ttl / 3:
+                claim.renewed = now
+                claim.reservation.renew()
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Settle with the usage the provider reported (or the estimate, flagged, if none)."""
+        claim = self._release_claim(run_id)
+        if claim is None or claim.reservation is None:
+            return
+        reservation = claim.reservation
+        usage, model, cache_hit = _reported_usage(response)
+        if cache_hit:
+            reservation.release("served from the LLM cache: no provider call")
+            return
+        if usage is None:
+            reservation.charge_estimate()  # streaming without a usage chunk: see the module docstring
+        else:
+            reservation.settle(usage, model=model or reservation.model, lenient=True)
+        self._soft_events(reservation.events)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Release the hold of a failed call."""
+        claim = self._release_claim(run_id)
+        if claim is not None and claim.reservation is not None:
+            claim.reservation.release(f"call failed: {type(error).__name__}")
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Release holds of LLM runs cancelled with their parent (they get no end or error event)."""
+        with _claims_lock:
+            claims = _claims.get(self.budget, {})
+            orphans = [rid for rid, c in claims.items() if c.parent == run_id and c.handler is self]
+            popped = [claims.pop(rid) for rid in orphans]
+        for claim in popped:
+            if claim.reservation is not None:
+                claim.reservation.release(f"cancelled with its parent run ({type(error).__name__})")
+
+    # -- tools ---------------------------------------------------------------------------
+
+    def on_tool_start(
+        self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
+        parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """Count the tool call, or raise `BudgetExceeded` so that the tool body never runs."""
+        # A tool call is counted by the first handler of this budget that sees it (no re-attribution:
+        # a count cannot be taken back), and the claim lasts until the tool ends.
+        with _claims_lock:
+            claims = _claims.setdefault(self.budget, {})
+            if run_id in claims:
+                return
+            claims[run_id] = _Claim(self, self.rank, parent=parent_run_id)
+        agent = self._agent_for(metadata)
+        name = kwargs.get("name") or (serialized or {}).get("name") or "tool"
+        decision = self.budget.check_tool(agent, str(name))
+        if not decision.allowed:
+            self._release_claim(run_id)  # a refused start gets no end or error event
+            raise self.budget.exceeded(decision, agent)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the finished tool call."""
+        self._release_claim(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        """Forget the failed tool call (it was counted when it started)."""
+        self._release_claim(run_id)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
+        agent = self.agent if self.agent is not None else agent_from_metadata(metadata)
+        if agent is not None:
+            self.budget.ensure_agent(agent)
+        return agent
+
+    def _start(
+        self, messages: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:  # fmt: skip
+        if _middleware_budget.get() is self.budget:
+            return  # BudgetMiddleware already reserved this call
+        if not self._take(run_id, parent_run_id):
+            return
+        metadata = metadata or {}
+        params = kwargs.get("invocation_params") or {}
+        model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
+        max_out = metadata.get("ls_max_tokens")
+        if max_out is None:
+            max_out = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens")
+        agent = self._agent_for(metadata)
+        try:
+            reservation = self.budget.reserve(
+                agent, model=model, messages=messages, max_output_tokens=max_out,
+                location=metadata.get("langgraph_node"),
+            )  # fmt: skip
+        except BaseException:
+            self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
+            raise
+        claim = self._claim(run_id)
+        if claim is not None:
+            claim.reservation = reservation
+            claim.renewed = time.monotonic()
+        if isinstance(reservation.decision, SoftLimit) and self.on_soft_limit is not None:
+            self.on_soft_limit(reservation.decision)
+
+    def _take(self, run_id: UUID, parent_run_id: UUID | None) -> bool:
+        """Claim ``run_id`` for this handler unless a handler of the same budget with a higher rank has it."""
+        with _claims_lock:
+            claims = _claims.setdefault(self.budget, {})
+            current = claims.get(run_id)
+            if current is not None and current.rank >= self.rank:
+                return False
+            claims[run_id] = _Claim(self, self.rank, parent=parent_run_id)
+        if current is not None and current.reservation is not None:
+            current.reservation.release("re-attributed to a more specific handler")
+        return True
+
+    def _claim(self, run_id: UUID) -> _Claim | None:
+        with _claims_lock:
+            claim = _claims.get(self.budget, {}).get(run_id)
+        return claim if claim is not None and claim.handler is self else None
+
+    def _release_claim(self, run_id: UUID) -> _Claim | None:
+        with _claims_lock:
+            claims = _claims.get(self.budget, {})
+            claim = claims.get(run_id)
+            if claim is None or claim.handler is not self:
+                return None
+            return claims.pop(run_id)
+
+    def _soft_events(self, events: Sequence[SoftLimit]) -> None:
+        for event in events:
+            if self.on_soft_limit is not None:
+                self.on_soft_limit(event)
+            try:
+                dispatch_custom_event(SOFT_LIMIT_EVENT, _event_data(event))
+            except RuntimeError:
+                pass  # no parent run to attach the event to (a bare model.invoke)
+
+
+def _event_data(event: SoftLimit) -> dict[str, Any]:
+    return {
+        "budget": event.budget, "agent": event.agent, "resource": event.resource, "consumed": event.consumed,
+        "limit": event.limit, "threshold": event.threshold, "message": event.message,
+    }  # fmt: skip
+
+
+def _reported_usage(response: Any) -> tuple[Usage | dict[str, Any] | None, str | None, bool]:
+    """(usage, billed model, cache hit) from an ``LLMResult``; usage_metadata first, llm_output as fallback."""
+    generations = getattr(response, "generations", None) or []
+    first = generations[0][0] if generations and generations[0] else None
+    message = getattr(first, "message", None)
+    metadata = getattr(message, "usage_metadata", None)
+    response_metadata = getattr(message, "response_metadata", None) or {}
+    llm_output = getattr(response, "llm_output", None) or {}
+    model = response_metadata.get("model_name") or response_metadata.get("model") or llm_output.get("model_name")
+    if metadata:
+        if metadata.get("total_cost") == 0:  # LangChain's only marker of an LLM-cache hit
+            return None, model, True
+        return dict(metadata), model, False
+    token_usage = llm_output.get("token_usage") or llm_output.get("usage")
+    return (token_usage or None), model, False
+
+
+_scope_handler: ContextVar[BudgetCallbackHandler | None] = ContextVar("budgetary_scope_handler", default=None)
+# Registered once at import: LangChain's own get_usage_metadata_callback registers a new
+# variable on every use, which grows its global hook list forever.
+register_configure_hook(_scope_handler, inheritable=True)
+
+
+@contextmanager
+def budget_scope(budget: Budget, agent: str | None = None) -> Iterator[BudgetCallbackHandler]:
+    """Govern every LangChain/LangGraph run started inside the block, with no config change.
+
+    Example:
+        ```python
+        with budget_scope(budget):
+            graph.invoke({"question": "..."})
+        ```
+    """
+    handler = BudgetCallbackHandler(budget, agent)
+    token = _scope_handler.set(handler)
+    try:
+        yield handler
+    finally:
+        _scope_handler.reset(token)
+
+
+_EXIT_BEHAVIORS = ("end", "error", "interrupt")
+
+
+def _build_middleware() -> type:
+    try:
+        from langchain.agents.middleware import AgentMiddleware, ModelResponse, hook_config
+        from langchain_core.messages import AIMessage
+        from langgraph.config import get_config
+        from langgraph.types import interrupt
+    except ImportError as exc:
+        raise ImportError(
+            'BudgetMiddleware needs LangChain v1 (langchain>=1.0): pip install "budgetary[langchain]"'
+        ) from exc
+
+    from budgetary.core.errors import BudgetExceeded, ConfigurationError
+    from budgetary.integrations._common import apply_top_up_once
+
+    class BudgetMiddleware(AgentMiddleware):
+        """Token and USD budgets for a LangChain v1 ``create_agent`` agent.
+
+        Before each model call it checks (and reserves); after it, it settles with
+        the reported usage. When the budget refuses: ``exit_behavior="end"``
+        finishes the agent with a final message saying why, ``"error"`` raises
+        `BudgetExceeded`, ``"interrupt"`` pauses the agent (it needs a
+        checkpointer) until it is resumed with ``Command(resume={...})`` carrying
+        `Budget.top_up` keywords (``{}`` if the budget was raised elsewhere).
+
+        Example:
+            ```python
+            agent = create_agent(model, tools, middleware=[BudgetMiddleware(budget, exit_behavior="end")])
+            ```
+        """
+
+        def __init__(self, budget: Budget, *, agent: str | None = None, exit_behavior: str = "end") -> None:
+            super().__init__()
+            if exit_behavior not in _EXIT_BEHAVIORS:
+                raise ConfigurationError(f"exit_behavior must be one of {_EXIT_BEHAVIORS}, got {exit_behavior!r}")
+            self.budget = budget
+            self.agent = agent
+            self.exit_behavior = exit_behavior
+            if agent is not None:
+                budget.ensure_agent(agent)
+
+        def _refused(self, exc: BudgetExceeded, attempt: int) -> AIMessage | None:
+            """Apply the exit behaviour; None means "try again" (after an interrupt's top-up)."""
+            if self.exit_behavior == "error":
+                raise exc
+            if self.exit_behavior == "end":
+                return AIMessage(content=f"Stopped: the budget refused another model call. {exc}")
+            answer = interrupt({
+                "reason": str(exc), "budget": exc.budget, "agent": exc.agent, "resource": exc.resource,
+                "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
+            })  # fmt: skip
+            namespace = get_config().get("metadata", {}).get("langgraph_checkpoint_ns", "")
+            apply_top_up_once(self.budget, answer, (namespace, attempt))
+            return None
+
+        @hook_config(can_jump_to=["end"])
+        def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+            """Refuse before the model node runs when no call could start."""
+            attempt = 0
+            while True:
+                decision = self.budget.check(self.agent)
+                if decision.allowed:
+                    return None
+                message = self._refused(self.budget.exceeded(decision, self.agent), attempt)
+                if message is not None:
+                    return {"jump_to": "end", "messages": [message]}
+                attempt += 1
+
+        @hook_config(can_jump_to=["end"])
+        async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+            """Async twin of `before_model`."""
+            return self.before_model(state, runtime)
+
+        def _reserve(self, request: Any) -> Reservation | AIMessage:
+            model = request.model
+            name = getattr(model, "model_name", None) or getattr(model, "model", None)
+            attempt = 100  # distinct from before_model's interrupt indices
+            while True:
+                try:
+                    return self.budget.reserve(
+                        self.agent, model=name if isinstance(name, str) else None,
+                        messages=[*( [request.system_message] if request.system_message else []), *request.messages],
+                        max_output_tokens=getattr(model, "max_tokens", None),
+                    )  # fmt: skip
+                except BudgetExceeded as exc:
+                    message = self._refused(exc, attempt)
+                    if message is not None:
+                        return message
+                    attempt += 1
+
+        def _settle(self, reservation: Reservation, response: Any) -> None:
+            messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
+            usage = next((m.usage_metadata for m in messages if getattr(m, "usage_metadata", None)), None)
+            if usage is None:
+                reservation.charge_estimate()
+            else:
+                reservation.settle(usage, lenient=True)
+
+        def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+            """Reserve, call the model, settle with its reported usage."""
+            reservation = self._reserve(request)
+            if isinstance(reservation, AIMessage):
+                return ModelResponse(result=[reservation])
+            token = _middleware_budget.set(self.budget)
+            try:
+                response = handler(request)
+            except BaseException as exc:
+                reservation.release(f"model call failed: {type(exc).__name__}")
+                raise
+            finally:
+                _middleware_budget.reset(token)
+            self._settle(reservation, response)
+            return response
+
+        async def awrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+            """Async twin of `wrap_model_call`."""
+            reservation = self._reserve(request)
+            if isinstance(reservation, AIMessage):
+                return ModelResponse(result=[reservation])
+            token = _middleware_budget.set(self.budget)
+            try:
+                response = await handler(request)
+            except BaseException as exc:
+                reservation.release(f"model call failed: {type(exc).__name__}")
+                raise
+            finally:
+                _middleware_budget.reset(token)
+            self._settle(reservation, response)
+            return response
+
+    return BudgetMiddleware
+
+
+_middleware_class: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # BudgetMiddleware needs `langchain` v1 (not only langchain-core): build it on first use.
+    global _middleware_class
+    if name == "BudgetMiddleware":
+        if _middleware_class is None:
+            _middleware_class = _build_middleware()
+        return _middleware_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
