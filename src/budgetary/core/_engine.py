@@ -153,7 +153,11 @@ class Engine:
 
     def _append(self, now: float, level: Level, chain: tuple[str, ...], **fields: Any) -> LedgerEntry:
         self.seq += 1
-        entry = LedgerEntry(id=self.seq, time=now, budget=level.name, scopes=chain, **fields)
+        fields["id"] = self.seq
+        fields["time"] = now
+        fields["budget"] = level.name
+        fields["scopes"] = chain
+        entry = LedgerEntry._fast(fields)
         self._sink(entry)
         return entry
 

@@ -28,7 +28,7 @@ _CSV_FIELDS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True)  # no slots: see `_fast`
 class LedgerEntry:
     """One line of the ledger.
 
@@ -68,6 +68,17 @@ class LedgerEntry:
     """For ``transfer``: tokens or USD moved."""
     scopes: tuple[str, ...] = ()
     """The budget and its ancestors, innermost first."""
+
+    @classmethod
+    def _fast(cls, fields: dict[str, Any]) -> LedgerEntry:
+        """Build an entry from trusted engine values, setting only the non-default fields.
+
+        The engine writes one entry per call; filling the instance dict directly costs
+        a fraction of the generated frozen ``__init__``. Unset fields read the class defaults.
+        """
+        entry = object.__new__(cls)
+        entry.__dict__.update(fields)
+        return entry
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (Decimals as strings)."""
