@@ -1,7 +1,9 @@
 """Stores: where budget state lives, chosen by URL.
 
-``memory://`` (default) keeps state in this process. Further schemes register
-here as their stores are built.
+``memory://`` (default) keeps state in this process; ``sqlite:///path.db``
+shares it between the processes of one host; ``redis://`` and ``rediss://``
+between hosts. The SQLite and Redis modules are imported only when their
+scheme is used, so ``import budgetary`` never imports redis.
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ def _memory(url: str) -> Store:
     return MemoryStore()
 
 
-SCHEMES: dict[str, Callable[[str], Store]] = {"memory": _memory}
+def _sqlite(url: str) -> Store:
+    from budgetary.core.stores.sqlite import SQLiteStore, sqlite_path
+
+    return SQLiteStore(sqlite_path(url))
+
+
+def _redis(url: str) -> Store:
+    from budgetary.core.stores.redis import RedisStore
+
+    return RedisStore(url)
+
+
+SCHEMES: dict[str, Callable[[str], Store]] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis, "rediss": _redis}
 """URL scheme -> factory. A plain dict, so an extension can add its own scheme."""
 
 

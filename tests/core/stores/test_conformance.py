@@ -1,0 +1,380 @@
+"""SPEC §11: every store passes one conformance suite, driven through the public `Budget` API.
+
+Each test runs against memory, SQLite and Redis (see `open_store` in conftest).
+The scenario tests also replay the same script on a fresh `MemoryStore` and
+require identical decisions, snapshots, reports and ledgers.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from budgetary import Budget, BudgetExceeded, Deny, Limits, Price, SoftLimit, UnknownAgent
+from budgetary.core.stores import MemoryStore, Store
+from tests.conftest import FakeClock
+from tests.core.stores.conftest import Opener
+
+PRICES = {"m": Price(input_mtok="1", output_mtok="4")}
+MODEL = "m"
+
+# Most tests here settle usage without naming a model; prices are not what this suite is about.
+pytestmark = pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")
+
+
+def _usage(inp: int, out: int) -> dict[str, int]:
+    return {"input_tokens": inp, "output_tokens": out}
+
+
+def _ledger(budget: Budget) -> list[dict[str, Any]]:
+    return [e.to_dict() for e in budget.ledger.history()]
+
+
+# -- one long script, compared across stores ----------------------------------------------
+
+
+def _family_script(store: Store, clock: FakeClock) -> dict[str, Any]:
+    """Run under tenant under day, agents with contracts, every kind of operation; return what it observed."""
+    events: list[SoftLimit] = []
+    seen: dict[str, Any] = {"decisions": [], "snapshots": [], "errors": []}
+    day = Budget(Limits(max_total_tokens=20_000, max_cost_usd="0.05", window="1d", warn_at=(0.5, 0.9)), name="day",
+                 store=store, clock=clock, run_id="r", prices=PRICES)  # fmt: skip
+    tenant = Budget(Limits(max_llm_calls=12, max_agents=3, max_tool_calls=2), name="tenant:{acme}", parent=day,
+                    clock=clock, run_id="r")  # fmt: skip
+    run = Budget(Limits(max_total_tokens=6_000, warn_at=(0.5,)), name='run "x"\n{y}', parent=tenant, clock=clock,
+                 run_id="r", on_soft_limit=events.append)  # fmt: skip
+    run.agent("lead", priority=3, max_tokens=2_000)
+    run.agent("helper", priority=1, max_tokens=3_000, min_reserve=500)
+    run.agent("critic", priority=2, max_tokens=600, confidence_threshold=0.8)
+    run.agent("spare")
+    decisions = seen["decisions"]
+    decisions.append(run.begin_agent("lead"))
+    decisions.append(run.check("lead"))
+    # 1,000 + 1,500 held > lead's 2,000: 500 move from helper (lowest priority).
+    with run.llm_call("lead", model=MODEL, prompt_tokens=1_000, max_output_tokens=1_500, location="plan") as call:
+        seen["snapshots"].append(run.snapshot())
+        call.settle(_usage(1_000, 1_300))
+    decisions.append(run.check_tool("lead", "search"))
+    decisions.append(run.check_tool("helper", "fetch"))
+    decisions.append(run.check_tool("helper", "fetch"))  # tenant allows 2 tool calls
+    clock.advance(1)
+    reservation = run.reserve("critic", model=MODEL, prompt_tokens=100, max_output_tokens=100)
+    reservation.release("tool failed")
+    run.set_confidence("critic", 0.9)
+    decisions.append(run.check("critic"))  # confident: denied
+    try:
+        run.reserve("critic", model=MODEL, prompt_tokens=10, max_output_tokens=10)
+    except BudgetExceeded as exc:
+        seen["errors"].append((exc.resource, exc.budget, str(exc)))
+    # Overrun: helper reports more than it held; reallocation cannot come from higher priority agents.
+    with run.llm_call("helper", model=MODEL, prompt_tokens=200, max_output_tokens=100) as call:
+        call.settle(_usage(200, 2_900))
+    seen["snapshots"].append(run.snapshot())
+    seen["report_after_overrun"] = run.report()
+    try:
+        run.reserve("helper", model=MODEL, prompt_tokens=10, max_output_tokens=10)
+    except BudgetExceeded as exc:
+        seen["errors"].append((exc.resource, exc.budget, str(exc)))
+    run.record("lead", _usage(50, 50), model=MODEL, location="after-the-fact")
+    run.skip("critic", "optional review", location="review")
+    moved = run.reallocate("lead", 10_000)
+    seen["moved"] = moved
+    decisions.append(run.begin_agent("helper"))
+    decisions.append(run.begin_agent(None))
+    decisions.append(run.begin_agent("spare"))
+    decisions.append(run.begin_agent("spare"))  # the fourth start passes tenant's max_agents=3
+    with run.llm_call(None, model=MODEL, prompt_tokens=100, max_output_tokens=100):
+        pass  # forgot to settle: charged as an estimate
+    try:
+        run.reserve(None, model=MODEL, prompt_tokens=5_000, max_output_tokens=100)
+    except BudgetExceeded as exc:
+        seen["errors"].append((exc.resource, exc.budget, str(exc)))
+    tenant.top_up(llm_calls=5)
+    day.top_up(total_tokens=1_000, cost_usd="0.01")
+    seen["snapshots"].append(run.snapshot())
+    seen["report"] = run.report()
+    seen["events"] = events
+    seen["ledgers"] = [_ledger(b) for b in (run, tenant, day)]
+    return seen
+
+
+def test_family_script_matches_memory(open_store: Opener, clock: FakeClock) -> None:
+    seen = _family_script(open_store(), clock)
+    expected = _family_script(MemoryStore(), FakeClock())
+    assert seen == expected
+    # ...and the reference itself says what SPEC §4-§7 require.
+    first = seen["snapshots"][0]
+    assert (first.held_tokens, first.parent.held_tokens, first.parent.parent.held_tokens) == (2_500, 2_500, 2_500)
+    assert seen["decisions"][4].resource == "tool_calls" and not seen["decisions"][4].allowed
+    assert seen["decisions"][5].resource == "confidence"
+    assert [e[0] for e in seen["errors"]] == ["confidence", "allocation", "total_tokens"]
+    assert seen["report_after_overrun"]["helper"] == {"allocated": 2_500, "consumed": 3_100, "remaining": -600}
+    assert seen["decisions"][-1].resource == "agents" and seen["decisions"][-1].budget == "tenant:{acme}"
+    transfers = [e for e in seen["ledgers"][0] if e["kind"] == "transfer"]
+    assert transfers[0]["donor"] == "helper" and transfers[0]["amount"] == "500"
+    allocated = sum(r["allocated"] or 0 for r in seen["report"].values())
+    assert allocated == 2_000 + 3_000 + 600  # reallocation conserves the total
+    assert [e.resource for e in seen["events"]] == ["allocation", "total_tokens", "tool_calls", "allocation", "agents"]
+    final = seen["snapshots"][-1]
+    assert final.parent.limits.max_llm_calls == 17 and final.parent.parent.limits.max_total_tokens == 21_000
+    ledger_total = sum(e["usage"]["input_tokens"] + e["usage"]["output_tokens"] for e in seen["ledgers"][2]
+                       if e["kind"] == "llm")  # fmt: skip
+    assert ledger_total == final.parent.parent.total_tokens
+
+
+# -- one behaviour per test ---------------------------------------------------------------
+
+
+def test_reserve_holds_and_settle_replaces_the_hold(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=1_000, max_llm_calls=5), name="b", store=open_store())
+    r = budget.reserve(prompt_tokens=100, max_output_tokens=200)
+    snap = budget.snapshot()
+    assert (snap.held_tokens, snap.held_llm_calls, snap.total_tokens) == (300, 1, 0)
+    r.settle(_usage(100, 150))
+    snap = budget.snapshot()
+    assert (snap.held_tokens, snap.held_llm_calls, snap.total_tokens, snap.llm_calls) == (0, 0, 250, 1)
+
+
+def test_reserve_refuses_what_would_pass_a_limit(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=1_000), name="b", store=open_store())
+    held = budget.reserve(prompt_tokens=400, max_output_tokens=400)
+    message = (
+        "Would exceed the total_tokens limit of 1000 of budget 'b' (total_tokens=800 spent or held, 300 requested)"
+    )
+    with pytest.raises(BudgetExceeded, match=re.escape(message)):
+        budget.reserve(prompt_tokens=100, max_output_tokens=200)
+    held.release()
+    budget.reserve(prompt_tokens=100, max_output_tokens=200)  # room again once released
+
+
+def test_release_frees_the_hold_and_writes_a_release_entry(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=1_000), name="b", store=open_store())
+    budget.reserve(prompt_tokens=10, max_output_tokens=20).release("provider timeout")
+    assert budget.snapshot().held_tokens == 0
+    (entry,) = budget.ledger.history(kind="release")
+    assert (entry.reason, entry.usage.total_tokens if entry.usage else None) == ("provider timeout", 30)
+
+
+def test_record_charges_without_a_reservation(open_store: Opener) -> None:
+    budget = Budget(Limits(max_cost_usd=1), name="b", store=open_store(), prices=PRICES)
+    entry = budget.record(None, _usage(1_000_000, 0), model=MODEL)
+    assert entry.cost_usd == Decimal(1)
+    assert budget.snapshot().exhausted and budget.snapshot().cost_usd == Decimal(1)
+    assert budget.ledger.history(kind="llm") == [entry]
+
+
+def test_begin_agent_takes_exactly_max_agents_slots(open_store: Opener) -> None:
+    budget = Budget(Limits(max_agents=2), name="b", store=open_store())
+    decisions = [budget.begin_agent() for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert budget.snapshot().agents_started == 2
+    assert len(budget.ledger.history(kind="agent_start")) == 2 and len(budget.ledger.history(kind="deny")) == 1
+
+
+def test_denied_call_leaves_allocations_as_they_were(open_store: Opener) -> None:
+    budget = Budget(Limits(), name="b", store=open_store())
+    budget.agent("needy", priority=2, max_tokens=100)
+    budget.agent("donor", priority=1, max_tokens=100, min_reserve=50)
+    with pytest.raises(BudgetExceeded) as info:
+        budget.reserve("needy", prompt_tokens=100, max_output_tokens=51)  # needs 51, donor can spare 50
+    assert info.value.resource == "allocation"
+    assert {k: v["allocated"] for k, v in budget.report().items()} == {"needy": 100, "donor": 100}
+    budget.reserve("needy", prompt_tokens=100, max_output_tokens=50)
+    assert {k: v["allocated"] for k, v in budget.report().items()} == {"needy": 150, "donor": 50}
+    assert budget.reallocate("needy", 10) == 0  # the donor is at its reserve
+
+
+def test_usd_allocations_transfer_exactly(open_store: Opener) -> None:
+    budget = Budget(Limits(), name="b", store=open_store(), prices=PRICES)
+    budget.agent("a", priority=2, max_cost_usd="0.001")
+    budget.agent("b", priority=1, max_cost_usd="0.003", min_reserve="0.001")
+    assert budget.reallocate("a", "0.0015") == Decimal("0.0015")
+    assert budget.report()["a"]["allocated"] == Decimal("0.0025")
+    (transfer,) = budget.ledger.history(kind="transfer")
+    assert transfer.amount == Decimal("0.0015") and transfer.reason == "reallocated 0.0015 USD from 'b'"
+
+
+def test_check_changes_nothing(open_store: Opener) -> None:
+    budget = Budget(Limits(max_llm_calls=1), name="b", store=open_store())
+    budget.agent("a", max_tokens=10)
+    before = (budget.snapshot(), budget.report(), len(budget.ledger))
+    assert budget.check("a").allowed
+    assert (budget.snapshot(), budget.report(), len(budget.ledger)) == before
+
+
+def test_unknown_agent_raises(open_store: Opener) -> None:
+    budget = Budget(Limits(max_llm_calls=1), name="b", store=open_store())
+    with pytest.raises(UnknownAgent):
+        budget.reserve("ghost", prompt_tokens=1, max_output_tokens=1)
+    assert budget.snapshot().held_llm_calls == 0
+
+
+def test_soft_limit_fires_once_per_threshold(open_store: Opener) -> None:
+    events: list[SoftLimit] = []
+    budget = Budget(Limits(max_total_tokens=100, warn_at=(0.5, 0.8)), name="b", store=open_store(),
+                    on_soft_limit=events.append)  # fmt: skip
+    for _ in range(4):
+        budget.record(None, _usage(10, 10))
+    assert [(e.threshold, e.consumed) for e in events] == [(0.5, 60), (0.8, 80)]
+    assert isinstance(budget.check(), SoftLimit)
+    assert len(budget.ledger.history(kind="soft_limit")) == 2
+
+
+def test_snapshot_reports_limits_with_top_ups(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=100, max_cost_usd="0.5"), name="b", store=open_store())
+    budget.top_up(total_tokens=50, cost_usd="0.25")
+    snap = budget.snapshot()
+    assert (snap.limits.max_total_tokens, snap.limits.max_cost_usd) == (150, Decimal("0.75"))
+
+
+def test_ledger_exports_and_filters(open_store: Opener) -> None:
+    budget = Budget(Limits(max_tool_calls=1, warn_at=()), name="b", store=open_store(), run_id="r1")
+    budget.agent("a")
+    budget.check_tool("a", "search")
+    budget.check_tool("a", "search")
+    budget.record("a", _usage(3, 4), run_id="r2")
+    assert [e.kind for e in budget.ledger.history(agent="a")] == ["tool", "deny", "llm"]
+    assert [e.kind for e in budget.ledger.history(run_id="r2")] == ["llm"]
+    assert budget.ledger.to_jsonl().count("\n") == 3
+
+
+def test_windows_reset_counters_at_utc_boundaries(open_store: Opener, clock: FakeClock) -> None:
+    clock.now = 1_800_003_600.0 - 10  # 10 s before an hour boundary
+    budget = Budget(Limits(max_llm_calls=2, window="1h"), name="b", store=open_store(), clock=clock)
+    assert budget.snapshot().window_resets_at == 1_800_003_600.0
+    budget.record(None, _usage(1, 1))
+    budget.record(None, _usage(1, 1))
+    assert not budget.check().allowed
+    clock.advance(10)
+    snap = budget.snapshot()
+    assert (snap.llm_calls, snap.window_resets_at) == (0, 1_800_007_200.0)
+    assert budget.check().allowed
+
+
+def test_window_keeps_holds_across_the_boundary(open_store: Opener, clock: FakeClock) -> None:
+    clock.now = 86_400.0 * 20_000 - 1
+    budget = Budget(Limits(max_total_tokens=100, window="1d"), name="b", store=open_store(), clock=clock)
+    r = budget.reserve(prompt_tokens=10, max_output_tokens=10)
+    clock.advance(2)
+    assert budget.snapshot().held_tokens == 20
+    r.settle(_usage(5, 5))
+    assert budget.snapshot().total_tokens == 10
+
+
+def test_expired_lease_is_released(open_store: Opener, clock: FakeClock) -> None:
+    budget = Budget(Limits(max_llm_calls=1), name="b", store=open_store(), clock=clock, lease_ttl=10)
+    budget.reserve(prompt_tokens=1, max_output_tokens=1)
+    assert not budget.check().allowed
+    clock.advance(10)
+    assert budget.snapshot().held_llm_calls == 0
+    assert budget.check().allowed
+    (entry,) = budget.ledger.history(kind="release")
+    assert entry.reason == "lease expired"
+
+
+def test_renewed_lease_survives_and_expired_one_cannot_renew(open_store: Opener, clock: FakeClock) -> None:
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=open_store(), clock=clock, lease_ttl=10)
+    r = budget.reserve(prompt_tokens=1, max_output_tokens=1)
+    clock.advance(8)
+    assert r.renew()
+    clock.advance(8)
+    assert budget.snapshot().held_llm_calls == 1
+    clock.advance(3)
+    assert budget.snapshot().held_llm_calls == 0
+    assert not r.renew()
+    r.settle(_usage(1, 1))  # a late settle still charges what was used
+    assert budget.snapshot().llm_calls == 1
+
+
+def test_parent_levels_are_charged_and_named_in_refusals(open_store: Opener) -> None:
+    day = Budget(Limits(max_total_tokens=1_000), name="day", store=open_store())
+    tenant = Budget(Limits(max_total_tokens=10_000), name="tenant", parent=day)
+    run = Budget(Limits(), name="run", parent=tenant)
+    run.record(None, _usage(400, 400))
+    assert (run.snapshot().total_tokens, tenant.snapshot().total_tokens, day.snapshot().total_tokens) == (800,) * 3
+    with pytest.raises(BudgetExceeded) as info:
+        run.reserve(prompt_tokens=100, max_output_tokens=200)
+    assert (info.value.budget, info.value.resource) == ("day", "total_tokens")
+    sibling = Budget(Limits(), name="run", parent=Budget(Limits(), name="other", parent=day))
+    assert sibling.snapshot().total_tokens == 0 and sibling.snapshot().parent.parent.total_tokens == 800
+
+
+HOSTILE = ['a"b', "a'b", "{a}", "a}{", "a:b", "a\nb", '["a"]', "a\\", "a|b", "ünï", "", " ", "n", "a:"]
+
+
+@pytest.mark.parametrize("name", [n for n in HOSTILE if n])
+def test_hostile_budget_names_reach_only_their_own_keys(open_store: Opener, name: str) -> None:
+    store = open_store()
+    plain = Budget(Limits(max_total_tokens=100), name="a", store=store)
+    hostile = Budget(Limits(max_total_tokens=100), name=name, store=store)
+    child = Budget(Limits(max_total_tokens=100), name="b", parent=plain)
+    hostile.record(None, _usage(30, 30))
+    assert (plain.snapshot().total_tokens, child.snapshot().total_tokens) == (0, 0)
+    assert hostile.snapshot().total_tokens == 60
+    assert [e.budget for e in hostile.ledger.history()] == [name]
+    assert plain.ledger.history() == []
+
+
+def test_hostile_agent_names_are_data(open_store: Opener) -> None:
+    budget = Budget(Limits(), name="b", store=open_store())
+    for i, name in enumerate(HOSTILE):
+        budget.agent(name, priority=1 + i % 3, max_tokens=100 + i)
+    budget.agent(None, max_tokens=7)
+    for name in HOSTILE:
+        budget.record(name, _usage(1, 2))
+    report = budget.report()
+    assert set(report) == set(HOSTILE)
+    assert all(report[n]["consumed"] == 3 for n in HOSTILE)
+    assert budget.reallocate("a|b", 50) == 50
+    assert sum(v["allocated"] for v in budget.report().values()) == sum(100 + i for i in range(len(HOSTILE)))
+
+
+def test_concurrent_threads_never_overshoot(open_store: Opener) -> None:
+    store = open_store()
+    budget = Budget(Limits(max_llm_calls=25, max_total_tokens=10_000), name="b", store=store)
+    granted: list[int] = []
+
+    def worker() -> None:
+        for _ in range(10):
+            try:
+                budget.reserve(prompt_tokens=10, max_output_tokens=10).settle(_usage(10, 10))
+                granted.append(1)
+            except BudgetExceeded:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 25 and budget.snapshot().llm_calls == 25
+
+
+def test_state_persists_across_reopen(open_shared_store: Opener) -> None:
+    first = Budget(Limits(max_total_tokens=1_000), name="b", store=open_shared_store())
+    first.agent("a", max_tokens=500)
+    first.record("a", _usage(100, 100))
+    first.top_up(total_tokens=10)
+    first.store.close()
+    again = Budget(Limits(max_total_tokens=1_000), name="b", store=open_shared_store())
+    assert again.snapshot().total_tokens == 200
+    assert again.snapshot().limits.max_total_tokens == 1_010
+    assert again.report() == {"a": {"allocated": 500, "consumed": 200, "remaining": 300}}
+    assert [e.kind for e in again.ledger.history()] == ["llm"]
+    assert again.has_agent("a")
+
+
+def test_refusal_text_is_the_same_in_every_store(open_store: Opener) -> None:
+    budget = Budget(Limits(max_cost_usd="0.000001"), name="b", store=open_store(), prices=PRICES)
+    budget.agent("x", max_tokens=10)
+    budget.record("x", _usage(1, 0), model=MODEL)
+    with pytest.raises(BudgetExceeded) as info:
+        budget.reserve("x", model=MODEL, prompt_tokens=1, max_output_tokens=1)
+    decision = Deny(resource="cost_usd", reason=str(info.value))
+    assert decision.reason == (
+        "Exhausted the cost_usd limit of 0.000001 of budget 'b' (cost_usd=0.000001) for agent 'x'"
+    )

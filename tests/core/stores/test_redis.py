@@ -1,0 +1,141 @@
+"""Redis specifics: error mapping, key layout (one Cluster slot per family), URLs, the bounded ledger."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import pytest
+
+redis = pytest.importorskip("redis")
+from redis import exceptions as redis_exceptions  # noqa: E402
+from redis.crc import key_slot  # noqa: E402
+
+from budgetary import Budget, ConfigurationError, Limits, StoreError  # noqa: E402
+from budgetary.core.stores import store_from_url  # noqa: E402
+from budgetary.core.stores.redis import RedisStore, backend_errors  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")
+
+# Raised for programming mistakes in redis-py itself (pipelines, fork misuse, policies), never by a command.
+NOT_COMMAND_ERRORS = {"ChildDeadlockedError", "CrossSlotTransactionError", "IncorrectPolicyType",
+                      "InvalidPipelineStack"}  # fmt: skip
+
+
+def _exception(cls: type[BaseException]) -> BaseException:
+    try:
+        return cls("boom")
+    except (TypeError, ValueError):
+        return cls("1 127.0.0.1:7000")  # MovedError, AskError: "<slot> <host:port>"
+
+
+def test_every_redis_exception_is_a_store_error() -> None:
+    classes = [c for _, c in inspect.getmembers(redis_exceptions, inspect.isclass) if issubclass(c, Exception)]
+    assert len(classes) > 20
+    for cls in classes:
+        if cls.__name__ in NOT_COMMAND_ERRORS:
+            continue
+        assert issubclass(cls, backend_errors()), cls
+
+
+FAILURES = ["ConnectionError", "TimeoutError", "ResponseError", "NoScriptError", "BusyLoadingError", "ReadOnlyError",
+            "OutOfMemoryError", "MovedError", "ClusterDownError"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FAILURES)
+def test_failing_commands_raise_store_error(name: str) -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", key_prefix="t:")
+    error = _exception(getattr(redis_exceptions, name))
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    store._script = fail  # type: ignore[assignment]
+    store._client.hget = fail  # type: ignore[method-assign]
+    store._client.lrange = fail  # type: ignore[method-assign]
+    with pytest.raises(
+        StoreError, match=re.escape(f"Redis store redis://127.0.0.1:1/0 failed (ensure_budget): {name}")
+    ):
+        Budget(Limits(), name="b", store=store)
+    with pytest.raises(StoreError) as info:
+        store.entries('["b"]')
+    assert info.value.__cause__ is error
+    with pytest.raises(StoreError):
+        store.has_agent('["b"]', "a")
+
+
+def test_unreachable_server_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="ConnectionError"):
+        Budget(Limits(), name="b", store="redis://127.0.0.1:1/0")
+
+
+def test_passwords_are_not_shown() -> None:
+    store = RedisStore("redis://user:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in store.url and "s3cret" not in repr(store)
+
+
+@pytest.mark.parametrize("prefix", ["a{b", "a}b"])
+def test_key_prefix_must_not_move_the_hash_tag(prefix: str) -> None:
+    with pytest.raises(ConfigurationError, match="without braces"):
+        RedisStore("redis://127.0.0.1:1/0", key_prefix=prefix)
+
+
+def test_store_from_url_knows_redis_and_sqlite(tmp_path: Any) -> None:
+    assert isinstance(store_from_url("redis://127.0.0.1:1/0"), RedisStore)
+    assert isinstance(store_from_url("rediss://127.0.0.1:1/0"), RedisStore)
+    with pytest.raises(ConfigurationError, match="in-memory database cannot be shared"):
+        store_from_url("sqlite:///:memory:")
+    store = store_from_url(f"sqlite:///{tmp_path}/b.db")
+    assert store.url == f"sqlite:///{tmp_path}/b.db"
+    store.close()
+
+
+@pytest.mark.redis
+def test_family_keys_share_one_slot_and_hostile_names_stay_data(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    names = ["day", 'day"}{', "day\n:ledger", "{day}"]
+    for name in names:
+        root = Budget(Limits(max_llm_calls=5), name=name, store=store)
+        child = Budget(Limits(), name="run:{x}", parent=root)
+        child.record(None, {"input_tokens": 1, "output_tokens": 1})
+        child.reserve(prompt_tokens=1, max_output_tokens=1)
+    client = redis.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in client.scan_iter(match=key_prefix + "*"))
+    client.close()
+    families: dict[str, set[int]] = {}
+    for key in keys:
+        tag = re.fullmatch(re.escape(key_prefix) + r"\{([0-9a-f]{24})\}:(levels|holds|holdz|ledger|seq)", key)
+        assert tag is not None, key
+        families.setdefault(tag.group(1), set()).add(key_slot(key.encode()))
+    assert len(families) == len(names)
+    assert all(len(slots) == 1 for slots in families.values())
+    for name in names:
+        assert Budget(Limits(max_llm_calls=5), name=name, store=store).snapshot().llm_calls == 1
+    store.close()
+
+
+@pytest.mark.redis
+def test_ledger_is_bounded(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix, ledger_max_len=5)
+    budget = Budget(Limits(), name="b", store=store)
+    for i in range(12):
+        budget.record(None, {"input_tokens": i, "output_tokens": 0})
+    history = budget.ledger.history()
+    assert [e.usage.input_tokens for e in history if e.usage] == [7, 8, 9, 10, 11]
+    assert [e.id for e in history] == [8, 9, 10, 11, 12]
+    assert budget.snapshot().input_tokens == sum(range(12))  # counters are never trimmed
+    store.close()
+
+
+@pytest.mark.redis
+def test_a_client_can_be_passed_in_and_is_not_closed(redis_url: str, key_prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with RedisStore(client, key_prefix=key_prefix) as store:
+        Budget(Limits(max_llm_calls=1), name="b", store=store).record(None, {"input_tokens": 1, "output_tokens": 1})
+    assert client.ping()
+    assert (
+        Budget(Limits(max_llm_calls=1), name="b", store=RedisStore(client, key_prefix=key_prefix)).snapshot().llm_calls
+        == 1
+    )
+    client.close()
