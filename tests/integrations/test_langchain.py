@@ -1,0 +1,425 @@
+"""The LangChain adapter against real runnables, with a fake model only at the provider edge."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.caches import InMemoryCache
+from langchain_core.callbacks import UsageMetadataCallbackHandler
+from langchain_core.globals import set_llm_cache
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnableParallel
+from langchain_core.tools import tool
+
+from budgetary import Budget, BudgetExceeded, Limits, SoftLimit
+from budgetary.integrations.langchain import (
+    SOFT_LIMIT_EVENT,
+    BudgetCallbackHandler,
+    agent_from_metadata,
+    budget_scope,
+)
+from tests.fakes import FakeChatModel
+
+USAGE = {
+    "input_tokens": 120,
+    "output_tokens": 30,
+    "total_tokens": 150,
+    "input_token_details": {"cache_read": 100},
+    "output_token_details": {"reasoning": 12},
+}
+
+
+def make_model(**kwargs: Any) -> FakeChatModel:
+    kwargs.setdefault("usage", dict(USAGE))
+    kwargs.setdefault("model_name", "gpt-4o-mini")
+    return FakeChatModel(**kwargs)
+
+
+def make_chain(model: FakeChatModel):
+    return ChatPromptTemplate.from_messages([("user", "{question}")]) | model | StrOutputParser()
+
+
+def provider_calls(model: FakeChatModel) -> int:
+    return model.calls.count
+
+
+# -- the cap of 3 LLM calls, for every way of running a chain ----------------------------------
+
+
+def _run_sync_invoke(chain, handler):
+    return chain.invoke({"question": "q"}, config={"callbacks": [handler]})
+
+
+def _run_with_config(chain, handler):
+    return chain.with_config(callbacks=[handler]).invoke({"question": "q"})
+
+
+def _run_stream(chain, handler):
+    return "".join(chain.stream({"question": "q"}, config={"callbacks": [handler]}))
+
+
+def _run_ainvoke(chain, handler):
+    return asyncio.run(chain.ainvoke({"question": "q"}, config={"callbacks": [handler]}))
+
+
+def _run_astream(chain, handler):
+    async def go():
+        return "".join([c async for c in chain.astream({"question": "q"}, config={"callbacks": [handler]})])
+
+    return asyncio.run(go())
+
+
+def _run_astream_events(chain, handler):
+    async def go():
+        return [e async for e in chain.astream_events({"question": "q"}, config={"callbacks": [handler]})]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "run",
+    [_run_sync_invoke, _run_with_config, _run_stream, _run_ainvoke, _run_astream, _run_astream_events],
+    ids=["invoke", "with_config", "stream", "ainvoke", "astream", "astream_events"],
+)
+def test_a_cap_of_three_calls_lets_exactly_three_reach_the_provider(run):
+    model = make_model()
+    budget = Budget(Limits(max_llm_calls=3))
+    handler = BudgetCallbackHandler(budget)
+    chain = make_chain(model)
+    for _ in range(3):
+        run(chain, handler)
+    with pytest.raises(BudgetExceeded) as info:
+        run(chain, handler)
+    assert info.value.resource == "llm_calls"
+    assert provider_calls(model) == 3
+    snap = budget.snapshot()
+    assert snap.llm_calls == 3 and snap.held_llm_calls == 0
+    assert snap.input_tokens == 3 * 120 and snap.output_tokens == 3 * 30
+
+
+def test_batch_and_abatch_stop_at_the_cap():
+    model = make_model()
+    budget = Budget(Limits(max_llm_calls=3))
+    chain = make_chain(model)
+    with pytest.raises(BudgetExceeded):
+        chain.batch([{"question": str(i)} for i in range(5)], config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert provider_calls(model) == 3 == budget.snapshot().llm_calls
+
+    model2 = make_model()
+    budget2 = Budget(Limits(max_llm_calls=3))
+    results = asyncio.run(
+        make_chain(model2).abatch(
+            [{"question": str(i)} for i in range(5)],
+            config={"callbacks": [BudgetCallbackHandler(budget2)]},
+            return_exceptions=True,
+        )
+    )
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 2
+    assert provider_calls(model2) == 3 == budget2.snapshot().llm_calls
+
+
+def test_ten_parallel_calls_against_a_cap_of_three_reach_the_provider_three_times():
+    model = make_model(delay=0.05)
+    budget = Budget(Limits(max_llm_calls=3))
+    handler = BudgetCallbackHandler(budget)
+    branches = RunnableParallel({f"b{i}": make_chain(model) for i in range(10)})
+    with pytest.raises(BudgetExceeded):
+        branches.invoke({"question": "q"}, config={"callbacks": [handler], "max_concurrency": 10})
+    assert provider_calls(model) == 3
+
+    async_model = make_model(delay=0.05)
+    async_budget = Budget(Limits(max_llm_calls=3))
+
+    async def go():
+        chain = make_chain(async_model)
+        handler = BudgetCallbackHandler(async_budget)
+        return await asyncio.gather(
+            *(chain.ainvoke({"question": str(i)}, config={"callbacks": [handler]}) for i in range(10)),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(go())
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 7
+    assert provider_calls(async_model) == 3
+    assert async_budget.snapshot().held_llm_calls == 0
+
+
+# -- what is charged ---------------------------------------------------------------------------
+
+
+def test_recorded_tokens_equal_the_reported_tokens_with_cache_and_reasoning():
+    model = make_model(billed_model_name="gpt-4o-mini-2024-07-18")
+    budget = Budget()
+    make_chain(model).invoke({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(budget)]})
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.usage is not None
+    assert (entry.usage.input_tokens, entry.usage.output_tokens) == (120, 30)
+    assert (entry.usage.cache_read_tokens, entry.usage.reasoning_tokens) == (100, 12)
+    assert entry.model == "gpt-4o-mini-2024-07-18" and not entry.estimated
+    # gpt-4o-mini: $0.15/M input, $0.075/M cached input, $0.60/M output
+    expected = (Decimal(20) * Decimal("0.15") + Decimal(100) * Decimal("0.075") + Decimal(30) * Decimal("0.6")) / 10**6
+    assert entry.cost_usd == expected
+
+
+def test_streaming_without_a_usage_chunk_charges_the_estimate_flagged():
+    model = make_model(stream_usage=False, max_tokens=64)
+    budget = Budget()
+    "".join(make_chain(model).stream({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(budget)]}))
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.estimated
+    assert entry.usage is not None and entry.usage.output_tokens == 64  # the reserve for max_tokens
+
+
+def test_the_call_max_tokens_is_what_is_held():
+    model = make_model(delay=0.2)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    held = []
+
+    def watch():
+        while not held:
+            if budget.snapshot().held_tokens:
+                held.append(budget.snapshot().held_tokens)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    model.bind(max_tokens=77).invoke("hello", config={"callbacks": [BudgetCallbackHandler(budget)]})
+    watcher.join(timeout=5)
+    prompt_bound = held[0] - 77
+    assert 0 < prompt_bound < 50  # "hello" plus framing, bounded by its bytes
+
+
+def test_llm_cache_hits_are_not_charged_as_provider_spend():
+    model = make_model()
+    budget = Budget()
+    handler = BudgetCallbackHandler(budget)
+    set_llm_cache(InMemoryCache())
+    try:
+        model.invoke("same prompt", config={"callbacks": [handler]})
+        model.invoke("same prompt", config={"callbacks": [handler]})
+    finally:
+        set_llm_cache(None)
+    assert provider_calls(model) == 1
+    assert budget.snapshot().llm_calls == 1 and budget.snapshot().total_tokens == 150
+    assert budget.snapshot().held_tokens == 0
+
+
+def test_a_failed_call_releases_its_hold():
+    model = make_model(error=ConnectionError("provider down"))
+    budget = Budget(Limits(max_total_tokens=10_000))
+    with pytest.raises(ConnectionError):
+        model.invoke("x", config={"callbacks": [BudgetCallbackHandler(budget)]})
+    snap = budget.snapshot()
+    assert snap.held_tokens == 0 and snap.total_tokens == 0 and snap.llm_calls == 0
+    assert budget.ledger.history(kind="release")
+
+
+def test_the_same_budget_attached_twice_charges_each_call_once():
+    model = make_model()
+    budget = Budget()
+    with budget_scope(budget):
+        make_chain(model).invoke({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert budget.snapshot().llm_calls == 1 and budget.snapshot().total_tokens == 150
+
+
+def test_budget_scope_governs_runs_without_config_and_sync_and_async():
+    model = make_model()
+    budget = Budget(Limits(max_llm_calls=2))
+    chain = make_chain(model)
+    with budget_scope(budget):
+        chain.invoke({"question": "q"})
+        asyncio.run(chain.ainvoke({"question": "q"}))
+        with pytest.raises(BudgetExceeded):
+            chain.invoke({"question": "q"})
+    chain.invoke({"question": "outside"})  # not governed outside the block
+    assert provider_calls(model) == 3 and budget.snapshot().llm_calls == 2
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+
+def test_a_denied_tool_body_never_runs():
+    ran = []
+
+    @tool
+    def search(query: str) -> str:
+        """Search the web."""
+        ran.append(query)
+        return "results"
+
+    budget = Budget(Limits(max_tool_calls=1))
+    handler = BudgetCallbackHandler(budget, agent="researcher")
+    assert search.invoke("otters", config={"callbacks": [handler]}) == "results"
+    with pytest.raises(BudgetExceeded) as info:
+        search.invoke("beavers", config={"callbacks": [handler]})
+    assert info.value.resource == "tool_calls" and info.value.agent == "researcher"
+    assert ran == ["otters"]
+    assert [e.location for e in budget.ledger.history(kind="tool")] == ["search"]
+
+
+# -- attribution -------------------------------------------------------------------------------
+
+
+def test_attribution_order():
+    assert agent_from_metadata({"agent": "a", "langgraph_node": "n"}) == "a"
+    assert agent_from_metadata({"langgraph_checkpoint_ns": "researcher:1|agent:2", "langgraph_node": "agent"}) == (
+        "researcher"
+    )
+    assert agent_from_metadata({"langgraph_node": "writer"}) == "writer"
+    assert agent_from_metadata({}) is None
+
+
+def test_metadata_names_the_agent_and_the_handler_agent_wins():
+    model = make_model()
+    budget = Budget()
+    chain = make_chain(model).with_config(metadata={"agent": "critic"})
+    chain.invoke({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(budget)]})
+    chain.invoke({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(budget, agent="pinned")]})
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["critic", "pinned"]
+    assert budget.report()["critic"]["consumed"] == 150
+
+
+def test_nested_runnable_calls_are_charged():
+    model = make_model()
+    budget = Budget()
+
+    def step(x: dict) -> str:
+        return model.invoke(x["question"]).content  # no config passed: the context carries the callbacks
+
+    RunnableLambda(step).invoke({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert budget.snapshot().llm_calls == 1
+
+
+# -- soft limits -------------------------------------------------------------------------------
+
+
+def test_soft_limits_reach_the_user_as_callback_and_custom_event():
+    model = make_model(max_tokens=40)
+    budget = Budget(Limits(max_total_tokens=1_000, warn_at=(0.25,)))
+    seen: list[SoftLimit] = []
+    handler = BudgetCallbackHandler(budget, on_soft_limit=seen.append)
+    chain = make_chain(model)
+
+    async def go():
+        events = []
+        for _ in range(2):
+            async for event in chain.astream_events({"question": "q"}, config={"callbacks": [handler]}):
+                if event["event"] == "on_custom_event":
+                    events.append(event)
+        return events
+
+    custom = asyncio.run(go())
+    assert [e.threshold for e in seen] == [0.25]
+    assert [e["name"] for e in custom] == [SOFT_LIMIT_EVENT]
+    assert custom[0]["data"]["resource"] == "total_tokens"
+
+
+def test_handler_is_shared_not_copied():
+    import copy
+
+    handler = BudgetCallbackHandler(Budget())
+    assert copy.copy(handler) is handler and copy.deepcopy(handler) is handler
+    assert handler.raise_error and handler.run_inline
+
+
+def test_usage_metadata_handler_comparison_records_the_same_tokens():
+    model = make_model()
+    budget = Budget()
+    usage_handler = UsageMetadataCallbackHandler()
+    make_chain(model).invoke({"question": "q"}, config={"callbacks": [usage_handler, BudgetCallbackHandler(budget)]})
+    (reported,) = usage_handler.usage_metadata.values()
+    assert reported["input_tokens"] == budget.snapshot().input_tokens
+    assert reported["output_tokens"] == budget.snapshot().output_tokens
+
+
+def test_a_message_response_model_name_is_priced():
+    model = make_model(responses=[AIMessage("fine")])
+    budget = Budget(Limits(max_cost_usd="1"))
+    model.invoke("x", config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert budget.snapshot().cost_usd > 0
+
+
+# -- BudgetMiddleware for create_agent ---------------------------------------------------------
+
+
+def _agent_parts():
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return f"{term}: a semi-aquatic mammal"
+
+    responses = [
+        AIMessage("", tool_calls=[{"name": "lookup", "args": {"term": "otter"}, "id": "call-1"}]),
+        AIMessage("Otters are semi-aquatic mammals."),
+    ]
+    return create_agent, lookup, make_model(responses=responses)
+
+
+def test_middleware_end_finishes_the_agent_with_a_clear_message():
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget(Limits(max_llm_calls=1))
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="end")])
+    result = agent.invoke({"messages": [("user", "what is an otter?")]})
+    last = result["messages"][-1]
+    assert isinstance(last, AIMessage) and "budget refused" in last.content and "llm_calls" in last.content
+    assert provider_calls(model) == 1
+    assert budget.snapshot().llm_calls == 1 and budget.snapshot().total_tokens == 150
+
+
+def test_middleware_error_raises_budget_exceeded():
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget(Limits(max_llm_calls=1))
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="error")])
+    with pytest.raises(BudgetExceeded) as info:
+        agent.invoke({"messages": [("user", "what is an otter?")]})
+    assert info.value.resource == "llm_calls"
+    assert provider_calls(model) == 1
+
+
+def test_middleware_interrupt_hands_control_back_then_resumes_after_a_top_up():
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget(Limits(max_llm_calls=1))
+    agent = create_agent(
+        model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="interrupt")],
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "t1"}}
+    paused = agent.invoke({"messages": [("user", "what is an otter?")]}, config)
+    (pending,) = paused["__interrupt__"]
+    assert pending.value["resource"] == "llm_calls" and pending.value["limit"] == 1
+    assert provider_calls(model) == 1
+    done = agent.invoke(Command(resume={"llm_calls": 1}), config)
+    assert done["messages"][-1].content == "Otters are semi-aquatic mammals."
+    assert provider_calls(model) == 2
+    assert budget.snapshot().limits.max_llm_calls == 2  # the top-up was applied once
+
+
+def test_middleware_and_handler_together_charge_once():
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget()
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget)])
+    agent.invoke({"messages": [("user", "q")]}, config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert provider_calls(model) == 2 == budget.snapshot().llm_calls
+    assert budget.snapshot().tool_calls == 1  # tools are counted by the handler
