@@ -1,0 +1,176 @@
+"""SPEC §1: `Usage` and the provider normalisers."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from budgetary import Usage, UsageError
+
+MAX = 2**63 - 1
+
+
+def test_langchain_usage_metadata():
+    u = Usage.from_provider(
+        {
+            "input_tokens": 120,
+            "output_tokens": 30,
+            "total_tokens": 150,
+            "input_token_details": {"cache_read": 100, "cache_creation": 10},
+            "output_token_details": {"reasoning": 12},
+        }
+    )
+    assert (u.input_tokens, u.output_tokens, u.total_tokens) == (120, 30, 150)
+    assert (u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens) == (100, 10, 12)
+
+
+def test_openai_chat_and_responses_usage():
+    chat = Usage.from_provider(
+        {
+            "prompt_tokens": 11,
+            "completion_tokens": 7,
+            "total_tokens": 18,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 3},
+        }
+    )
+    assert (chat.input_tokens, chat.output_tokens, chat.cache_read_tokens, chat.reasoning_tokens) == (11, 7, 4, 3)
+    responses = Usage.from_openai(
+        {
+            "input_tokens": 50,
+            "output_tokens": 20,
+            "total_tokens": 70,
+            "input_tokens_details": {"cached_tokens": 30},
+            "output_tokens_details": {"reasoning_tokens": 5},
+        }
+    )
+    assert (responses.input_tokens, responses.cache_read_tokens, responses.reasoning_tokens) == (50, 30, 5)
+    detected = Usage.from_provider(
+        {"input_tokens": 50, "output_tokens": 20, "input_tokens_details": {"cached_tokens": 30}}
+    )
+    assert (detected.input_tokens, detected.cache_read_tokens) == (
+        50,
+        30,
+    )  # detected as OpenAI responses, not Anthropic
+
+
+def test_anthropic_cache_tokens_are_folded_into_input():
+    u = Usage.from_provider(
+        {"input_tokens": 20, "output_tokens": 9, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 30}
+    )
+    assert u.input_tokens == 150  # Anthropic reports cache tokens beside input_tokens
+    assert (u.cache_read_tokens, u.cache_write_tokens, u.total_tokens) == (100, 30, 159)
+    assert Usage.from_anthropic({"input_tokens": 3, "output_tokens": 4}).total_tokens == 7
+
+
+def test_gemini_thinking_tokens_are_output_and_camel_case_works():
+    snake = Usage.from_provider(
+        {
+            "prompt_token_count": 100,
+            "candidates_token_count": 40,
+            "thoughts_token_count": 25,
+            "cached_content_token_count": 60,
+            "total_token_count": 165,
+        }
+    )
+    assert (snake.input_tokens, snake.output_tokens, snake.reasoning_tokens, snake.cache_read_tokens) == (
+        100,
+        65,
+        25,
+        60,
+    )
+    camel = Usage.from_gemini({"promptTokenCount": 100, "candidatesTokenCount": 40, "thoughtsTokenCount": 25,
+                               "cachedContentTokenCount": 60, "toolUsePromptTokenCount": 5})  # fmt: skip
+    assert camel.input_tokens == 105 and camel.output_tokens == 65
+
+
+def test_litellm_objects_and_crewai_metrics():
+    class LiteLLMUsage:
+        def model_dump(self):
+            return {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                    "prompt_tokens_details": {"cached_tokens": 6}}  # fmt: skip
+
+    assert Usage.from_provider(LiteLLMUsage()).cache_read_tokens == 6
+    crew = Usage.from_provider({"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050,
+                                "cached_prompt_tokens": 600, "reasoning_tokens": 7, "successful_requests": 1})  # fmt: skip
+    assert (crew.input_tokens, crew.cache_read_tokens, crew.reasoning_tokens) == (1000, 600, 7)
+
+
+def test_an_ai_message_is_read_through_its_usage_metadata():
+    class Message:
+        usage_metadata = {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
+
+    assert Usage.from_provider(Message()).total_tokens == 5
+
+
+def test_reported_cost_is_kept():
+    assert Usage.from_openai({"prompt_tokens": 1, "completion_tokens": 1, "cost": "0.0021"}).cost_usd == Decimal(
+        "0.0021"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"prompt_tokens": -1, "completion_tokens": 2}, "prompt_tokens"),
+        ({"prompt_tokens": float("nan"), "completion_tokens": 2}, "prompt_tokens"),
+        ({"prompt_tokens": True, "completion_tokens": 2}, "prompt_tokens"),
+        ({"prompt_tokens": "12.5", "completion_tokens": 2}, "prompt_tokens"),
+        ({"prompt_tokens": "abc", "completion_tokens": 2}, "prompt_tokens"),
+        ({"prompt_tokens": 3}, "completion_tokens"),
+        ({"input_tokens": 3, "output_tokens": None, "total_tokens": 3}, "output_tokens"),
+    ],
+)
+def test_bad_values_raise_a_value_error_naming_the_field(data, field):
+    with pytest.raises(UsageError, match=field) as info:
+        Usage.from_provider(data)
+    assert isinstance(info.value, ValueError)
+
+
+def test_integer_strings_and_integral_floats_are_accepted():
+    assert Usage(input_tokens="12", output_tokens=3.0).total_tokens == 15  # type: ignore[arg-type]
+
+
+def test_total_is_always_input_plus_output():
+    assert Usage(input_tokens=2, output_tokens=3, total_tokens=5).total_tokens == 5
+    with pytest.raises(UsageError, match="total_tokens"):
+        Usage(input_tokens=2, output_tokens=3, total_tokens=9)
+
+
+def test_parts_cannot_exceed_their_whole():
+    with pytest.raises(UsageError, match="cache_read_tokens"):
+        Usage(input_tokens=5, cache_read_tokens=6)
+    with pytest.raises(UsageError, match="reasoning_tokens"):
+        Usage(output_tokens=5, reasoning_tokens=6)
+
+
+def test_huge_values_saturate():
+    u = Usage(input_tokens=2**80, output_tokens=2**80)
+    assert u.input_tokens == MAX and u.total_tokens == MAX
+    assert (u + u).input_tokens == MAX
+
+
+@given(
+    st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)),
+    st.tuples(st.integers(0, 10**12), st.integers(0, 10**12)),
+)
+def test_addition_sums_every_field(a, b):
+    x, y = Usage(input_tokens=a[0], output_tokens=a[1]), Usage(input_tokens=b[0], output_tokens=b[1])
+    z = x + y
+    assert z.input_tokens == a[0] + b[0] and z.total_tokens == sum(a) + sum(b)
+
+
+def test_cost_addition_is_unknown_if_either_side_is():
+    known = Usage(input_tokens=1, cost_usd="0.1")
+    assert (known + known).cost_usd == Decimal("0.2")  # exact: not 0.2000000000000000111
+    assert (known + Usage(input_tokens=1)).cost_usd is None
+
+
+@pytest.mark.parametrize("bad", [-1, "x", float("inf"), math.nan, True])
+def test_bad_costs_are_refused(bad):
+    with pytest.raises(UsageError, match="cost_usd"):
+        Usage(cost_usd=bad)
