@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["CallLog", "FakeChatModel", "FakeCrewLLM"]
+__all__ = ["CallLog", "FakeChatModel", "FakeCrewLLM"]  # noqa: F822 - FakeCrewLLM is built on first access
 
 
 class CallLog:

@@ -95,14 +95,16 @@ def test_litellm_objects_and_crewai_metrics():
                     "prompt_tokens_details": {"cached_tokens": 6}}  # fmt: skip
 
     assert Usage.from_provider(LiteLLMUsage()).cache_read_tokens == 6
-    crew = Usage.from_provider({"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050,
-                                "cached_prompt_tokens": 600, "reasoning_tokens": 7, "successful_requests": 1})  # fmt: skip
+    crew = Usage.from_provider(
+        {"prompt_tokens": 1000, "completion_tokens": 50, "cached_prompt_tokens": 600, "reasoning_tokens": 7}
+    )
     assert (crew.input_tokens, crew.cache_read_tokens, crew.reasoning_tokens) == (1000, 600, 7)
 
 
 def test_an_ai_message_is_read_through_its_usage_metadata():
     class Message:
-        usage_metadata = {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
+        def __init__(self) -> None:
+            self.usage_metadata = {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
 
     assert Usage.from_provider(Message()).total_tokens == 5
 
