@@ -1,0 +1,458 @@
+"""LangGraph: govern an existing graph node by node, without touching its node functions.
+
+``govern_graph(graph, budget)`` returns a governed compiled copy of a
+``StateGraph`` or compiled graph. Each node execution passes the budget's spend
+limits, its agent's allocation, the confidence gate and the spawn gate
+(``max_agents`` counts node executions) before it runs, and its LLM and tool
+calls are charged to its agent by a `BudgetCallbackHandler` installed for that
+node. A refusal, at entry or at any call inside the node, follows the node's
+policy:
+
+- ``deny``: raise `BudgetExceeded` (a ``RuntimeError``: the default
+  ``RetryPolicy`` does not retry it). With a checkpointer, raise the budget and
+  ``graph.invoke(None, config)`` re-runs only the denied node.
+- ``interrupt``: pause with ``interrupt()``; resume with
+  ``Command(resume={"total_tokens": 5000})`` (`Budget.top_up` keywords, applied
+  once however often the node re-runs) or ``Command(resume={})``.
+- ``skip``: the node does not run; a `Skipped` marker goes to the ledger and to a
+  ``budget_skipped`` state key if the schema has one (a list with an adding
+  reducer). A skipped tool node answers its pending tool calls with error tool
+  messages. A node skipped twice in one run ends the run instead of looping.
+- ``end``: stop the run without raising and return the state reached so far.
+
+A resumed node re-runs from its start and repeats the LLM calls it made before
+the refusal: keep one LLM call per node where that matters. Error handlers that
+catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
+``error_handler``) also catch `BudgetExceeded`: a denied tool then becomes an
+error message to the model and the run goes on. Re-raise it there if it must stop the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import inspect
+import threading
+import typing
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar, cast
+
+try:
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.runnables import Runnable, RunnableLambda
+    from langchain_core.runnables.config import merge_configs, set_config_context
+    from langgraph.config import get_config
+    from langgraph.graph.state import StateGraph
+    from langgraph.types import interrupt
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError('budgetary.integrations.langgraph needs langgraph: pip install "budgetary[langgraph]"') from exc
+
+from budgetary.core.budget import POLICIES, Budget
+from budgetary.core.errors import BudgetExceeded, ConfigurationError
+from budgetary.core.guard import Decision
+from budgetary.core.skip import Skipped
+from budgetary.integrations._common import apply_top_up_once
+from budgetary.integrations.langchain import BudgetCallbackHandler
+
+__all__ = ["SKIPPED_KEY", "budget_node", "govern_graph"]
+
+SKIPPED_KEY = "budget_skipped"
+"""State key that receives `Skipped` markers when the graph's schema has it."""
+
+_AGENT_MODEL_NODES = frozenset({"model", "agent"})
+"""The LLM nodes of LangChain's ``create_agent`` and LangGraph's ``create_react_agent``."""
+
+NODE_RANK = 2
+"""A node's handler outranks a user's own handler of the same budget: the node's agent is charged."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _EndRun(BudgetExceeded):
+    """Raised by a node under the ``end`` policy; the governed graph turns it into a normal return."""
+
+    state: Any = None
+    """The state the ending node received: the state reached so far."""
+    marker: Skipped | None = None
+
+
+@dataclass
+class _RunState:
+    skipped: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    latest: Any = None
+    """The latest full state ``invoke`` saw (its ``values`` stream), returned when the run ends."""
+
+    def observe(self, chunk: Any) -> None:
+        if isinstance(chunk, tuple) and len(chunk) == 2 and chunk[0] == "values":
+            self.latest = chunk[1]
+        elif isinstance(chunk, dict) and chunk.get("type") == "values":
+            self.latest = chunk.get("data")
+
+
+_run_state: ContextVar[_RunState | None] = ContextVar("budgetary_graph_run", default=None)
+
+
+@dataclass
+class _Options:
+    skip_key: bool = False
+    """Whether the compiled graph's state has a ``budget_skipped`` channel."""
+
+
+class _Governor:
+    """Entry checks and refusal policy for one node (or one `budget_node` function)."""
+
+    def __init__(self, budget: Budget, node: str | None, agent: str | None, policy: str, options: _Options) -> None:
+        if policy not in POLICIES:
+            raise ConfigurationError(f"on_exhausted must be one of {POLICIES}, got {policy!r}")
+        self.budget, self.node, self.agent, self.policy, self.options = budget, node, agent, policy, options
+
+    def names(self, config: Mapping[str, Any]) -> tuple[str, str | None]:
+        node = self.node or config.get("metadata", {}).get("langgraph_node") or "node"
+        agent = self.agent if self.agent is not None else node
+        self.budget.ensure_agent(agent)
+        return node, agent
+
+    def node_config(self, config: Mapping[str, Any], agent: str | None) -> Any:
+        handler = BudgetCallbackHandler(self.budget, agent, rank=NODE_RANK)
+        return merge_configs(cast(Any, config), {"callbacks": [handler]})
+
+    def enter(self, state: Any, config: Mapping[str, Any]) -> tuple[bool, Any]:
+        """(True, None) to run the node, else (False, the node's result under the policy)."""
+        node, agent = self.names(config)
+        attempt = 0
+        while True:
+            decision = self.budget.begin_agent(agent, location=node)
+            if decision.allowed:
+                return True, None
+            again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt, decision)
+            if not again:
+                return False, result
+            attempt += 1
+
+    def refused(
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
+    ) -> tuple[bool, Any]:
+        """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
+        node, agent = self.names(config)
+        if self.policy == "deny":
+            raise exc
+        if self.policy == "interrupt":
+            answer = interrupt({
+                "reason": str(exc), "node": node, "agent": agent, "budget": exc.budget, "resource": exc.resource,
+                "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
+            })  # fmt: skip
+            namespace = config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node
+            apply_top_up_once(self.budget, answer, (namespace, attempt))
+            return True, None
+        marker = self.budget.skip(agent, str(exc), resource=exc.resource, location=node)
+        run = _run_state.get()
+        if self.policy == "end" or (run is not None and _seen_twice(run, node)):
+            end = _EndRun(str(exc), budget=exc.budget, agent=agent, resource=exc.resource, limit=exc.limit,
+                          spent=exc.spent, requested=exc.requested, snapshot=exc.snapshot)  # fmt: skip
+            end.state, end.marker = state, marker
+            raise end from exc
+        return False, self.skip_update(marker, state)
+
+    def skip_update(self, marker: Skipped, state: Any) -> dict[str, Any]:
+        update: dict[str, Any] = {SKIPPED_KEY: [marker]} if self.options.skip_key else {}
+        messages = state.get("messages") if isinstance(state, Mapping) else getattr(state, "messages", None)
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        pending: list[Any] = []
+        if self.node_is_tools:
+            if isinstance(state, list):  # create_agent sends the tool calls themselves to its tool node
+                pending = [c for c in state if isinstance(c, Mapping) and "id" in c and "name" in c]
+            elif isinstance(state, Mapping) and isinstance(state.get("tool_call"), Mapping):
+                pending = [state["tool_call"]]
+            elif isinstance(last, AIMessage):
+                pending = list(last.tool_calls)
+        if pending:
+            # The agent loop needs an answer to every tool call it made.
+            update["messages"] = [
+                ToolMessage(
+                    content=f"Not run: {marker.reason}", tool_call_id=call["id"], name=call["name"], status="error"
+                )
+                for call in pending
+            ]
+        elif self.node_is_model and last is not None and not (isinstance(last, AIMessage) and last.tool_calls):
+            # A prebuilt agent's model node must answer, or its router loops or fails: answer that it stopped.
+            update["messages"] = [AIMessage(content=f"Stopped by the budget: {marker.reason}")]
+        return update
+
+    node_is_tools = False
+    node_is_model = False
+
+
+def _seen_twice(run: _RunState, node: str) -> bool:
+    with run.lock:
+        if node in run.skipped:
+            return True
+        run.skipped.add(node)
+        return False
+
+
+def _govern_call(governor: _Governor, state: Any, config: Any, invoke: Callable[[Any], Any]) -> Any:
+    """Entry checks, then ``invoke(node_config)`` with the node's handler in the config context."""
+    go, result = governor.enter(state, config)
+    if not go:
+        return result
+    attempt = 100  # interrupt indices distinct from the entry loop's
+    while True:
+        node_config = governor.node_config(config, governor.names(config)[1])
+        try:
+            # Node functions that take no `config` read it from this context variable.
+            with set_config_context(node_config) as context:
+                return context.run(invoke, node_config)
+        except BudgetExceeded as exc:
+            if isinstance(exc, _EndRun):
+                raise
+            again, result = governor.refused(exc, state, config, attempt)
+            if not again:
+                return result
+            attempt += 1
+
+
+async def _agovern_call(governor: _Governor, state: Any, config: Any, invoke: Callable[[Any], Any]) -> Any:
+    """Async twin of `_govern_call`; ``invoke`` returns an awaitable."""
+    go, result = governor.enter(state, config)
+    if not go:
+        return result
+    attempt = 100
+    while True:
+        node_config = governor.node_config(config, governor.names(config)[1])
+        try:
+            with set_config_context(node_config) as context:
+                return await context.run(_as_task, invoke, node_config)
+        except BudgetExceeded as exc:
+            if isinstance(exc, _EndRun):
+                raise
+            again, result = governor.refused(exc, state, config, attempt)
+            if not again:
+                return result
+            attempt += 1
+
+
+def _wrap_runnable(inner: Runnable[Any, Any], governor: _Governor) -> Runnable[Any, Any]:
+    """Wrap a node's runnable; `RunnableLambda` keeps subgraph detection and LangGraph's injected kwargs."""
+
+    def run(state: Any, config: Any) -> Any:
+        return _govern_call(governor, state, config, lambda node_config: inner.invoke(state, node_config))
+
+    async def arun(state: Any, config: Any) -> Any:
+        return await _agovern_call(governor, state, config, lambda node_config: inner.ainvoke(state, node_config))
+
+    return RunnableLambda(run, afunc=arun, name=getattr(inner, "name", None) or "node")
+
+
+def _as_task(invoke: Callable[[Any], Any], node_config: Any) -> Any:
+    # Called inside the node's context: the coroutine is created there, and the task
+    # (which copies the current context) runs there.
+    return asyncio.ensure_future(invoke(node_config))
+
+
+def _governed_class(base: Any) -> type:
+    """A subclass of the compiled graph's class that turns the ``end`` policy into a normal return."""
+    cached = _governed_classes.get(base)
+    if cached is not None:
+        return cached
+
+    def _ended(self: Any, end: _EndRun, config: Any, run: _RunState) -> Any:
+        state = run.latest if run.latest is not None else end.state
+        thread = (config or {}).get("configurable", {}).get("thread_id")
+        if self.checkpointer is not None and thread is not None:
+            state = self.get_state(config).values  # what the checkpoint holds: resumable from here
+        if isinstance(state, Mapping) and SKIPPED_KEY in getattr(self, "channels", {}):
+            state = {**state, SKIPPED_KEY: [*state.get(SKIPPED_KEY, []), end.marker]}
+        return state
+
+    # Only the outermost call of a run turns `end` into a return: `invoke` runs through `stream`,
+    # and a governed graph used as a subgraph must end its parent's run too.
+    def invoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        if _run_state.get() is not None:
+            return base.invoke(self, input, config, **kwargs)
+        run = _RunState()
+        token = _run_state.set(run)
+        try:
+            return base.invoke(self, input, config, **kwargs)
+        except _EndRun as end:
+            return _ended(self, end, config, run)
+        finally:
+            _run_state.reset(token)
+
+    async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        if _run_state.get() is not None:
+            return await base.ainvoke(self, input, config, **kwargs)
+        run = _RunState()
+        token = _run_state.set(run)
+        try:
+            return await base.ainvoke(self, input, config, **kwargs)
+        except _EndRun as end:
+            return _ended(self, end, config, run)
+        finally:
+            _run_state.reset(token)
+
+    def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        if (current := _run_state.get()) is not None:
+            for chunk in base.stream(self, input, config, **kwargs):
+                current.observe(chunk)
+                yield chunk
+            return
+        token = _run_state.set(_RunState())
+        try:
+            yield from base.stream(self, input, config, **kwargs)
+        except _EndRun:
+            return  # the run ended under the `end` policy: the stream simply stops
+        finally:
+            _run_state.reset(token)
+
+    async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        if (current := _run_state.get()) is not None:
+            async for chunk in base.astream(self, input, config, **kwargs):
+                current.observe(chunk)
+                yield chunk
+            return
+        token = _run_state.set(_RunState())
+        try:
+            async for chunk in base.astream(self, input, config, **kwargs):
+                yield chunk
+        except _EndRun:
+            return
+        finally:
+            _run_state.reset(token)
+
+    namespace = {"invoke": invoke, "ainvoke": ainvoke, "stream": stream, "astream": astream, "_budgetary": True}
+    cls = type(f"Governed{base.__name__}", (base,), namespace)
+    _governed_classes[base] = cls
+    return cls
+
+
+_governed_classes: dict[type, type] = {}
+
+
+def govern_graph(
+    graph: Any,
+    budget: Budget,
+    *,
+    agents: Mapping[str, str] | None = None,
+    on_exhausted: str | None = None,
+    policies: Mapping[str, str] | None = None,
+    checkpointer: Any = None,
+) -> Any:
+    """Return a governed compiled copy of ``graph`` (a ``StateGraph`` or a compiled graph).
+
+    ``agents`` maps node names to budget agents (default: the node name,
+    registered on first use); ``on_exhausted`` is the default policy (default:
+    the budget's); ``policies`` overrides it per node. ``checkpointer`` is used
+    when ``graph`` is a ``StateGraph`` to be compiled. The user's graph object is
+    not changed; governing a governed graph returns it as it is.
+
+    Example:
+        ```python
+        app = govern_graph(builder, budget, policies={"critic": "skip"}, checkpointer=InMemorySaver())
+        app.invoke({"topic": "otters"}, {"configurable": {"thread_id": "1"}})
+        ```
+    """
+    if getattr(type(graph), "_budgetary", False):
+        return graph
+    default = on_exhausted or budget.on_exhausted
+    policies = dict(policies or {})
+    agents = dict(agents or {})
+    options = _Options()
+
+    def governor(node: str, runnable: Any) -> _Governor:
+        g = _Governor(budget, node, agents.get(node, node), policies.get(node, default), options)
+        g.node_is_tools = type(runnable).__name__ == "ToolNode"
+        g.node_is_model = node in _AGENT_MODEL_NODES
+        return g
+
+    if isinstance(graph, StateGraph):
+        builder = copy.copy(graph)
+        builder.nodes = {
+            name: replace(spec, runnable=_wrap_runnable(cast(Any, spec.runnable), governor(name, spec.runnable)))
+            for name, spec in graph.nodes.items()
+        }
+        compiled = builder.compile(checkpointer=checkpointer)
+        compiled.builder = graph
+    else:
+        compiled = graph.copy(
+            {
+                "nodes": {
+                    name: node
+                    if name.startswith("__")
+                    else node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
+                    for name, node in graph.nodes.items()
+                }
+            }
+        )
+    uses_interrupt = default == "interrupt" or "interrupt" in policies.values()
+    if uses_interrupt and compiled.checkpointer is None:
+        raise ValueError(
+            "on_exhausted='interrupt' needs a checkpointer (compile with checkpointer=..., or pass checkpointer= "
+            "to govern_graph): an interrupt without one could never be resumed"
+        )
+    options.skip_key = SKIPPED_KEY in getattr(compiled, "channels", {})
+    compiled.__class__ = _governed_class(type(compiled))
+    return compiled
+
+
+def _declares_skip_key(fn: Any) -> bool:
+    """Whether a node function's state annotation (a TypedDict or model) has a ``budget_skipped`` key."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+        hints = typing.get_type_hints(fn) if parameters else {}
+    except (TypeError, ValueError, NameError):
+        return False
+    schema = hints.get(parameters[0].name) if parameters else None
+    try:
+        return SKIPPED_KEY in typing.get_type_hints(schema) if schema is not None else False
+    except (TypeError, NameError):
+        return False
+
+
+def budget_node(
+    fn: F | None = None, budget: Budget | None = None, *, agent: str | None = None, on_exhausted: str = "deny"
+) -> Any:
+    """Govern one node: a function (sync or async, signature kept) or a runnable. Usable as a decorator.
+
+    Example:
+        ```python
+        @budget_node(budget=budget, agent="writer", on_exhausted="skip")
+        def write(state: State) -> dict: ...
+
+        builder.add_node("write", write)
+        ```
+    """
+    if budget is None:
+        raise ConfigurationError("budget_node needs a budget")
+    if fn is None:
+        return lambda f: budget_node(f, budget, agent=agent, on_exhausted=on_exhausted)
+    governor = _Governor(budget, None, agent, on_exhausted, _Options(skip_key=_declares_skip_key(fn)))
+    if isinstance(fn, Runnable):
+        return _wrap_runnable(fn, governor)
+    func = fn
+
+    def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
+        return {**kwargs, "config": node_config} if "config" in kwargs else kwargs
+
+    if inspect.iscoroutinefunction(func):
+
+        @functools.wraps(func)
+        async def async_node(*args: Any, **kwargs: Any) -> Any:
+            return await _agovern_call(
+                governor, args[0] if args else None, get_config(),
+                lambda node_config: func(*args, **with_config(kwargs, node_config)),
+            )  # fmt: skip
+
+        return async_node
+
+    @functools.wraps(func)
+    def node(*args: Any, **kwargs: Any) -> Any:
+        return _govern_call(
+            governor, args[0] if args else None, get_config(),
+            lambda node_config: func(*args, **with_config(kwargs, node_config)),
+        )  # fmt: skip
+
+    return node

@@ -1,0 +1,306 @@
+"""The LangGraph adapter against real compiled graphs, with a fake model only at the provider edge."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from typing import Annotated, Any, TypedDict
+
+import pytest
+
+pytest.importorskip("langgraph")
+
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, RetryPolicy, Send
+
+from budgetary import Budget, BudgetExceeded, Limits, Skipped, is_budget_skipped
+from budgetary.integrations.langchain import BudgetCallbackHandler
+from budgetary.integrations.langgraph import budget_node, govern_graph
+from tests.fakes import FakeChatModel
+
+USAGE = {"input_tokens": 80, "output_tokens": 20, "total_tokens": 100}
+
+
+def fake(**kwargs: Any) -> FakeChatModel:
+    kwargs.setdefault("usage", dict(USAGE))
+    kwargs.setdefault("max_tokens", 20)
+    return FakeChatModel(**kwargs)
+
+
+class Research(TypedDict, total=False):
+    topic: str
+    notes: Annotated[list[str], operator.add]
+    budget_skipped: Annotated[list[Skipped], operator.add]
+
+
+def research_builder(model: FakeChatModel) -> StateGraph:
+    def step(name: str):
+        def node(state: Research) -> dict:
+            reply = model.invoke(f"{name}: {state['topic']}")  # no config passed: the context carries it
+            return {"notes": [f"{name}:{reply.content}"]}
+
+        return node
+
+    builder = StateGraph(Research)
+    for name in ("planner", "researcher", "writer", "critic"):
+        builder.add_node(name, step(name))
+    builder.add_edge(START, "planner")
+    builder.add_edge("planner", "researcher")
+    builder.add_edge("researcher", "writer")
+    builder.add_edge("writer", "critic")
+    builder.add_edge("critic", END)
+    return builder
+
+
+def test_research_graph_skip_deny_resume_and_interrupt():
+    model = fake()
+    # Each call holds a prompt bound plus 20 output tokens and charges 100: three calls fit, the fourth does not.
+    budget = Budget(Limits(max_total_tokens=330), name="research")
+    app = govern_graph(research_builder(model), budget, policies={"critic": "skip"}, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "run-1"}}
+    state = app.invoke({"topic": "otters"}, config)
+    assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher", "writer"]
+    assert [m.agent for m in state["budget_skipped"]] == ["critic"]
+    assert is_budget_skipped(state["budget_skipped"][0])
+    assert model.calls.count == 3
+    assert {e.agent for e in budget.ledger.history(kind="llm")} == {"planner", "researcher", "writer"}
+    assert budget.ledger.history(kind="skip")[0].location == "critic"
+
+    # The writer is denied in a second run; a top-up and invoke(None) re-run only the writer.
+    model2 = fake()
+    budget2 = Budget(Limits(max_total_tokens=230), name="research-2")
+    app2 = govern_graph(research_builder(model2), budget2, policies={"critic": "skip"}, checkpointer=InMemorySaver())
+    config2 = {"configurable": {"thread_id": "run-2"}}
+    with pytest.raises(BudgetExceeded) as info:
+        app2.invoke({"topic": "otters"}, config2)
+    assert info.value.agent == "writer"
+    assert app2.get_state(config2).next == ("writer",)
+    assert model2.calls.count == 2
+    budget2.top_up(total_tokens=200)
+    resumed = app2.invoke(None, config2)
+    assert model2.calls.count == 4  # writer and critic ran once each; planner and researcher were not repeated
+    assert [n.split(":")[0] for n in resumed["notes"]] == ["planner", "researcher", "writer", "critic"]
+
+
+def test_interrupt_resumes_with_a_top_up_applied_once():
+    model = fake()
+    budget = Budget(Limits(max_total_tokens=230), name="research-3")
+    app = govern_graph(research_builder(model), budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "run-3"}}
+    paused = app.invoke({"topic": "otters"}, config)
+    (pending,) = paused["__interrupt__"]
+    assert pending.value["node"] == "writer" and pending.value["resource"] == "total_tokens"
+    assert pending.value["limit"] == 230
+    done = app.invoke(Command(resume={"total_tokens": 500}), config)
+    assert [n.split(":")[0] for n in done["notes"]] == ["planner", "researcher", "writer", "critic"]
+    assert budget.snapshot().limits.max_total_tokens == 730  # once, though the writer re-ran after the resume
+    assert model.calls.count == 4
+
+
+def test_interrupt_without_a_checkpointer_is_refused_up_front():
+    with pytest.raises(ValueError, match="checkpointer"):
+        govern_graph(research_builder(fake()), Budget(), on_exhausted="interrupt")
+    with pytest.raises(ValueError, match="checkpointer"):
+        govern_graph(research_builder(fake()).compile(), Budget(), policies={"critic": "interrupt"})
+
+
+def test_end_returns_the_state_so_far_without_raising():
+    model = fake()
+    budget = Budget(Limits(max_total_tokens=230))
+    app = govern_graph(research_builder(model).compile(), budget, on_exhausted="end")
+    state = app.invoke({"topic": "otters"})
+    assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher"]
+    assert [m.agent for m in state["budget_skipped"]] == ["writer"]
+    assert model.calls.count == 2
+
+
+def test_the_users_graph_is_left_alone_and_governing_twice_wraps_once():
+    model = fake()
+    builder = research_builder(model)
+    compiled = builder.compile()
+    budget = Budget(Limits(max_llm_calls=1))
+    governed = govern_graph(compiled, budget)
+    assert govern_graph(governed, budget) is governed
+    compiled.invoke({"topic": "x"})  # the original still runs ungoverned
+    assert model.calls.count == 4 and budget.snapshot().llm_calls == 0
+    with pytest.raises(BudgetExceeded):
+        governed.invoke({"topic": "x"})
+    assert budget.snapshot().llm_calls == 1 and budget.snapshot().agents_started == 2
+
+
+def test_a_denial_is_not_retried_by_the_retry_policy():
+    model = fake()
+    builder = StateGraph(Research)
+
+    def planner(state: Research) -> dict:
+        return {"notes": [model.invoke("plan").content]}
+
+    builder.add_node("planner", planner, retry_policy=RetryPolicy(max_attempts=3))
+    builder.add_edge(START, "planner")
+    budget = Budget(Limits(max_llm_calls=0))
+    with pytest.raises(BudgetExceeded):
+        govern_graph(builder, budget).invoke({"topic": "x"})
+    assert budget.snapshot().agents_started == 1  # entered once: no retry
+    assert len(budget.ledger.history(kind="deny")) == 1
+
+
+def test_send_fan_out_reaches_the_provider_exactly_three_times_and_leaves_no_hold():
+    model = fake(delay=0.02)
+
+    class Fan(TypedDict, total=False):
+        items: list[int]
+        results: Annotated[list[str], operator.add]
+
+    def worker(state: dict) -> dict:
+        return {"results": [model.invoke(f"item {state['item']}").content]}
+
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", END)
+    for runner in ("sync", "async"):
+        model.calls.records.clear()
+        budget = Budget(Limits(max_llm_calls=3))
+        app = govern_graph(builder, budget)
+        with pytest.raises(BudgetExceeded):
+            if runner == "sync":
+                app.invoke({"items": list(range(8))})
+            else:
+                asyncio.run(app.ainvoke({"items": list(range(8))}))
+        assert model.calls.count == 3, runner
+        snap = budget.snapshot()
+        assert snap.held_llm_calls == 0 and snap.held_tokens == 0, runner
+        assert snap.llm_calls == 3 and snap.agents_started == 8, runner
+
+
+def test_subgraph_agents_are_charged_to_the_outer_node():
+    model = fake()
+
+    class Inner(TypedDict, total=False):
+        notes: Annotated[list[str], operator.add]
+
+    def inner_step(state: Inner) -> dict:
+        return {"notes": [model.invoke("deep").content]}
+
+    inner = StateGraph(Inner)
+    inner.add_node("agent", inner_step)
+    inner.add_edge(START, "agent")
+    sub = inner.compile()
+
+    outer = StateGraph(Inner)
+    outer.add_node("researcher", sub)
+    outer.add_node("writer", sub)
+    outer.add_edge(START, "researcher")
+    outer.add_edge("researcher", "writer")
+    budget = Budget()
+    user_handler = BudgetCallbackHandler(budget)  # the user's own handler too: still charged once
+    govern_graph(outer, budget).invoke({"notes": []}, {"callbacks": [user_handler]})
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["researcher", "writer"]
+    assert budget.snapshot().llm_calls == 2 == model.calls.count
+
+
+# -- prebuilt ReAct agents -----------------------------------------------------------------------
+
+
+def react_agent(model: FakeChatModel):
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return f"{term}: a mammal"
+
+    return create_agent(model, [lookup])
+
+
+def looping_model() -> FakeChatModel:
+    # Always asks for another tool call: only the budget can stop this agent.
+    call = AIMessage("", tool_calls=[{"name": "lookup", "args": {"term": "otter"}, "id": "c1"}])
+    return fake(responses=[call])
+
+
+@pytest.mark.parametrize("policy", ["skip", "end"])
+def test_a_react_agent_stops_cleanly_without_a_recursion_error(policy):
+    model = looping_model()
+    budget = Budget(Limits(max_llm_calls=3))
+    app = govern_graph(react_agent(model), budget, on_exhausted=policy)
+    result = app.invoke({"messages": [HumanMessage("what is an otter?")]}, {"recursion_limit": 50})
+    assert model.calls.count == 3
+    assert budget.snapshot().llm_calls == 3
+    assert budget.ledger.history(kind="skip")
+    assert isinstance(result, dict) and result["messages"]
+
+
+def test_a_skipped_tool_node_answers_pending_tool_calls():
+    model = looping_model()
+    budget = Budget(Limits(max_tool_calls=1, max_llm_calls=5))
+    app = govern_graph(react_agent(model), budget, on_exhausted="skip")
+    result = app.invoke({"messages": [HumanMessage("q")]}, {"recursion_limit": 50})
+    tool_messages = [m for m in result["messages"] if m.type == "tool"]
+    assert tool_messages[0].status == "success"
+    assert tool_messages[1].status == "error" and "tool_calls" in tool_messages[1].content
+    assert budget.snapshot().tool_calls == 1
+
+
+def test_a_tool_node_that_handles_errors_swallows_a_tool_denial():
+    from langgraph.prebuilt import ToolNode
+
+    ran = []
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        ran.append(term)
+        return "found"
+
+    node = ToolNode([lookup], handle_tool_errors=True)
+    budget = Budget(Limits(max_tool_calls=0))
+    call = AIMessage("", tool_calls=[{"name": "lookup", "args": {"term": "otter"}, "id": "c1"}])
+
+    class S(TypedDict):
+        messages: list
+
+    builder = StateGraph(S)
+    builder.add_node("tools", node)
+    builder.add_edge(START, "tools")
+    result = govern_graph(builder, budget).invoke({"messages": [call]})
+    # Documented: handle_tool_errors=True turns the denial into an error message; the tool never ran.
+    assert ran == [] and "BudgetExceeded" in result["messages"][-1].content
+
+
+# -- budget_node ---------------------------------------------------------------------------------
+
+
+def test_budget_node_decorates_sync_and_async_nodes_keeping_their_signature():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=2))
+    seen_config = []
+
+    @budget_node(budget=budget, agent="planner")
+    def plan(state: Research, config) -> dict:
+        seen_config.append(config)
+        return {"notes": [model.invoke("plan").content]}
+
+    @budget_node(budget=budget, agent="writer", on_exhausted="skip")
+    async def write(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("write")).content]}
+
+    @budget_node(budget=budget, agent="critic", on_exhausted="skip")
+    async def critique(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("critique")).content]}
+
+    builder = StateGraph(Research)
+    builder.add_node("plan", plan)
+    builder.add_node("write", write)
+    builder.add_node("critique", critique)
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "write")
+    builder.add_edge("write", "critique")
+    state = asyncio.run(builder.compile().ainvoke({"topic": "x"}))
+    assert len(state["notes"]) == 2 and seen_config and "callbacks" in seen_config[0]
+    assert [m.agent for m in state["budget_skipped"]] == ["critic"]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "writer"]
