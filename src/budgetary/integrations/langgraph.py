@@ -42,8 +42,9 @@ from typing import Any, TypeVar, cast
 
 try:
     from langchain_core.messages import AIMessage, ToolMessage
-    from langchain_core.runnables import Runnable, RunnableLambda
+    from langchain_core.runnables import Runnable, RunnableConfig
     from langchain_core.runnables.config import merge_configs, set_config_context
+    from langgraph._internal._runnable import RunnableCallable  # pinned: langgraph>=1,<2
     from langgraph.config import get_config
     from langgraph.graph.state import StateGraph
     from langgraph.types import interrupt
@@ -238,13 +239,16 @@ async def _agovern_call(governor: _Governor, state: Any, config: Any, invoke: Ca
 def _wrap_runnable(inner: Runnable[Any, Any], governor: _Governor) -> Runnable[Any, Any]:
     """Wrap a node's runnable; `RunnableLambda` keeps subgraph detection and LangGraph's injected kwargs."""
 
-    def run(state: Any, config: Any) -> Any:
+    def run(state: Any, config: RunnableConfig) -> Any:
         return _govern_call(governor, state, config, lambda node_config: inner.invoke(state, node_config))
 
-    async def arun(state: Any, config: Any) -> Any:
+    async def arun(state: Any, config: RunnableConfig) -> Any:
         return await _agovern_call(governor, state, config, lambda node_config: inner.ainvoke(state, node_config))
 
-    return RunnableLambda(run, afunc=arun, name=getattr(inner, "name", None) or "node")
+    # LangGraph's own node wrapper, untraced like the nodes it wraps: a RunnableLambda would add a
+    # traced run per node execution (and double the graph's overhead). LangGraph still finds
+    # subgraphs through the closure of `run`.
+    return RunnableCallable(run, arun, name=getattr(inner, "name", None) or "node", trace=False, recurse=False)
 
 
 def _as_task(invoke: Callable[[Any], Any], node_config: Any) -> Any:

@@ -1,0 +1,86 @@
+"""A 10-node chain graph (one fake LLM call per node) with and without govern_graph, one run.
+
+python benchmarks/langgraph_overhead.py
+"""
+
+from __future__ import annotations
+
+import gc
+import operator
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, TypedDict
+
+from langchain_core.callbacks import UsageMetadataCallbackHandler
+from langgraph.graph import END, START, StateGraph
+
+from budgetary import Budget, Limits
+from budgetary.integrations.langgraph import govern_graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fakes import FakeChatModel  # noqa: E402
+
+NODES = 10
+ROUNDS = 7
+PER_ROUND = 20
+
+
+class State(TypedDict, total=False):
+    notes: Annotated[list[str], operator.add]
+
+
+def build(model: FakeChatModel) -> StateGraph:
+    builder = StateGraph(State)
+    previous = START
+    for i in range(NODES):
+
+        def node(state: State, i: int = i) -> dict:
+            return {"notes": [str(model.invoke(f"step {i}").content)]}
+
+        builder.add_node(f"n{i}", node)
+        builder.add_edge(previous, f"n{i}")
+        previous = f"n{i}"
+    builder.add_edge(previous, END)
+    return builder
+
+
+def timed(run) -> float:
+    for _ in range(3):
+        run()
+    rounds = []
+    for _ in range(ROUNDS):
+        gc.collect()
+        start = time.perf_counter()
+        for _ in range(PER_ROUND):
+            run()
+        rounds.append((time.perf_counter() - start) / PER_ROUND * 1e3)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    model = FakeChatModel(usage={"input_tokens": 50, "output_tokens": 10, "total_tokens": 60}, max_tokens=10)
+    plain = build(model).compile()
+    budget = Budget(Limits(max_total_tokens=10**12, max_cost_usd=10**6))
+    governed = govern_graph(build(model), budget)
+    usage = UsageMetadataCallbackHandler()
+    cases = {
+        "plain graph": lambda: plain.invoke({"notes": []}),
+        "plain + usage handler": lambda: plain.invoke({"notes": []}, {"callbacks": [usage]}),
+        "govern_graph": lambda: governed.invoke({"notes": []}),
+    }
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(3):  # interleaved, so drift on a busy machine hits every case alike
+        for name, run in cases.items():
+            results[name].append(timed(run))
+    base = statistics.median(results["plain graph"])
+    print(f"{'case':<22} {'median ms/run':>14} {'x plain':>8}")
+    for name, values in results.items():
+        value = statistics.median(values)
+        print(f"{name:<22} {value:>14.2f} {value / base:>8.3f}")
+    assert budget.snapshot().llm_calls > 0 and budget.snapshot().agents_started > 0
+
+
+if __name__ == "__main__":
+    main()
