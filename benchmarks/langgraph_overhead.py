@@ -20,7 +20,7 @@ from budgetary import Budget, Limits
 from budgetary.integrations.langgraph import govern_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fakes import FakeChatModel  # noqa: E402
+from tests.fakes import FakeChatModel
 
 NODES = 10
 ROUNDS = 7
