@@ -1,0 +1,412 @@
+"""CrewAI: budget an existing crew without touching its agents or tasks.
+
+``govern_crew(crew, budget)`` puts every kickoff of the crew (and of the copies
+``kickoff_for_each`` makes) under ``budget``: before each LLM call it reserves
+(a token estimate of the messages plus the LLM's ``max_tokens``) or aborts the
+kickoff with `CrewBudgetExceeded`; after it, it charges the usage the provider
+reported for that very call, attributed to the agent's role and the task;
+before each tool call it counts it or refuses it (the agent is told why).
+
+Policies (per task name, then per agent role, then the default):
+``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
+(decided when a task starts: if its agent could not make a call, the task does
+not call its model and its output is a placeholder that `is_budget_skipped`
+detects), ``end`` (that task and every later one are skipped; kickoff returns
+normally). A refusal in the middle of a task that already started cannot
+abandon that task: it raises like ``deny``.
+
+Hooks are registered once, when this module is imported: import it before any
+agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
+into each agent executor when it is created.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    from crewai.context import get_current_task_id
+    from crewai.hooks import (
+        HookAborted,
+        InterceptionPoint,
+        register_after_llm_call_hook,
+        register_after_tool_call_hook,
+        register_before_llm_call_hook,
+        register_before_tool_call_hook,
+        register_hook,
+    )
+    from crewai.llms.base_llm import BaseLLM
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError('budgetary.integrations.crewai needs crewai: pip install "budgetary[crewai]"') from exc
+
+from budgetary.core.budget import POLICIES, Budget, Reservation
+from budgetary.core.errors import BudgetExceeded, ConfigurationError
+from budgetary.core.guard import SoftLimit
+from budgetary.core.skip import Skipped, mark_skipped
+
+__all__ = ["CrewBudgetExceeded", "budget_scope", "govern_crew"]
+
+logger = logging.getLogger("budgetary.crewai")
+_ATTR = "__budgetary__"
+MANAGER_ROLE = "Crew Manager"
+
+
+class CrewBudgetExceeded(BudgetExceeded, HookAborted):
+    """The budget refused a call: both budgetary's `BudgetExceeded` and CrewAI's ``HookAborted``.
+
+    ``HookAborted`` is the one exception CrewAI lets through a hook without retrying the task.
+    """
+
+    def __init__(self, exc: BudgetExceeded) -> None:
+        BudgetExceeded.__init__(
+            self, exc.message, budget=exc.budget, agent=exc.agent, resource=exc.resource, limit=exc.limit,
+            spent=exc.spent, requested=exc.requested, snapshot=exc.snapshot,
+        )  # fmt: skip
+        self.reason = exc.message
+        self.source = "budgetary"
+
+
+@dataclass(frozen=True)
+class _Governance:
+    budget: Budget
+    agents: Mapping[str, str]
+    default: str
+    policies: Mapping[str, str]
+
+    def agent(self, role: str | None) -> str | None:
+        if role is None:
+            return None
+        name = self.agents.get(role, role)
+        self.budget.ensure_agent(name)
+        return name
+
+    def policy(self, task: Any, role: str | None) -> str:
+        name = getattr(task, "name", None)
+        return self.policies.get(name or "", self.policies.get(role or "", self.default))
+
+
+@dataclass
+class _Run:
+    """One kickoff: its id, the roles of its tasks, and what the budget did in it."""
+
+    gov: _Governance
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    task_roles: dict[str, str | None] = field(default_factory=dict)
+    skipped: dict[int, Skipped] = field(default_factory=dict)  # id(task) -> marker
+    swapped: dict[int, Any] = field(default_factory=dict)  # id(agent) -> its real LLM
+    ended: Skipped | None = None
+    nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
+    """Soft limits to tell on the next call: per agent for its allocation, under None for the run's limits."""
+    blocked_tools: dict[int, str] = field(default_factory=dict)  # thread id -> refusal reason
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def role_for(self, agent: Any, task: Any) -> str | None:
+        role = getattr(agent, "role", None)
+        if role is None:  # agent-less calls (the forced final answer after max_iter): the current task's agent
+            task_id = str(getattr(task, "id", None) or get_current_task_id() or "")
+            role = self.task_roles.get(task_id)
+        return role
+
+
+_run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("budgetary_crew_run", default=None)
+_scope: contextvars.ContextVar[_Governance | None] = contextvars.ContextVar("budgetary_crew_scope", default=None)
+_call: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("budgetary_crew_call", default=None)
+
+
+class _SkipLLM(BaseLLM):
+    """Stands in for a skipped task's LLM: answers at once, costs nothing."""
+
+    llm_type: str = "budgetary-skip"
+    reason: str = ""
+
+    def call(self, messages: Any, *args: Any, **kwargs: Any) -> str:
+        return f"Thought: the budget skipped this task\nFinal Answer: [skipped by budget: {self.reason}]"
+
+    async def acall(self, messages: Any, *args: Any, **kwargs: Any) -> str:
+        return self.call(messages)
+
+    def supports_function_calling(self) -> bool:
+        return False
+
+    def get_context_window_size(self) -> int:
+        return 128_000
+
+    def get_input_tokens_count(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+
+# -- hooks (registered once, below) ----------------------------------------------------------------
+
+
+def _execution_start(ctx: Any) -> None:
+    crew = getattr(ctx, "crew", None)
+    gov = getattr(crew, _ATTR, None) or _scope.get()
+    if gov is None:
+        _run.set(None)
+        return
+    run = _Run(gov)
+    for task in getattr(crew, "tasks", None) or []:
+        run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None)
+    _run.set(run)
+
+
+def _execution_end(ctx: Any) -> None:
+    run = _run.get()
+    if run is not None:
+        _restore_all(run)
+    _run.set(None)
+
+
+def _pre_step(ctx: Any) -> None:
+    run = _run.get()
+    agent_obj, task = getattr(ctx, "agent", None), getattr(ctx, "task", None)
+    if run is None or agent_obj is None:
+        return None
+    gov = run.gov
+    role = getattr(agent_obj, "role", None)
+    agent = gov.agent(role)
+    policy = gov.policy(task, role)
+    location = getattr(task, "name", None) or getattr(ctx, "step_name", None)
+    if run.ended is not None:
+        _skip(run, agent_obj, task, gov.budget.skip(agent, run.ended.reason, location=location, run_id=run.run_id))
+        return None
+    decision = gov.budget.begin_agent(agent, run_id=run.run_id, location=location)
+    exc = None if decision.allowed else gov.budget.exceeded(decision, agent)
+    if exc is None and policy != "deny":
+        exc = _first_call_refusal(run, agent_obj, agent, task, getattr(ctx, "payload", None))
+    if exc is None:
+        return None
+    if policy == "deny":
+        raise CrewBudgetExceeded(exc)
+    marker = gov.budget.skip(agent, str(exc), resource=exc.resource, location=location, run_id=run.run_id)
+    if policy == "end":
+        run.ended = marker
+    _skip(run, agent_obj, task, marker)
+    return None  # a non-None return would replace the task's context
+
+
+def _first_call_refusal(run: _Run, agent_obj: Any, agent: str | None, task: Any, context: Any) -> BudgetExceeded | None:
+    """Could the task's first LLM call be reserved? Probe with an estimate of its prompt, then give it back."""
+    llm = getattr(agent_obj, "llm", None)
+    model = getattr(llm, "model", None)
+    prompt = (
+        [str(getattr(agent_obj, name, "") or "") for name in ("role", "goal", "backstory")]
+        + [str(getattr(task, name, "") or "") for name in ("description", "expected_output")]
+        + [str(context or "")]
+    )
+    try:
+        probe = run.gov.budget.reserve(
+            agent, model=model if isinstance(model, str) else None, messages=prompt,
+            max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id,
+        )  # fmt: skip
+    except BudgetExceeded as exc:
+        return exc
+    probe.release("task-start check: the task's first call fits")
+    return None
+
+
+def _post_step(ctx: Any) -> None:
+    run = _run.get()
+    if run is None:
+        return None
+    marker = run.skipped.pop(id(getattr(ctx, "task", None)), None)
+    agent = getattr(ctx, "agent", None)
+    if agent is not None:
+        _restore(run, agent)
+    output = getattr(ctx, "payload", None)
+    if marker is not None and output is not None:
+        mark_skipped(output, marker)
+    return None
+
+
+def _skip(run: _Run, agent: Any, task: Any, marker: Skipped) -> None:
+    with run.lock:
+        run.skipped[id(task)] = marker
+        if id(agent) not in run.swapped:
+            run.swapped[id(agent)] = (agent, agent.llm)
+            agent.llm = _SkipLLM(model="budgetary/skip", reason=marker.reason)
+
+
+def _restore(run: _Run, agent: Any) -> None:
+    with run.lock:
+        entry = run.swapped.pop(id(agent), None)
+    if entry is not None:
+        entry[0].llm = entry[1]
+
+
+def _restore_all(run: _Run) -> None:
+    with run.lock:
+        entries = list(run.swapped.values())
+        run.swapped.clear()
+    for agent, llm in entries:
+        agent.llm = llm
+
+
+def _before_llm(ctx: Any) -> None:
+    run = _run.get()
+    if run is None or isinstance(getattr(ctx, "llm", None), _SkipLLM):
+        return None
+    try:
+        gov = run.gov
+        agent = gov.agent(run.role_for(ctx.agent, ctx.task))
+        llm = ctx.llm
+        model = getattr(llm, "model", None)
+        nudge = run.nudges.pop(agent, None) or run.nudges.pop(None, None)
+        if nudge is not None:
+            ctx.messages.append({"role": "user", "content": f"Budget notice: {nudge.message}. Wrap up now and give "
+                                 "your Final Answer."})  # fmt: skip
+        reservation = gov.budget.reserve(
+            agent, model=model if isinstance(model, str) else None, messages=ctx.messages,
+            max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id,
+            location=getattr(ctx.task, "name", None),
+        )  # fmt: skip
+    except BudgetExceeded as exc:
+        raise CrewBudgetExceeded(exc) from exc
+    except Exception as exc:  # our own bug: CrewAI would swallow it and run the call unchecked
+        logger.exception("budget check failed; refusing the call")
+        raise HookAborted(f"budget check failed: {exc!r}", source="budgetary") from exc
+    _call.set(reservation)
+    return None
+
+
+def _after_llm(ctx: Any) -> None:
+    reservation = _call.get()
+    if reservation is not None and not reservation.done:
+        reservation.charge_estimate()  # the provider reported no usage for this call
+    _call.set(None)
+    return None
+
+
+def _settle(reservation: Reservation, usage: Any) -> None:
+    reservation.settle(usage, lenient=True)
+    run = _run.get()
+    if run is not None:
+        for event in reservation.events:  # tell the next call (this agent's, for its own allocation)
+            run.nudges[reservation.agent if event.resource == "allocation" else None] = event
+
+
+def _before_tool(ctx: Any) -> Any:
+    run = _run.get()
+    if run is None:
+        return None
+    agent = run.gov.agent(run.role_for(ctx.agent, ctx.task))
+    decision = run.gov.budget.check_tool(agent, ctx.tool_name, run_id=run.run_id)
+    if decision.allowed:
+        return None
+    run.blocked_tools[threading.get_ident()] = decision.reason
+    return False  # blocks this tool call only; the agent goes on
+
+
+def _after_tool(ctx: Any) -> Any:
+    run = _run.get()
+    reason = run.blocked_tools.pop(threading.get_ident(), None) if run is not None else None
+    if reason is None:
+        return None
+    return f"The tool {ctx.tool_name!r} was not run: the budget refused it ({reason}). Do without it."
+
+
+def _track_usage(original: Any) -> Any:
+    def tracked(self: Any, usage_data: Any) -> None:
+        original(self, usage_data)
+        if isinstance(self, _SkipLLM):
+            return
+        reservation = _call.get()
+        if reservation is not None and not reservation.done:
+            _settle(reservation, usage_data)
+            return
+        run = _run.get()
+        if run is not None:  # a call no hook saw (a custom LLM that skips the hooks): record it anyway
+            agent = run.gov.agent(run.role_for(None, None))
+            run.gov.budget.record(agent, _usage_or_none(usage_data), model=getattr(self, "model", None),
+                                  run_id=run.run_id)  # fmt: skip
+
+    return tracked
+
+
+def _usage_or_none(usage: Any) -> Any:
+    dump = getattr(usage, "model_dump", None)
+    return dump() if callable(dump) else usage
+
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+def _install() -> None:
+    """Register one dispatcher per hook point, once per process."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        register_hook(InterceptionPoint.EXECUTION_START, _execution_start)
+        register_hook(InterceptionPoint.EXECUTION_END, _execution_end)
+        register_hook(InterceptionPoint.PRE_STEP, _pre_step)
+        register_hook(InterceptionPoint.POST_STEP, _post_step)
+        register_before_llm_call_hook(_before_llm)
+        register_after_llm_call_hook(_after_llm)
+        register_before_tool_call_hook(_before_tool)
+        register_after_tool_call_hook(_after_tool)
+        # The one synchronous place where each call's provider-reported usage passes.
+        BaseLLM._track_token_usage_internal = _track_usage(BaseLLM._track_token_usage_internal)  # type: ignore[method-assign]
+        _installed = True
+
+
+_install()
+
+
+def govern_crew(
+    crew: Any,
+    budget: Budget,
+    *,
+    agents: Mapping[str, str] | None = None,
+    on_exhausted: str | None = None,
+    policies: Mapping[str, str] | None = None,
+) -> Any:
+    """Put every kickoff of ``crew`` (and of its copies) under ``budget``; return the crew.
+
+    ``agents`` maps agent roles to budget agents (default: the role, registered on
+    first use); ``policies`` maps task names, then roles, to ``deny``/``skip``/``end``.
+
+    Example:
+        ```python
+        govern_crew(crew, budget, policies={"review": "skip"})
+        crew.kickoff(inputs={"topic": "otters"})
+        ```
+    """
+    default = on_exhausted or budget.on_exhausted
+    for policy in (default, *(policies or {}).values()):
+        if policy not in POLICIES or policy == "interrupt":
+            raise ConfigurationError(f"CrewAI policies are 'deny', 'skip' or 'end', got {policy!r}")
+    gov = _Governance(budget, dict(agents or {}), default, dict(policies or {}))
+    _attach(crew, gov)
+    return crew
+
+
+def _attach(crew: Any, gov: _Governance) -> None:
+    # Crew.copy() (kickoff_for_each) rebuilds the crew from its fields; carry the budget over.
+    original_copy = type(crew).copy
+
+    def copy_governed() -> Any:
+        clone = original_copy(crew)
+        _attach(clone, gov)
+        return clone
+
+    object.__setattr__(crew, _ATTR, gov)
+    object.__setattr__(crew, "copy", copy_governed)
+
+
+@contextmanager
+def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator[Budget]:
+    """Govern every crew kicked off inside the block (for crews built deep inside other code)."""
+    token = _scope.set(_Governance(budget, {}, on_exhausted or budget.on_exhausted, {}))
+    try:
+        yield budget
+    finally:
+        _scope.reset(token)

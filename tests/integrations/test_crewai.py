@@ -1,0 +1,237 @@
+"""The CrewAI adapter against real `Crew.kickoff()` runs, with a fake LLM only at the provider edge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import pytest
+
+pytest.importorskip("crewai")
+
+from crewai import Agent, Crew, Process, Task
+from crewai.hooks import HookAborted
+from crewai.tools import tool
+
+from budgetary import Budget, BudgetExceeded, Limits, Usage, is_budget_skipped
+from budgetary.integrations.crewai import CrewBudgetExceeded, budget_scope, govern_crew
+from tests.fakes import FakeCrewLLM
+
+MODEL = "gpt-4o-mini"
+
+
+def llm(**kwargs: Any) -> Any:
+    kwargs.setdefault("prompt_tokens", 100)
+    kwargs.setdefault("completion_tokens", 20)
+    kwargs.setdefault("max_tokens", 20)
+    return FakeCrewLLM(model=MODEL, **kwargs)
+
+
+def three_task_crew(shared_llm: Any, **crew_kwargs: Any) -> Crew:
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=shared_llm)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=shared_llm)
+    critic = Agent(role="Critic", goal="Review", backstory="Picky.", llm=shared_llm)
+    tasks = [
+        Task(name="research", description="Research {topic}", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write about {topic}", expected_output="a line", agent=writer),
+        Task(name="review", description="Review the line about {topic}", expected_output="ok", agent=critic),
+    ]
+    return Crew(agents=[researcher, writer, critic], tasks=tasks, process=Process.sequential, **crew_kwargs)
+
+
+def test_a_crew_cap_of_n_calls_lets_exactly_n_reach_the_provider():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=2))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff(inputs={"topic": "otters"})
+    exc = info.value
+    assert isinstance(exc, BudgetExceeded) and isinstance(exc, HookAborted)
+    assert exc.resource == "llm_calls" and exc.agent == "Critic"
+    assert fake.calls.count == 2 == budget.snapshot().llm_calls
+    assert [t.output.raw for t in crew.tasks[:2]] == ["canned answer", "canned answer"]  # kept
+
+
+def test_ledger_tokens_equal_what_the_provider_reported():
+    for shape in ("openai", "anthropic"):
+        fake = llm(shape=shape, cached_tokens=60, reasoning_tokens=5)
+        crew = three_task_crew(fake)
+        budget = Budget()
+        govern_crew(crew, budget)
+        crew.kickoff(inputs={"topic": "otters"})
+        entries = budget.ledger.history(kind="llm")
+        assert len(entries) == fake.calls.count == 3
+        reported = [Usage.from_provider(r["usage"]) for r in fake.calls.records]
+        assert [e.usage.input_tokens for e in entries] == [u.input_tokens for u in reported] == [100] * 3
+        assert [e.usage.output_tokens for e in entries] == [20] * 3
+        assert all(e.usage.cache_read_tokens == 60 for e in entries)
+        if shape == "openai":
+            assert all(e.usage.reasoning_tokens == 5 for e in entries)
+        assert [e.agent for e in entries] == ["Researcher", "Writer", "Critic"]
+        assert [e.location for e in entries] == ["research", "write", "review"]
+        assert not any(e.estimated for e in entries)
+
+
+def test_a_per_agent_cap_skips_that_agents_later_task_and_the_crew_finishes():
+    fake = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+        Task(name="research-more", description="Research more", expected_output="facts", agent=researcher),
+    ]
+    crew = Crew(agents=[researcher, writer], tasks=tasks, process=Process.sequential)
+    budget = Budget(Limits(max_total_tokens=10_000))
+    budget.agent("Researcher", max_tokens=150)
+    govern_crew(crew, budget, on_exhausted="skip")
+    output = crew.kickoff()
+    assert fake.calls.count == 2
+    assert [is_budget_skipped(t.output) for t in tasks] == [False, False, True]
+    assert "skipped by budget" in output.raw
+    assert budget.ledger.history(kind="skip")[0].agent == "Researcher"
+
+
+def test_priority_reallocation_lets_the_important_agent_finish():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_total_tokens=10_000))
+    budget.agent("Researcher", priority=1, max_tokens=2_000)
+    budget.agent("Writer", priority=5, max_tokens=100)  # far too little for one call on its own
+    budget.agent("Critic", priority=1, max_tokens=2_000)
+    govern_crew(crew, budget)
+    crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 3
+    transfers = budget.ledger.history(kind="transfer")
+    assert transfers and all(t.agent == "Writer" for t in transfers)
+    assert sum(r["allocated"] for r in budget.report().values()) == 4_100
+
+
+def test_end_skips_every_remaining_task_and_returns_normally():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=1))
+    govern_crew(crew, budget, on_exhausted="end")
+    crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 1
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True, True]
+
+
+def test_two_crews_sharing_one_llm_in_parallel_get_separate_exact_ledgers():
+    fake = llm()
+    budgets = [Budget(name="crew-a"), Budget(name="crew-b")]
+    crews = [three_task_crew(fake), three_task_crew(fake)]
+    for crew, budget in zip(crews, budgets, strict=True):
+        govern_crew(crew, budget)
+    errors: list[BaseException] = []
+
+    def run(crew: Crew) -> None:
+        try:
+            crew.kickoff(inputs={"topic": "otters"})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in crews]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert fake.calls.count == 6
+    for budget in budgets:
+        snap = budget.snapshot()
+        assert snap.llm_calls == 3 and snap.input_tokens == 300 and snap.output_tokens == 60
+        assert len({e.run_id for e in budget.ledger.history(kind="llm")}) == 1
+
+
+def test_kickoff_for_each_gives_one_run_ledger_per_input():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff_for_each(inputs=[{"topic": "otters"}, {"topic": "beavers"}, {"topic": "voles"}])
+    entries = budget.ledger.history(kind="llm")
+    runs = {e.run_id for e in entries}
+    assert len(runs) == 3 and fake.calls.count == 9 == budget.snapshot().llm_calls
+    for run in runs:
+        assert [e.agent for e in entries if e.run_id == run] == ["Researcher", "Writer", "Critic"]
+
+
+def test_a_denied_tool_is_not_run_and_the_agent_is_told_why():
+    ran: list[str] = []
+
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        ran.append(query)
+        return "results"
+
+    seen: list[str] = []
+
+    def responder(messages, index, agent, task):
+        seen.append(json.dumps(messages))
+        if index < 2:
+            return f'Thought: search\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+        return "Thought: done\nFinal Answer: otters are great"
+
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search])
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    crew = Crew(agents=[agent], tasks=[task])
+    budget = Budget(Limits(max_tool_calls=1))
+    govern_crew(crew, budget)
+    crew.kickoff()
+    assert ran == ["otters 0"]
+    assert budget.snapshot().tool_calls == 1
+    assert "was not run: the budget refused it" in seen[-1]
+
+
+def test_hierarchical_crews_charge_the_manager_as_its_own_agent():
+    def manager_script(messages, index, agent, task):
+        if index == 0:
+            payload = {"task": "Find 3 facts about otters", "context": "report", "coworker": "Researcher"}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: the report"
+
+    manager = llm(responder=manager_script)
+    worker_llm = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=worker_llm)
+    task = Task(name="report", description="Write a report on otters", expected_output="a report")
+    crew = Crew(agents=[researcher], tasks=[task], process=Process.hierarchical, manager_llm=manager)
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    agents = [e.agent for e in budget.ledger.history(kind="llm")]
+    assert agents.count("Crew Manager") == manager.calls.count >= 2
+    assert agents.count("Researcher") == worker_llm.calls.count >= 1
+
+
+def test_kickoff_async_and_budget_scope():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=10))
+    with budget_scope(budget):
+        asyncio.run(crew.kickoff_async(inputs={"topic": "otters"}))
+    assert budget.snapshot().llm_calls == 3 == fake.calls.count
+    crew.kickoff(inputs={"topic": "outside the scope"})
+    assert budget.snapshot().llm_calls == 3
+
+
+def test_soft_limit_tells_the_agent_once_and_calls_the_host():
+    events = []
+    seen: list[str] = []
+
+    def responder(messages, index, agent, task):
+        seen.append(json.dumps(messages))
+        return "Thought: done\nFinal Answer: ok"
+
+    fake = llm(responder=responder)
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_total_tokens=400, warn_at=(0.5,)), on_soft_limit=events.append)
+    govern_crew(crew, budget)
+    crew.kickoff(inputs={"topic": "otters"})
+    assert len(events) == 1 and events[0].resource == "total_tokens"
+    assert ["Budget notice" in s for s in seen] == [False, False, True]
