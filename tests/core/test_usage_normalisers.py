@@ -176,3 +176,26 @@ def test_cost_addition_is_unknown_if_either_side_is():
 def test_bad_costs_are_refused(bad):
     with pytest.raises(UsageError, match="cost_usd"):
         Usage(cost_usd=bad)
+
+
+def test_crewai_native_provider_dicts():
+    # What CrewAI 1.15's native providers pass to its usage tracking (read from their source).
+    anthropic = Usage.from_provider(
+        {"input_tokens": 150, "output_tokens": 20, "total_tokens": 170, "cached_prompt_tokens": 100,
+         "cache_creation_tokens": 30}
+    )  # fmt: skip
+    assert (anthropic.input_tokens, anthropic.cache_read_tokens, anthropic.cache_write_tokens) == (150, 100, 30)
+    gemini = Usage.from_provider(
+        {"prompt_token_count": 100, "candidates_token_count": 15, "completion_tokens": 20, "total_token_count": 120,
+         "total_tokens": 120, "cached_prompt_tokens": 30, "reasoning_tokens": 5}
+    )  # fmt: skip
+    assert (gemini.input_tokens, gemini.output_tokens, gemini.cache_read_tokens, gemini.reasoning_tokens) == (
+        100, 20, 30, 5,
+    )  # fmt: skip
+    openai = Usage.from_provider(
+        {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120, "cached_prompt_tokens": 40,
+         "reasoning_tokens": 7}
+    )  # fmt: skip
+    assert (openai.cache_read_tokens, openai.reasoning_tokens) == (40, 7)
+    with pytest.raises(UsageError, match="prompt_tokens"):
+        Usage.from_crewai({"cached_prompt_tokens": 3})

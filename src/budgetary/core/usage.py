@@ -120,9 +120,7 @@ class Usage:
         total = sat(self.input_tokens + self.output_tokens)
         given = self.total_tokens
         if given != -1 and coerce_count(given, "total_tokens") != total:
-            raise UsageError(
-                f"total_tokens must equal input_tokens + output_tokens ({total}), got {given!r}"
-            )
+            raise UsageError(f"total_tokens must equal input_tokens + output_tokens ({total}), got {given!r}")
         object.__setattr__(self, "total_tokens", total)
 
     def __add__(self, other: Usage) -> Usage:
@@ -246,13 +244,26 @@ class Usage:
 
     @classmethod
     def from_crewai(cls, metrics: Any) -> Usage:
-        """CrewAI ``UsageMetrics`` or the usage dict of ``LLMCallCompletedEvent``."""
+        """CrewAI ``UsageMetrics``, or the flat dicts CrewAI's native providers pass to its usage tracking.
+
+        Those dicts keep the provider's own input/output keys (``prompt_tokens``,
+        ``input_tokens`` or ``prompt_token_count``) beside CrewAI's flat parts
+        (``cached_prompt_tokens``, ``cache_creation_tokens``, ``reasoning_tokens``);
+        the native Anthropic and Gemini providers already include cached tokens in
+        the input count and thinking tokens in ``completion_tokens``.
+        """
         m = _require_mapping(metrics, "usage metrics")
-        if "prompt_tokens_details" in m or "input_tokens" in m or "prompt_token_count" in m:
-            return cls.from_provider(m)
+        input_key = next((k for k in ("prompt_tokens", "input_tokens", "prompt_token_count") if k in m), None)
+        output_key = next((k for k in ("completion_tokens", "output_tokens") if k in m), None)
+        if input_key is None:
+            raise UsageError(f"usage is missing 'prompt_tokens' (got keys {sorted(m)})")
+        if output_key is not None:
+            output_tokens = _req(m, output_key)
+        else:
+            output_tokens = sat(_req(m, "candidates_token_count") + _opt(m, "thoughts_token_count"))
         return cls(
-            input_tokens=_req(m, "prompt_tokens"),
-            output_tokens=_req(m, "completion_tokens"),
+            input_tokens=_req(m, input_key),
+            output_tokens=output_tokens,
             cache_read_tokens=_opt(m, "cached_prompt_tokens"),
             cache_write_tokens=_opt(m, "cache_creation_tokens"),
             reasoning_tokens=_opt(m, "reasoning_tokens"),
@@ -278,10 +289,11 @@ def _require_mapping(data: Any, what: str) -> Mapping[str, Any]:
 
 
 def _detect_shape(m: Mapping[str, Any]) -> str:
+    # CrewAI's flat parts first: its native providers add them to their own shapes.
+    if any(key in m for key in ("cached_prompt_tokens", "cache_creation_tokens", "successful_requests")):
+        return "crewai"
     if "prompt_token_count" in m or "promptTokenCount" in m:
         return "gemini"
-    if "cached_prompt_tokens" in m and "prompt_tokens_details" not in m:
-        return "crewai"
     if "prompt_tokens" in m or "completion_tokens" in m:
         return "openai"
     if "input_tokens_details" in m or "output_tokens_details" in m:
