@@ -5,11 +5,8 @@ python benchmarks/langgraph_overhead.py
 
 from __future__ import annotations
 
-import gc
 import operator
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, TypedDict
 
@@ -22,9 +19,10 @@ from budgetary.integrations.langgraph import govern_graph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fakes import FakeChatModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import compare
+
 NODES = 10
-ROUNDS = 7
-PER_ROUND = 20
 
 
 class State(TypedDict, total=False):
@@ -46,19 +44,6 @@ def build(model: FakeChatModel) -> StateGraph:
     return builder
 
 
-def timed(run) -> float:
-    for _ in range(3):
-        run()
-    rounds = []
-    for _ in range(ROUNDS):
-        gc.collect()
-        start = time.perf_counter()
-        for _ in range(PER_ROUND):
-            run()
-        rounds.append((time.perf_counter() - start) / PER_ROUND * 1e3)
-    return statistics.median(rounds)
-
-
 def main() -> None:
     model = FakeChatModel(usage={"input_tokens": 50, "output_tokens": 10, "total_tokens": 60}, max_tokens=10)
     plain = build(model).compile()
@@ -70,15 +55,7 @@ def main() -> None:
         "plain + usage handler": lambda: plain.invoke({"notes": []}, {"callbacks": [usage]}),
         "govern_graph": lambda: governed.invoke({"notes": []}),
     }
-    results: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(3):  # interleaved, so drift on a busy machine hits every case alike
-        for name, run in cases.items():
-            results[name].append(timed(run))
-    base = statistics.median(results["plain graph"])
-    print(f"{'case':<22} {'median ms/run':>14} {'x plain':>8}")
-    for name, values in results.items():
-        value = statistics.median(values)
-        print(f"{name:<22} {value:>14.2f} {value / base:>8.3f}")
+    compare(cases, baseline="plain graph", unit="ms/run", rounds=7, per_round=20, warmup=3, scale=1e3)
     assert budget.snapshot().llm_calls > 0 and budget.snapshot().agents_started > 0
 
 
