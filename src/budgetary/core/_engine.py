@@ -9,7 +9,7 @@ counts calls whose model had no price.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -133,7 +133,7 @@ class Outcome:
     """The result of one engine operation."""
 
     decision: Decision = ALLOW
-    events: list[SoftLimit] = field(default_factory=list)
+    events: Sequence[SoftLimit] = ()
     moved: int = 0
     entry: LedgerEntry | None = None
 
@@ -148,6 +148,8 @@ class Engine:
         self.seq = 0
         self.next_expiry = float("inf")
         self._sink = sink if sink is not None else self.entries.append
+        # chain -> (its levels, whether any has a window); levels are updated in place, never replaced.
+        self._chains: dict[tuple[str, ...], tuple[list[Level], bool]] = {}
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -164,11 +166,20 @@ class Engine:
     def _chain(self, chain: tuple[str, ...], now: float) -> list[Level]:
         if now >= self.next_expiry:
             self.expire(now)
-        levels = [self.levels[k] for k in chain]
-        for level in levels:
-            if level.window is not None and now >= level.window_start + level.window:
-                self._roll_window(level, now)
+        cached = self._chains.get(chain)
+        if cached is None:
+            levels = [self.levels[k] for k in chain]
+            cached = self._chains[chain] = (levels, any(level.window is not None for level in levels))
+        levels, windowed = cached
+        if windowed:
+            for level in levels:
+                if level.window is not None and now >= level.window_start + level.window:
+                    self._roll_window(level, now)
         return levels
+
+    def forget_chains(self) -> None:
+        """Drop cached chains (after a budget was added or its window changed)."""
+        self._chains.clear()
 
     @staticmethod
     def _roll_window(level: Level, now: float) -> None:
@@ -409,10 +420,17 @@ class Engine:
         run = levels[0]
         state = self._agent(run, agent)
         hold = self.holds.get(hold_id) if hold_id is not None else None
-        if hold is not None:
-            self._drop_hold(hold)
-        for level in levels:
-            _add(level.spent, actual)
+        if hold is not None and hold.agent == agent and tuple(hold.chain) == chain:
+            del self.holds[hold.id]
+            for level in levels:  # the usual case: the same levels hold and spend
+                _sub(level.held, hold.amounts)
+                _add(level.spent, actual)
+            _sub(state.held, hold.amounts)
+        else:
+            if hold is not None:
+                self._drop_hold(hold)
+            for level in levels:
+                _add(level.spent, actual)
         _add(state.spent, actual)
         entry = self._append(
             now, run, chain, agent=agent, kind="llm", model=meta.model,

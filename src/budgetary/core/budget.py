@@ -125,8 +125,9 @@ class Reservation:
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
             estimated=estimated, cost_known=nanos is not None, usage=usage,
         )  # fmt: skip
-        self.events = outcome.events
-        budget._after(outcome, self.agent, usage)
+        self.events = list(outcome.events)
+        if budget._guards is not None or outcome.events:
+            budget._after(outcome, self.agent, usage)
         assert outcome.entry is not None
         return outcome.entry
 
@@ -151,15 +152,15 @@ class Reservation:
 class _LLMCall:
     """``with``/``async with`` block around one reservation."""
 
-    __slots__ = ("_budget", "_kwargs", "_reservation")
+    __slots__ = ("_args", "_budget", "_reservation")
 
-    def __init__(self, budget: Budget, kwargs: dict[str, Any]) -> None:
+    def __init__(self, budget: Budget, args: tuple[Any, ...]) -> None:
         self._budget = budget
-        self._kwargs = kwargs
+        self._args = args
         self._reservation: Reservation | None = None
 
     def __enter__(self) -> Reservation:
-        self._reservation = self._budget.reserve(**self._kwargs)
+        self._reservation = self._budget._reserve(*self._args)
         return self._reservation
 
     def __exit__(
@@ -407,7 +408,13 @@ class Budget:
         unpriced_ok: bool = False,
     ) -> Reservation:  # fmt: skip
         if prompt_tokens is not None:
-            prompt, exact = coerce_count(prompt_tokens, "prompt_tokens"), True
+            # The common case (a plain non-negative int) skips the general coercion.
+            prompt = (
+                prompt_tokens
+                if type(prompt_tokens) is int and prompt_tokens >= 0
+                else coerce_count(prompt_tokens, "prompt_tokens")
+            )
+            exact = True
         elif messages is not None:
             prompt, exact = upper_bound(messages), False
         else:
@@ -477,10 +484,7 @@ class Budget:
         the yielded `Reservation`. Leaving without a settle charges the hold as
         an estimate; leaving by an exception releases it.
         """
-        return _LLMCall(self, {
-            "agent": agent, "model": model, "messages": messages, "prompt_tokens": prompt_tokens,
-            "max_output_tokens": max_output_tokens, "provider": provider, "run_id": run_id, "location": location,
-        })  # fmt: skip
+        return _LLMCall(self, (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location))
 
     def record(
         self,

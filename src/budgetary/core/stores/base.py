@@ -53,54 +53,95 @@ class Store(Protocol):
 
     def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None:
         """Create the budget ``key`` or update its limits, keeping counters and top-ups."""
+
     def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
         """Register an agent's contract (``replace=False`` keeps an existing one)."""
+
     def has_agent(self, key: str, agent: str | None) -> bool:
         """Whether ``agent`` is registered in budget ``key``."""
+
     def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
         """Could an LLM call start now? Changes nothing."""
+
     def reserve(
-        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
-        now: float, meta: Meta, quiet: bool = False,
+        self,
+        chain: tuple[str, ...],
+        agent: str | None,
+        req: Vector,
+        *,
+        gate: bool,
+        hold_id: str,
+        ttl: float,
+        now: float,
+        meta: Meta,
+        quiet: bool = False,
     ) -> Outcome:
         """Atomically check and hold ``req`` for one call."""
+
     def settle(
-        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
-        meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
+        self,
+        chain: tuple[str, ...],
+        agent: str | None,
+        hold_id: str | None,
+        actual: Vector,
+        *,
+        now: float,
+        meta: Meta,
+        estimated: bool = False,
+        cost_known: bool = True,
+        usage: Usage | None = None,
     ) -> Outcome:
         """Replace a hold (if still there) by what the call consumed."""
+
     def release(self, hold_id: str, *, now: float, reason: str) -> bool:
         """Drop a hold without charging it."""
+
     def renew(self, hold_id: str, ttl: float, now: float) -> bool:
         """Extend a live hold's lease."""
+
     def held_amounts(self, hold_id: str) -> Vector | None:
         """What a live hold holds, or ``None``."""
+
     def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
         """Take one ``max_agents`` slot if allowed."""
-    def count_tool(
-        self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
-    ) -> Decision:
+
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
         """Check and count one tool call."""
+
     def reallocate(
         self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta
     ) -> int: ...
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
         """Record ``agent``'s last reported confidence."""
+
     def top_up(self, key: str, amounts: Vector, now: float) -> None:
         """Raise budget ``key``'s limits by ``amounts``."""
+
     def record_entry(
-        self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
-        decision: Decision | None = None, reason: str | None = None,
+        self,
+        chain: tuple[str, ...],
+        agent: str | None,
+        kind: str,
+        *,
+        now: float,
+        meta: Meta,
+        decision: Decision | None = None,
+        reason: str | None = None,
     ) -> None:
         """Write a ledger entry that changes no counter (skip, external deny)."""
+
     def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
         """Raw figures of every level of ``chain``."""
+
     def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
         """Copies of budget ``key``'s agent states."""
+
     def entries(self, scope: str) -> list[LedgerEntry]:
         """Ledger entries whose scopes include ``scope``, in order."""
+
     def close(self) -> None:
         """Release connections and other resources."""
+
     def __enter__(self) -> Store: ...
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -132,6 +173,7 @@ class EngineStore(ABC):
                 level.warn_at = limits.warn_at
                 level.window = limits.window_seconds
                 level.refresh()
+            engine.forget_chains()
 
     def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
         """Register ``contract``; with ``replace=False`` an existing agent is kept as it is."""
