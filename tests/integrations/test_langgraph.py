@@ -304,3 +304,48 @@ def test_budget_node_decorates_sync_and_async_nodes_keeping_their_signature():
     assert len(state["notes"]) == 2 and seen_config and "callbacks" in seen_config[0]
     assert [m.agent for m in state["budget_skipped"]] == ["critic"]
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "writer"]
+
+
+def test_a_graph_error_handler_catches_a_denial():
+    """Documented: a graph-level error handler receives the denial and the run completes."""
+    model = fake()
+    builder = research_builder(model)
+    handled = []
+
+    def fallback(state: Research) -> dict:
+        handled.append(True)
+        return {"notes": ["fallback"]}
+
+    builder.set_node_defaults(error_handler=fallback)
+    budget = Budget(Limits(max_llm_calls=1))
+    state = govern_graph(builder, budget).invoke({"topic": "otters"})
+    assert handled and "fallback" in state["notes"]
+    assert model.calls.count == 1 and budget.ledger.history(kind="deny")
+
+
+def test_finished_send_branches_are_kept_on_resume():
+    model = fake()
+
+    class Fan(TypedDict, total=False):
+        items: list[int]
+        results: Annotated[list[str], operator.add]
+
+    def worker(state: dict) -> dict:
+        item = state["item"]
+        return {"results": [f"{item}:{model.invoke(f'item {item}').content}"]}
+
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", END)
+    budget = Budget(Limits(max_llm_calls=3))
+    app = govern_graph(builder, budget, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "fan"}}
+    with pytest.raises(BudgetExceeded):
+        app.invoke({"items": list(range(8))}, config)
+    assert model.calls.count == 3
+    budget.top_up(llm_calls=10)
+    state = app.invoke(None, config)
+    assert sorted(int(r.split(":")[0]) for r in state["results"]) == list(range(8))
+    assert model.calls.count == 8  # the 3 finished branches did not run again
+    assert budget.snapshot().held_llm_calls == 0
