@@ -235,3 +235,28 @@ def test_soft_limit_tells_the_agent_once_and_calls_the_host():
     crew.kickoff(inputs={"topic": "otters"})
     assert len(events) == 1 and events[0].resource == "total_tokens"
     assert ["Budget notice" in s for s in seen] == [False, False, True]
+
+
+def test_the_forced_final_answer_after_max_iter_is_charged_to_the_tasks_agent():
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "more to read"
+
+    def responder(messages, index, agent, task):
+        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
+            return "Thought: forced\nFinal Answer: best effort"
+        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    crew = Crew(agents=[agent], tasks=[task])
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    agentless = [r for r in fake.calls.records if r["agent"] is None]
+    assert agentless, "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count
+    assert {e.agent for e in entries} == {"Researcher"}
