@@ -42,7 +42,7 @@ def main() -> None:
         "plain crew": lambda: plain.kickoff(inputs={"topic": "otters"}),
         "govern_crew": lambda: governed.kickoff(inputs={"topic": "otters"}),
     }
-    compare(cases, baseline="plain crew", unit="ms/kickoff", rounds=5, per_round=10, warmup=1, scale=1e3)
+    compare(cases, baseline="plain crew", unit="ms/kickoff", rounds=5, per_round=10, warmup=2, scale=1e3, repeats=5)
     assert budget.snapshot().llm_calls > 0
 
 
