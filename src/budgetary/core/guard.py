@@ -7,7 +7,7 @@ into `BudgetExceeded` (or a skip, or an interrupt) according to their policy.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from decimal import Decimal
 from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
@@ -31,7 +31,7 @@ class Allow:
     reason: ClassVar[str] = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class SoftLimit:
     """The call may start, but spend is at or above a ``warn_at`` threshold.
 
@@ -52,6 +52,7 @@ class SoftLimit:
     """The limit on ``resource``."""
     message: str
     """A sentence for humans and logs."""
+    _: KW_ONLY
     threshold: float = 0.0
     """The ``warn_at`` fraction that was reached."""
     budget: str | None = None
@@ -65,7 +66,7 @@ class SoftLimit:
         return self.message
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class Deny:
     """The call must not start.
 
@@ -82,6 +83,7 @@ class Deny:
     """The `Limits` field without ``max_``, ``"allocation"``, ``"confidence"`` or a host guard's name."""
     reason: str
     """A sentence naming the limit, its value and what was observed."""
+    _: KW_ONLY
     limit: int | Decimal | float | None = None
     spent: int | Decimal | float | None = None
     requested: int | Decimal | None = None
