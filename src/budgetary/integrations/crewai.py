@@ -47,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError('budgetary.integrations.crewai needs crewai: pip install "budgetary[crewai]"') from exc
 
 from budgetary.core.budget import POLICIES, Budget, Reservation
-from budgetary.core.errors import BudgetExceeded, ConfigurationError
+from budgetary.core.errors import BudgetExceeded, ConfigurationError, UsageError
 from budgetary.core.guard import SoftLimit
 from budgetary.core.skip import Skipped, mark_skipped
 
@@ -324,8 +324,11 @@ def _track_usage(original: Any) -> Any:
         run = _run.get()
         if run is not None:  # a call no hook saw (a custom LLM that skips the hooks): record it anyway
             agent = run.gov.agent(run.role_for(None, None))
-            run.gov.budget.record(agent, _usage_or_none(usage_data), model=getattr(self, "model", None),
-                                  run_id=run.run_id)  # fmt: skip
+            try:
+                run.gov.budget.record(agent, _usage_or_none(usage_data), model=getattr(self, "model", None),
+                                      run_id=run.run_id)  # fmt: skip
+            except UsageError:  # never crash the user's run on a provider's garbage; there is no estimate here
+                logger.warning("unreadable usage %r from %r was not recorded", usage_data, self)
 
     return tracked
 
