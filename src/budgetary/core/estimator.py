@@ -73,7 +73,9 @@ def message_texts(messages: Any) -> list[str]:
                 texts.append(_json(message["tool_calls"]))
         else:
             texts.append(_content_text(getattr(message, "content", message)))
-            tool_calls = getattr(message, "tool_calls", None)
+            # Read the instance dict: on a pydantic message without the field, getattr raises inside.
+            fields = getattr(message, "__dict__", None)
+            tool_calls = fields.get("tool_calls") if fields is not None else getattr(message, "tool_calls", None)
             if tool_calls:
                 texts.append(_json(tool_calls))
     return texts
