@@ -406,3 +406,20 @@ def test_constructor_validates_its_arguments():
         Budget(lease_ttl=0)
     with pytest.raises(ConfigurationError, match="limits"):
         Budget({"max_total_tokens": 5})  # type: ignore[arg-type]
+
+
+def test_a_live_llm_call_block_keeps_its_lease_while_a_forgotten_hold_expires():
+    import time
+
+    from budgetary.core.prices import PriceTable
+
+    PriceTable().rates("gpt-4o-mini")  # load the price table first: its first load can hold the GIL for ~0.5 s
+    budget = Budget(Limits(max_total_tokens=10_000), lease_ttl=0.3)
+    forgotten = budget.reserve(model="gpt-4o-mini", prompt_tokens=100, max_output_tokens=100)
+    with budget.llm_call(model="gpt-4o-mini", prompt_tokens=10, max_output_tokens=10) as live:
+        time.sleep(1.0)  # a long call: three lease lifetimes
+        snap = budget.snapshot()  # expires what is due
+        assert snap.held_tokens == 20  # the live call still holds its budget; the forgotten hold is gone
+        live.settle(Usage(input_tokens=10, output_tokens=10))
+    assert not forgotten.renew()
+    assert [e.reason for e in budget.ledger.history(kind="release")] == ["lease expired"]

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
 from budgetary.core._engine import UNPRICED, Meta, Outcome, Vector, user_value, zeros
+from budgetary.core._lease import keeper
 from budgetary.core._units import COST, DIMENSIONS, IN, LLM, OUT, TOTAL, nanos_to_usd, sat, usd_to_nanos
 from budgetary.core.contract import AgentContract
 from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError
@@ -60,7 +61,10 @@ class Reservation:
         ```
     """
 
-    __slots__ = ("_budget", "_done", "_req", "agent", "decision", "events", "hold_id", "meta", "model", "provider")
+    __slots__ = (
+        "_budget", "_done", "_renewed_at", "_req", "agent", "decision", "events", "hold_id", "meta", "model",
+        "provider",
+    )  # fmt: skip
 
     def __init__(
         self, budget: Budget, hold_id: str, agent: str | None, model: str | None, provider: str | None,
@@ -78,6 +82,7 @@ class Reservation:
         self.events: list[SoftLimit] = []
         """Soft-limit crossings the settle caused (each fires once per threshold and scope)."""
         self._done = False
+        self._renewed_at = budget._clock()
 
     @property
     def done(self) -> bool:
@@ -144,9 +149,19 @@ class Reservation:
         budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
 
     def renew(self) -> bool:
-        """Extend the hold's lease (long streamed calls); False if it had already expired."""
+        """Extend the hold's lease (long calls); False if it had already expired."""
         budget = self._budget
-        return budget._store.renew(self.hold_id, budget.lease_ttl, budget._clock())
+        self._renewed_at = now = budget._clock()
+        return budget._store.renew(self.hold_id, budget.lease_ttl, now)
+
+    @property
+    def ttl(self) -> float:
+        """The lease's time to live, in seconds."""
+        return self._budget.lease_ttl
+
+    def lease_age(self) -> float:
+        """Seconds since the hold was taken or last renewed."""
+        return self._budget._clock() - self._renewed_at
 
 
 class _LLMCall:
@@ -160,14 +175,18 @@ class _LLMCall:
         self._reservation: Reservation | None = None
 
     def __enter__(self) -> Reservation:
-        self._reservation = self._budget._reserve(*self._args)
-        return self._reservation
+        self._reservation = reservation = self._budget._reserve(*self._args)
+        keeper.track(reservation)  # the call is live while the block runs: keep its lease
+        return reservation
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         r = self._reservation
-        if r is None or r.done:
+        if r is None:
+            return
+        keeper.untrack(r)
+        if r.done:
             return
         if exc_type is None:
             r.charge_estimate()  # the caller forgot to settle: charge what was held
