@@ -47,6 +47,7 @@ _lock = threading.Lock()
 _encodings: dict[str, Any] = {}
 _model_encoding: dict[str | None, str] = {}
 _failed: set[str] = set()
+_warned = False
 
 
 def message_texts(messages: Any) -> list[str]:
@@ -116,8 +117,14 @@ def upper_bound(messages: Any) -> int:
     total = 0
     for text in texts:
         # ASCII text is one byte per char; only encode when there may be multi-byte chars.
-        total += len(text) if text.isascii() else len(text.encode("utf-8"))
+        total += len(text) if text.isascii() else _utf8_len(text)
     return total + _framing(texts, not isinstance(messages, str))
+
+
+def _utf8_len(text: str) -> int:
+    # A lone surrogate (from a broken JSON escape) must not crash the estimate: tiktoken replaces
+    # it with U+FFFD (3 bytes); "surrogatepass" counts it as 3 bytes too, so the bound holds.
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def count_tokens(messages: Any, model: str | None = None) -> int:
@@ -139,7 +146,7 @@ def estimate_text_tokens(texts: Iterable[str], model: str | None = None) -> int:
     encoding = _encoding_for(model)
     texts = list(texts)
     if encoding is None:
-        return sum(len(t.encode("utf-8")) for t in texts)
+        return sum(_utf8_len(t) for t in texts)
     return sum(len(encoding.encode(t, disallowed_special=())) for t in texts)
 
 
@@ -161,6 +168,7 @@ def encoding_name(model: str | None) -> str:
 
 
 def _encoding_for(model: str | None) -> Any | None:
+    global _warned
     name = encoding_name(model)
     encoding = _encodings.get(name)
     if encoding is not None:
@@ -178,6 +186,9 @@ def _encoding_for(model: str | None) -> Any | None:
             encoding = tiktoken.get_encoding(name)
         except Exception as exc:  # offline with no cache: network or file errors of any kind
             _failed.add(name)
+            if _warned:  # once per process: a second encoding failing offline says nothing new
+                return None
+            _warned = True
             warnings.warn(
                 f"tiktoken could not load the {name!r} encoding ({exc!r}); prompt tokens are estimated "
                 "by their UTF-8 length (an upper bound). Set TIKTOKEN_CACHE_DIR to a folder holding the "
@@ -191,7 +202,9 @@ def _encoding_for(model: str | None) -> Any | None:
 
 
 def _reset_for_tests() -> None:
+    global _warned
     with _lock:
+        _warned = False
         _encodings.clear()
         _model_encoding.clear()
         _failed.clear()

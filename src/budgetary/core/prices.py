@@ -3,7 +3,9 @@
 A model's rates are resolved once per (provider, model) and cached as
 integers (femto-dollars per token), so pricing a call is a few integer
 multiplications. Models whose price depends on prompt length keep their tiers
-and the tier is picked per call. Costs round up to whole nano-dollars.
+and the tier is picked per call. Cached-input, cache-write and reasoning
+tokens use their own price when the table lists one, and a per-request fee is
+charged once per call. Costs round up to whole nano-dollars.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ class Price:
     """Price of input tokens written to the cache; defaults to ``input_mtok``."""
     reasoning_mtok: Decimal | None = None
     """Price of reasoning tokens; defaults to ``output_mtok``."""
+    request_kcount: Decimal | None = None
+    """Price per thousand requests (a per-call fee some providers charge); default none."""
 
     def __post_init__(self) -> None:
-        for name in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "reasoning_mtok"):
+        for name in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "reasoning_mtok",
+                     "request_kcount"):  # fmt: skip
             value = getattr(self, name)
             if value is None and name in ("input_mtok", "output_mtok"):
                 raise ConfigurationError(f"Price needs {name}")
@@ -68,6 +73,8 @@ class _Rates:
     cache_read: int
     cache_write: int
     reasoning: int
+    request: int = 0
+    """Femto-dollars per call."""
 
     @classmethod
     def of(cls, price: Price) -> _Rates:
@@ -81,6 +88,8 @@ class _Rates:
             cache_read=femto(price.cache_read_mtok, price.input_mtok),
             cache_write=femto(price.cache_write_mtok, price.input_mtok),
             reasoning=femto(price.reasoning_mtok, price.output_mtok),
+            # $1 per thousand requests = 1e12 femto-dollars per request = 1000x the per-Mtok factor.
+            request=femto(price.request_kcount, Decimal(0)) * 1000,
         )
 
 
@@ -101,7 +110,8 @@ class _ModelRates:
         uncached = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
         plain_output = usage.output_tokens - usage.reasoning_tokens
         femto = (
-            uncached * r.input
+            r.request
+            + uncached * r.input
             + usage.cache_read_tokens * r.cache_read
             + usage.cache_write_tokens * r.cache_write
             + plain_output * r.output
@@ -112,7 +122,7 @@ class _ModelRates:
     def worst_case_nanos(self, input_tokens: int, output_tokens: int) -> int:
         """The most ``input_tokens`` + ``output_tokens`` could cost (no cache discount)."""
         r = self.at(input_tokens)
-        femto = input_tokens * max(r.input, r.cache_write) + output_tokens * max(r.output, r.reasoning)
+        femto = r.request + input_tokens * max(r.input, r.cache_write) + output_tokens * max(r.output, r.reasoning)
         return -(-femto // _FEMTO_PER_NANO)
 
 
@@ -121,15 +131,24 @@ _table_cache: dict[tuple[str | None, str], _ModelRates | None] = {}
 _warned: set[str] = set()
 
 
+def _reset_for_tests() -> None:
+    with _table_lock:
+        _table_cache.clear()
+        _warned.clear()
+
+
 def _from_genai_prices(model: str, provider: str | None) -> _ModelRates | None:
     from genai_prices import Usage as GUsage
     from genai_prices import calc_price
 
     attempts = [(model, provider)]
-    if "/" in model and provider is None:  # "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5"
+    if "/" in model:  # "openai/gpt-4o-mini", "openrouter/anthropic/claude-sonnet-4-5"
         head, _, tail = model.partition("/")
-        attempts.append((tail, head))
-        attempts.append((model.rsplit("/", 1)[-1], None))
+        bare = model.rsplit("/", 1)[-1]
+        if provider is None:
+            attempts += [(tail, head), (bare, None)]
+        else:
+            attempts += [(tail, provider), (bare, provider)]
     for ref, prov in attempts:
         try:
             found = calc_price(GUsage(input_tokens=1, output_tokens=1), model_ref=ref, provider_id=prov)
@@ -146,7 +165,10 @@ def _convert(model_price: Any) -> _ModelRates | None:
             return value, ()
         return value.base, tuple((tier.start, tier.price) for tier in value.tiers)
 
-    fields = {name: parts(name + "_mtok") for name in ("input", "output", "cache_read", "cache_write")}
+    fields = {
+        name: parts(name + "_mtok") for name in ("input", "output", "cache_read", "cache_write", "output_reasoning")
+    }
+    request_kcount, _ = parts("requests_kcount")
     base_in, base_out = fields["input"][0], fields["output"][0]
     if base_in is None or base_out is None:
         return None
@@ -155,6 +177,8 @@ def _convert(model_price: Any) -> _ModelRates | None:
         output_mtok=base_out,
         cache_read_mtok=fields["cache_read"][0],
         cache_write_mtok=fields["cache_write"][0],
+        reasoning_mtok=fields["output_reasoning"][0],
+        request_kcount=request_kcount,
     )
     starts = sorted({start for _, tiers in fields.values() for start, _ in tiers})
     tiers = []
@@ -168,11 +192,14 @@ def _convert(model_price: Any) -> _ModelRates | None:
                     chosen = price
             return chosen
 
+        tier_in, tier_out = at("input"), at("output")
         tier_price = Price(
-            input_mtok=at("input") or base_in,
-            output_mtok=at("output") or base_out,
+            input_mtok=base_in if tier_in is None else tier_in,
+            output_mtok=base_out if tier_out is None else tier_out,
             cache_read_mtok=at("cache_read"),
             cache_write_mtok=at("cache_write"),
+            reasoning_mtok=at("output_reasoning"),
+            request_kcount=request_kcount,
         )
         tiers.append((start, _Rates.of(tier_price)))
     return _ModelRates(_Rates.of(base), tuple(tiers))
@@ -192,7 +219,10 @@ class PriceTable:
         self._overrides: dict[str, _ModelRates] = {}
         for model, price in (overrides or {}).items():
             if isinstance(price, Mapping):
-                price = Price(**price)
+                try:
+                    price = Price(**price)
+                except TypeError as exc:  # a missing or misspelt field
+                    raise ConfigurationError(f"price for {model!r}: {exc}") from None
             if not isinstance(price, Price):
                 raise ConfigurationError(f"price for {model!r} must be a Price or a mapping, got {price!r}")
             self._overrides[model] = _ModelRates(_Rates.of(price))

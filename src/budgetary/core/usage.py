@@ -10,6 +10,7 @@ Gemini's thinking tokens) are folded in by their normaliser.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -21,6 +22,9 @@ from budgetary.core.errors import UsageError
 __all__ = ["Usage", "coerce_cost", "coerce_count"]
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+# ASCII digits only: str.isdigit() also accepts "²", which int() then rejects with a bare ValueError.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_NO_TOTAL: Any = None
 
 
 def coerce_count(value: Any, name: str) -> int:
@@ -43,7 +47,7 @@ def coerce_count(value: Any, name: str) -> int:
         return coerce_count(int(value), name)
     if isinstance(value, str):
         text = value.strip()
-        if not text.lstrip("+-").isdigit():
+        if not _INT_TEXT.fullmatch(text):
             raise UsageError(f"{name} must be an integer token count, got {value!r}")
         return coerce_count(int(text), name)
     raise UsageError(f"{name} must be an integer token count, got {type(value).__name__} {value!r}")
@@ -96,7 +100,7 @@ class Usage:
     """Part of ``output_tokens`` spent on hidden reasoning."""
     cost_usd: Decimal | None = None
     """Exact cost in USD, or ``None`` when not known (yet)."""
-    total_tokens: int = field(default=-1)
+    total_tokens: int = field(default=_NO_TOTAL)
     """Always ``input_tokens + output_tokens`` (saturated); passing another value is an error."""
 
     def __post_init__(self) -> None:
@@ -104,6 +108,10 @@ class Usage:
             value = getattr(self, name)
             if type(value) is not int or value < 0 or value > MAX_INT:
                 object.__setattr__(self, name, coerce_count(value, name))
+        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
+            if self.input_tokens == MAX_INT:
+                # Saturated: the true input is unknown but at least the parts, so clamp the parts.
+                object.__setattr__(self, "cache_write_tokens", MAX_INT - self.cache_read_tokens)
         if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
             raise UsageError(
                 f"cache_read_tokens + cache_write_tokens ({self.cache_read_tokens} + "
@@ -119,7 +127,7 @@ class Usage:
             coerce_cost(self.cost_usd)
         total = sat(self.input_tokens + self.output_tokens)
         given = self.total_tokens
-        if given != -1 and coerce_count(given, "total_tokens") != total:
+        if given is not None and coerce_count(given, "total_tokens") != total:
             raise UsageError(f"total_tokens must equal input_tokens + output_tokens ({total}), got {given!r}")
         object.__setattr__(self, "total_tokens", total)
 
@@ -146,7 +154,8 @@ class Usage:
         setattr_(copy, "cache_write_tokens", self.cache_write_tokens)
         setattr_(copy, "reasoning_tokens", self.reasoning_tokens)
         setattr_(copy, "total_tokens", self.total_tokens)
-        setattr_(copy, "cost_usd", cost_usd if type(cost_usd) is Decimal else coerce_cost(cost_usd))
+        valid = type(cost_usd) is Decimal and cost_usd.is_finite() and cost_usd >= 0
+        setattr_(copy, "cost_usd", cost_usd if valid else coerce_cost(cost_usd))
         return copy
 
     # -- normalisers -------------------------------------------------------------------
@@ -163,11 +172,14 @@ class Usage:
             return data
         if data is None:
             raise UsageError("usage is missing (got None)")
-        mapping = _as_mapping(data)
-        if mapping is None:
+        if not isinstance(data, Mapping):
+            # A LangChain AIMessage (or a Gemini response) is itself a pydantic model: read its
+            # usage_metadata before its model_dump(), whose keys are the message's, not usage.
             metadata = getattr(data, "usage_metadata", None)
             if metadata is not None:
-                return cls.from_langchain(metadata)
+                return cls.from_provider(metadata)
+        mapping = _as_mapping(data)
+        if mapping is None:
             raise UsageError(f"cannot read token usage from {type(data).__name__}")
         return _NORMALISERS[_detect_shape(mapping)](mapping)
 
@@ -199,11 +211,13 @@ class Usage:
             out = _details(m, "output_tokens_details")
             input_tokens = _req(m, "input_tokens")
             output_tokens = _req(m, "output_tokens")
+        # LiteLLM folds Anthropic's cache tokens into prompt_tokens and keeps them beside it too.
         cache_write = _opt(m, "cache_creation_input_tokens") or _opt(inp, "cache_creation_tokens")
+        cache_read = _opt(inp, "cached_tokens") or _opt(m, "cache_read_input_tokens")
         return cls(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            cache_read_tokens=_opt(inp, "cached_tokens"),
+            cache_read_tokens=cache_read,
             cache_write_tokens=cache_write,
             reasoning_tokens=_opt(out, "reasoning_tokens"),
             cost_usd=_reported_cost(m),
@@ -250,7 +264,9 @@ class Usage:
         ``input_tokens`` or ``prompt_token_count``) beside CrewAI's flat parts
         (``cached_prompt_tokens``, ``cache_creation_tokens``, ``reasoning_tokens``);
         the native Anthropic and Gemini providers already include cached tokens in
-        the input count and thinking tokens in ``completion_tokens``.
+        the input count and thinking tokens in ``completion_tokens``. A raw Anthropic
+        shape (``input_tokens`` beside ``cache_*_input_tokens``) is folded as in
+        `from_anthropic`, like CrewAI's own ``UsageMetrics.from_provider_dict``.
         """
         m = _require_mapping(metrics, "usage metrics")
         input_key = next((k for k in ("prompt_tokens", "input_tokens", "prompt_token_count") if k in m), None)
@@ -261,11 +277,21 @@ class Usage:
             output_tokens = _req(m, output_key)
         else:
             output_tokens = sat(_req(m, "candidates_token_count") + _opt(m, "thoughts_token_count"))
+        cache_read = _first(m, "cached_prompt_tokens", "cached_tokens", "cache_read_input_tokens")
+        if not cache_read:
+            cache_read = _opt(_details(m, "prompt_tokens_details"), "cached_tokens")
+        cache_write = _first(m, "cache_creation_tokens", "cache_creation_input_tokens")
+        input_tokens = _req(m, input_key)
+        if input_key == "input_tokens" and ("cache_read_input_tokens" in m or "cache_creation_input_tokens" in m):
+            # Anthropic's raw shape (via LiteLLM or CrewAI's event aggregation): cache tokens beside input.
+            input_tokens = sat(
+                input_tokens + _opt(m, "cache_read_input_tokens") + _opt(m, "cache_creation_input_tokens")
+            )
         return cls(
-            input_tokens=_req(m, input_key),
+            input_tokens=input_tokens,
             output_tokens=output_tokens,
-            cache_read_tokens=_opt(m, "cached_prompt_tokens"),
-            cache_write_tokens=_opt(m, "cache_creation_tokens"),
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
             reasoning_tokens=_opt(m, "reasoning_tokens"),
         )
 
@@ -325,6 +351,15 @@ def _req(m: Mapping[str, Any], key: str) -> int:
 def _opt(m: Mapping[str, Any], key: str) -> int:
     value = m.get(key)
     return 0 if value is None else coerce_count(value, key)
+
+
+def _first(m: Mapping[str, Any], *keys: str) -> int:
+    # The first non-zero of several aliases (CrewAI's precedence: a present zero falls through).
+    for key in keys:
+        value = _opt(m, key)
+        if value:
+            return value
+    return 0
 
 
 def _reported_cost(m: Mapping[str, Any]) -> Decimal | None:
