@@ -29,6 +29,7 @@ from budgetary.core.prices import Price, PriceTable
 from budgetary.core.skip import Skipped
 from budgetary.core.snapshot import Snapshot
 from budgetary.core.stores import Store, store_from_url
+from budgetary.core.stores.base import off_loop
 from budgetary.core.stores.memory import MemoryStore
 from budgetary.core.usage import Usage, coerce_cost, coerce_count
 
@@ -109,6 +110,10 @@ class Reservation:
             return self.charge_estimate()
         return self._settle(parsed, model or self.model, estimated=False)
 
+    async def asettle(self, usage: Any, *, model: str | None = None, lenient: bool = False) -> LedgerEntry:
+        """`settle` for async code: a SQLite or Redis store is called off the event loop."""
+        return await off_loop(self._budget._store, functools.partial(self.settle, usage, model=model, lenient=lenient))
+
     def charge_estimate(self) -> LedgerEntry:
         """Charge the pre-call estimate, flagged ``estimated`` (the call's real usage is unknown)."""
         return self._settle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
@@ -147,6 +152,10 @@ class Reservation:
             self.charge_estimate()
             return
         budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
+
+    async def arelease(self, reason: str = "call failed") -> None:
+        """`release` for async code: a SQLite or Redis store is called off the event loop."""
+        await off_loop(self._budget._store, self.release, reason)
 
     def renew(self) -> bool:
         """Extend the hold's lease (long calls); False if it had already expired."""
@@ -194,12 +203,12 @@ class _LLMCall:
             r.release(f"call failed: {exc_type.__name__}")
 
     async def __aenter__(self) -> Reservation:
-        return self.__enter__()
+        return await off_loop(self._budget._store, self.__enter__)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.__exit__(exc_type, exc, tb)
+        await off_loop(self._budget._store, self.__exit__, exc_type, exc, tb)
 
 
 class Budget:
@@ -421,6 +430,22 @@ class Budget:
         """
         return self._reserve(agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
 
+    async def areserve(
+        self,
+        agent: str | None = None,
+        *,
+        model: str | None = None,
+        messages: Any = None,
+        prompt_tokens: int | None = None,
+        max_output_tokens: int | None = None,
+        provider: str | None = None,
+        run_id: str | None = None,
+        location: str | None = None,
+    ) -> Reservation:
+        """`reserve` for async code: a SQLite or Redis store is called off the event loop."""
+        args = (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
+        return await off_loop(self._store, self._reserve, *args)
+
     def _reserve(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
         max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
@@ -458,7 +483,7 @@ class Budget:
                     reason=(
                         f"model {model!r} has no known price and budget {self.name!r} has a USD limit, so its "
                         f"cost cannot be checked. Pass prices={{{model!r}: Price(input_mtok=..., "
-                        "output_mtok=...)}} to Budget, or allow_unpriced=True to let it run uncounted."
+                        "output_mtok=...)} to Budget, or allow_unpriced=True to let it run uncounted."
                     ),
                     budget=self.name,
                     agent=agent,
@@ -472,9 +497,9 @@ class Budget:
                                 now=now, meta=meta, quiet=not exact)  # fmt: skip
         decision = outcome.decision
         if not decision.allowed and not exact:
-            # The byte bound was refused: count exactly (tiktoken) before saying no.
-            exact_prompt = count_tokens(messages, model)
-            if exact_prompt < prompt and decision.resource in _INPUT_SENSITIVE:
+            # The byte bound was refused on a prompt-sized resource: count exactly (tiktoken) before saying no.
+            exact_prompt = count_tokens(messages, model) if decision.resource in _INPUT_SENSITIVE else prompt
+            if exact_prompt < prompt:
                 req = _request(exact_prompt, out, rates)
                 outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
                                         now=now, meta=meta)  # fmt: skip

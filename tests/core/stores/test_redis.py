@@ -51,8 +51,7 @@ def test_failing_commands_raise_store_error(name: str) -> None:
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise error
 
-    store._script = fail  # type: ignore[assignment]
-    store._client.hget = fail  # type: ignore[method-assign]
+    store._invoke = fail  # type: ignore[method-assign]
     store._client.lrange = fail  # type: ignore[method-assign]
     with pytest.raises(
         StoreError, match=re.escape(f"Redis store redis://127.0.0.1:1/0 failed (ensure_budget): {name}")
@@ -139,3 +138,30 @@ def test_a_client_can_be_passed_in_and_is_not_closed(redis_url: str, key_prefix:
         == 1
     )
     client.close()
+
+
+@pytest.mark.redis
+def test_the_function_library_is_loaded_again_when_the_server_lost_it(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=store)
+    store._client.function_delete(store._program.name)  # a restart without persistence, or FUNCTION FLUSH
+    budget.record(None, {"input_tokens": 1, "output_tokens": 1})
+    assert budget.snapshot().llm_calls == 1
+    assert len(store._client.function_list(library=store._program.name)) == 1
+    store.close()
+
+
+@pytest.mark.redis
+def test_servers_without_functions_get_the_same_program_by_evalsha(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+
+    def no_functions(*args: Any, **kwargs: Any) -> Any:
+        raise redis_exceptions.ResponseError("unknown command 'FCALL', with args beginning with: ")
+
+    store._client.fcall = no_functions  # type: ignore[method-assign]
+    budget = Budget(Limits(max_llm_calls=1), name="b", store=store)
+    budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})
+    assert not store._functions
+    assert not budget.check().allowed
+    assert budget.snapshot().total_tokens == 4
+    store.close()

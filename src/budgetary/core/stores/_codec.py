@@ -19,6 +19,9 @@ from typing import Any
 
 from budgetary.core._engine import WIDTH, AgentState, Hold, Level
 
+# Built once: json.dumps with options builds a new encoder per call, and this runs on every call.
+_meta_encode = json.JSONEncoder(ensure_ascii=False).encode
+
 __all__ = [
     "agent_key",
     "agent_name",
@@ -144,7 +147,7 @@ def level_from_doc(text: str | bytes) -> Level:
 
 def meta_json(run_id: str | None, model: str | None, location: str | None) -> str:
     """What a ledger entry records besides the numbers, as JSON."""
-    return json.dumps({"run_id": run_id, "model": model, "location": location}, ensure_ascii=False)
+    return _meta_encode({"run_id": run_id, "model": model, "location": location})
 
 
 def hold_to_doc(hold: Hold) -> str:

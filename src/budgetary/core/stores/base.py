@@ -16,11 +16,13 @@ and must pass the same conformance suite.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from budgetary.core._engine import AgentState, Engine, Meta, Outcome, Vector
 from budgetary.core.contract import AgentContract
@@ -29,7 +31,9 @@ from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
 from budgetary.core.usage import Usage
 
-__all__ = ["EngineStore", "LevelFigures", "Store"]
+__all__ = ["EngineStore", "LevelFigures", "Store", "off_loop"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,3 +302,17 @@ class EngineStore(ABC):
     @abstractmethod
     def entries(self, scope: str) -> list[LedgerEntry]:
         """Ledger entries whose scopes include ``scope``, in order."""
+
+
+async def off_loop(store: Store, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)``, which calls ``store``, without blocking the event loop.
+
+    A memory store operation takes microseconds and never waits on I/O, so it
+    runs inline; any other store's (a SQLite transaction that may wait for a
+    lock, a Redis round trip) runs in a worker thread.
+    """
+    from budgetary.core.stores.memory import MemoryStore
+
+    if isinstance(store, MemoryStore):
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)

@@ -1,13 +1,14 @@
 """`RedisStore`: budget state in Redis, shared by processes on many hosts.
 
-Every operation is one call of one Lua script (``_lua/budget.lua``, the
+Every operation is one call of one Lua program (``_lua/budget.lua``, the
 engine's rules ported to Lua), so check-and-hold is atomic and takes one
-round trip. A budget family (a root budget and every budget under it) keeps
-its state in five keys that share a Cluster hash tag derived from the root's
-name: ``<prefix>{<tag>}:levels`` (a hash of level documents), ``:holds`` and
-``:holdz`` (leases and their expiry index), ``:ledger`` (a list, trimmed to
-``ledger_max_len``) and ``:seq``. Budget and agent names only travel as
-script arguments and hash fields, never as key names or Lua source, so no
+round trip: an ``FCALL`` of a Redis Function, or ``EVALSHA`` on servers
+without Functions. A budget family (a root budget and every budget under it)
+keeps its state in five keys that share a Cluster hash tag derived from the
+root's name: ``<prefix>{<tag>}:levels`` (a hash of level states), ``:holds``
+and ``:holdz`` (leases and their expiry index), ``:ledger`` (a list, trimmed
+to ``ledger_max_len``) and ``:seq``. Budget and agent names only travel as
+call arguments and hash fields, never as key names or Lua source, so no
 name can reach another budget's keys.
 """
 
@@ -42,7 +43,7 @@ from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
-from budgetary.core.stores._codec import agent_key, agent_name, hold_from_doc, level_from_doc, meta_json
+from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc, meta_json
 from budgetary.core.stores.base import LevelFigures
 from budgetary.core.usage import Usage
 
@@ -52,11 +53,48 @@ if TYPE_CHECKING:
 __all__ = ["RedisStore"]
 
 _SUFFIXES = ("levels", "holds", "holdz", "ledger", "seq")
+# One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _LLM_FIELDS = ("model", "usage", "cost_usd", "estimated", "run_id", "location")
 
 
-def _script_source() -> str:
-    return resources.files("budgetary.core.stores").joinpath("_lua/budget.lua").read_text(encoding="utf-8")
+class _Program:
+    """The Lua library, as a Redis Function library and as a plain script for servers without Functions.
+
+    A Function is compiled once per server, so a call runs only the operation;
+    an EVALSHA call re-runs the whole script body (defining every helper) first.
+    The name carries a digest of the source: hosts running different versions
+    of budgetary each call their own.
+    """
+
+    def __init__(self) -> None:
+        source = resources.files("budgetary.core.stores").joinpath("_lua/budget.lua").read_text(encoding="utf-8")
+        self.name = "budgetary_" + hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+        self.library = f"#!lua name={self.name}\n{source}\nredis.register_function('{self.name}', dispatch)\n"
+        self.script = f"{source}\nreturn dispatch(KEYS, ARGV)\n"
+
+
+_PROGRAM: _Program | None = None
+
+
+def program() -> _Program:
+    """The Lua program, read once per process."""
+    global _PROGRAM
+    if _PROGRAM is None:
+        _PROGRAM = _Program()
+    return _PROGRAM
+
+
+def fallback(exc: Exception) -> str | None:
+    """What a failed ``FCALL`` or ``FUNCTION LOAD`` asks for: ``"load"``, ``"eval"``, or ``None`` (a real error)."""
+    import redis
+
+    text = str(exc)
+    if "Function not found" in text:
+        return "load"  # a new server, a restart without persistence, or FUNCTION FLUSH
+    if isinstance(exc, redis.exceptions.NoPermissionError) or text.lower().startswith("unknown command"):
+        return "eval"  # Redis < 7, or an ACL that allows EVALSHA but not Functions
+    return None
 
 
 def family_of(key: str) -> str:
@@ -154,7 +192,10 @@ class RedisStore:
             )
         self.key_prefix = key_prefix
         self.ledger_max_len = ledger_max_len
-        self._script = self._client.register_script(_script_source())
+        self._program = program()
+        self._script = self._client.register_script(self._program.script)
+        self._functions = True
+        self._maxlen = str(ledger_max_len)
         self._keys: dict[str, list[str]] = {}
         # Hold ids carry no family; remember where each hold this process made lives.
         self._hold_keys: dict[str, list[str]] = {}
@@ -171,15 +212,35 @@ class RedisStore:
         return keys
 
     def _run(self, keys: list[str], op: str, now: float, args: dict[str, Any]) -> dict[str, Any]:
-        payload = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+        argv = [op, repr(float(now)), self._maxlen, _dumps(args)]
         with mapped_errors(self.url, op):
-            raw = self._script(keys=keys, args=[op, repr(float(now)), self.ledger_max_len, payload])
+            raw = self._invoke(keys, argv)
         result: dict[str, Any] = json.loads(raw)
         if "err" in result:
             if result["err"] == "agent":
                 raise UnknownAgent(agent_name(args["agent"]) or "", result["n"])
             raise KeyError(result["key"])
         return result
+
+    def _invoke(self, keys: list[str], argv: list[str]) -> Any:
+        """One call of the Lua program: FCALL, loading the library first if the server lacks it."""
+        import redis
+
+        if self._functions:
+            try:
+                return self._client.fcall(self._program.name, len(keys), *keys, *argv)
+            except redis.ResponseError as exc:
+                if fallback(exc) is None:
+                    raise
+                try:
+                    if fallback(exc) == "load":
+                        self._client.function_load(self._program.library, replace=True)
+                        return self._client.fcall(self._program.name, len(keys), *keys, *argv)
+                except redis.ResponseError as again:
+                    if fallback(again) != "eval":
+                        raise
+                self._functions = False
+        return self._script(keys=keys, args=argv)
 
     def _chain_op(self, op: str, chain: tuple[str, ...], agent: str | None, now: float, **args: Any) -> dict[str, Any]:
         return self._run(
@@ -212,9 +273,7 @@ class RedisStore:
     def has_agent(self, key: str, agent: str | None) -> bool:
         if agent is None:
             return True
-        with mapped_errors(self.url, "has_agent"):
-            doc = self._client.hget(self._family_keys(key)[0], key)
-        return doc is not None and agent in level_from_doc(doc).agents
+        return bool(self._run(self._family_keys(key), "has_agent", 0.0, {"key": key, "agent": agent_key(agent)})["ok"])
 
     def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
         return _decision(self._chain_op("check", chain, agent, now)["d"], agent)
@@ -244,7 +303,7 @@ class RedisStore:
             estimated=estimated, run_id=meta.run_id, location=meta.location, scopes=chain,
         )  # fmt: skip
         fields = template.to_dict()
-        x = json.dumps({k: fields[k] for k in _LLM_FIELDS}, ensure_ascii=False)
+        x = _dumps({k: fields[k] for k in _LLM_FIELDS})
         result = self._chain_op("settle", chain, agent, now, id=hold_id or "", act=[str(v) for v in actual], x=x)
         if hold_id:
             with self._lock:
@@ -272,9 +331,8 @@ class RedisStore:
             keys = self._hold_keys.get(hold_id)
         if keys is None:
             return None
-        with mapped_errors(self.url, "held_amounts"):
-            doc = self._client.hget(keys[1], hold_id)
-        return None if doc is None else hold_from_doc(hold_id, doc).amounts
+        held = self._run(keys, "held", 0.0, {"id": hold_id}).get("m")
+        return None if held is None else [int(v) for v in held]
 
     def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
         x = meta_json(meta.run_id, meta.model, meta.location)

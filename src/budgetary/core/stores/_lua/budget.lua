@@ -2,24 +2,24 @@
 -- every operation on one budget family is one atomic script call, one round trip.
 --
 -- KEYS (all share the family's hash tag, so they live in one Redis Cluster slot):
---   1 levels  HASH  level key -> level document (JSON, see stores/_codec.py)
---   2 holds   HASH  hold id   -> hold document
+--   1 levels  HASH  level key -> level state (MessagePack, this file's own format)
+--   2 holds   HASH  hold id   -> hold (MessagePack)
 --   3 holdz   ZSET  hold id scored by its lease expiry
 --   4 ledger  LIST  ledger records (JSON), oldest first, trimmed to ARGV[3]
 --   5 seq     STRING last ledger entry id
 -- ARGV: 1 operation, 2 now (seconds, Python repr), 3 ledger max length (0 = unbounded),
 --       4 the operation's arguments as one JSON object.
 -- Names (budgets, agents, holds) only ever travel as data inside ARGV and documents.
--- Integers are decimal strings in every document: Lua numbers are doubles, exact up to 2^53,
--- and counters saturate at 2^63-1 like the Python engine's.
--- The reply is one JSON document; Python builds the Decision and ledger texts from it.
+-- Stored state is MessagePack: it keeps every double exactly (cjson keeps 14 digits) without
+-- turning numbers into strings and back, which was most of an operation's cost. Lua numbers are
+-- doubles, exact up to 2^53, and counters saturate at 2^63-1 like the Python engine's. What
+-- Python reads (replies, ledger records, `figures`) is JSON with integers as decimal strings,
+-- in the documents of stores/_codec.py.
 
-local LEVELS, HOLDS, HOLDZ, LEDGER, SEQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local op = ARGV[1]
-local now_s = ARGV[2]
-local now = tonumber(now_s)
-local maxlen = tonumber(ARGV[3])
-local args = cjson.decode(ARGV[4])
+-- Per-call state: set by `dispatch` at the start of every call (a Redis Function's upvalues
+-- outlive the call, so nothing may carry over from the previous one).
+local LEVELS, HOLDS, HOLDZ, LEDGER, SEQ
+local now_s, now, maxlen
 
 local TOOL, LLM, AGENTS, WIDTH = 6, 5, 7, 8
 local SPEND = {1, 2, 3, 4}
@@ -118,15 +118,16 @@ local function new_agent(key)
   return {k = key, p = 1, al = 0, mr = 0, th_s = "", c_s = "", s = zeros(), h = zeros()}
 end
 
-local function read_agent(a)
-  local st = new_agent(a.k)
-  st.p, st.al, st.mr = tonumber(a.p), tonumber(a.al), tonumber(a.mr)
-  local un = tonumber(a.un)
-  if un then st.u = un + 1 end
-  st.th_s, st.c_s = a.th, a.c
-  st.th, st.cn = tonumber(a.th), tonumber(a.c)
-  st.s, st.h = nums(a.s), nums(a.h)
-  return st
+-- A level as stored: `base` keeps `false` for "no limit" (a nil would end the array), agents are
+-- their state tables as they are. Everything else on `lv` is derived on load.
+local function level_pack(lv)
+  local b = {}
+  for i = 1, 7 do b[i] = lv.base[i] or false end
+  return cmsgpack.pack({
+    key = lv.key, name = lv.name, base = b, warn = lv.warn, warn_s = lv.warn_s, window = lv.window,
+    topup = lv.topup, spent = lv.spent, held = lv.held, fired = lv.fired, ws = lv.ws, ws_s = lv.ws_s,
+    agents = lv.agents,
+  })
 end
 
 local function load_level(key)
@@ -134,32 +135,20 @@ local function load_level(key)
   if lv then return lv end
   local raw = redis.call("HGET", LEVELS, key)
   if not raw then return nil end
-  local d = cjson.decode(raw)
-  lv = {key = key, name = d.n, base = {}, warn = {}, warn_s = {}, fired = {}, agents = {}, aidx = {}}
-  local b = arr(d.b)
-  for i = 1, 7 do lv.base[i] = tonumber(b[i]) end
-  for i, t in ipairs(arr(d.w)) do
-    lv.warn[i], lv.warn_s[i] = tonumber(t), t
-  end
-  lv.window = tonumber(d.win)
-  lv.topup, lv.spent, lv.held = nums(d.u), nums(d.s), nums(d.h)
-  for _, f in ipairs(arr(d.f)) do lv.fired[f] = true end
-  lv.ws_s = d.ws
-  lv.ws = tonumber(d.ws)
-  for i, a in ipairs(arr(d.ag)) do
-    local st = read_agent(a)
-    lv.agents[i], lv.aidx[st.k] = st, st
-  end
+  lv = cmsgpack.unpack(raw)
+  for i = 1, 7 do lv.base[i] = lv.base[i] or nil end
+  lv.aidx = {}
+  for _, st in ipairs(lv.agents) do lv.aidx[st.k] = st end
   refresh(lv)
-  lv.raw = raw
   cache[key] = lv
   loaded[#loaded + 1] = lv
   return lv
 end
 
--- Only levels an operation changed are written back (encoding is most of a script's cost).
+-- Only levels an operation changed are written back (encoding is most of an operation's cost).
 local function touch(lv) lv.dirty = true end
 
+-- The level as the JSON document of stores/_codec.py (for `figures`: Python reads this one).
 local function level_doc(lv)
   local ag = {}
   for i, st in ipairs(lv.agents) do
@@ -190,30 +179,22 @@ end
 
 -- -- ledger ------------------------------------------------------------------------------
 
-local seq, pending = nil, {}
+local pending = {}
 
 local function entry(run, chain, akey, kind, fields)
-  if not seq then seq = tonumber(redis.call("GET", SEQ)) or 0 end
-  seq = seq + 1
+  local seq = redis.call("INCR", SEQ)
   fields.i, fields.t, fields.b, fields.c, fields.a, fields.k = istr(seq), now_s, run.name, chain, akey, kind
   pending[#pending + 1] = cjson.encode(fields)
   return seq
 end
 
-local docs = {}
-
 local function save()
-  for i, lv in ipairs(loaded) do
-    if lv.dirty then
-      lv.raw = level_doc(lv)
-      redis.call("HSET", LEVELS, lv.key, lv.raw)
-    end
-    docs[i] = lv.raw
+  for _, lv in ipairs(loaded) do
+    if lv.dirty then redis.call("HSET", LEVELS, lv.key, level_pack(lv)) end
   end
   if #pending > 0 then
-    redis.call("RPUSH", LEDGER, unpack(pending))
-    if maxlen > 0 then redis.call("LTRIM", LEDGER, -maxlen, -1) end
-    redis.call("SET", SEQ, istr(seq))
+    local len = redis.call("RPUSH", LEDGER, unpack(pending))
+    if maxlen > 0 and len > maxlen then redis.call("LTRIM", LEDGER, -maxlen, -1) end
   end
 end
 
@@ -222,7 +203,7 @@ end
 local function drop_hold(id, h)
   redis.call("HDEL", HOLDS, id)
   redis.call("ZREM", HOLDZ, id)
-  local amounts = nums(h.m)
+  local amounts = h.m
   local first = nil
   for i, key in ipairs(arr(h.c)) do
     local lv = load_level(key)
@@ -240,7 +221,7 @@ local function drop_hold(id, h)
 end
 
 local function release_entry(first, h, reason)
-  if first then entry(first, h.c, h.a, "release", {m = h.m, x = h.x, r = reason}) end
+  if first then entry(first, h.c, h.a, "release", {m = strs(h.m), x = h.x, r = reason}) end
 end
 
 -- Release every hold whose lease ran out (its worker died), like Engine.expire.
@@ -249,7 +230,7 @@ local function expire()
   for _, id in ipairs(ids) do
     local raw = redis.call("HGET", HOLDS, id)
     if raw then
-      local h = cjson.decode(raw)
+      local h = cmsgpack.unpack(raw)
       release_entry(drop_hold(id, h), h, "lease expired")
     else
       redis.call("ZREM", HOLDZ, id)
@@ -505,7 +486,7 @@ function ops.reserve(a)
   end
   add(st.h, req)
   local expires = now + tonumber(a.ttl)
-  redis.call("HSET", HOLDS, a.id, cjson.encode({c = a.chain, a = a.agent, m = strs(req), e = fstr(expires), x = a.x}))
+  redis.call("HSET", HOLDS, a.id, cmsgpack.pack({c = a.chain, a = a.agent, m = req, e = expires, x = a.x}))
   redis.call("ZADD", HOLDZ, fstr(expires), a.id)
   save()
   return {d = decision, mv = istr(moved)}
@@ -517,7 +498,7 @@ function ops.settle(a)
   local run = levels[1]
   if a.id ~= "" then
     local raw = redis.call("HGET", HOLDS, a.id)
-    if raw then drop_hold(a.id, cjson.decode(raw)) end
+    if raw then drop_hold(a.id, cmsgpack.unpack(raw)) end
   end
   local actual = nums(a.act)
   for _, lv in ipairs(levels) do
@@ -539,7 +520,7 @@ function ops.release(a)
     save()
     return {ok = false}
   end
-  local h = cjson.decode(raw)
+  local h = cmsgpack.unpack(raw)
   release_entry(drop_hold(a.id, h), h, a.reason)
   save()
   return {ok = true}
@@ -548,12 +529,22 @@ end
 function ops.renew(a)
   local raw = redis.call("HGET", HOLDS, a.id)
   if not raw then return {ok = false} end
-  local h = cjson.decode(raw)
-  local expires = now + tonumber(a.ttl)
-  h.e = fstr(expires)
-  redis.call("HSET", HOLDS, a.id, cjson.encode(h))
-  redis.call("ZADD", HOLDZ, h.e, a.id)
+  local h = cmsgpack.unpack(raw)
+  h.e = now + tonumber(a.ttl)
+  redis.call("HSET", HOLDS, a.id, cmsgpack.pack(h))
+  redis.call("ZADD", HOLDZ, fstr(h.e), a.id)
   return {ok = true}
+end
+
+function ops.held(a)
+  local raw = redis.call("HGET", HOLDS, a.id)
+  if not raw then return {} end
+  return {m = strs(cmsgpack.unpack(raw).m)}
+end
+
+function ops.has_agent(a)
+  local lv = load_level(a.key)
+  return {ok = lv ~= nil and lv.aidx[a.agent] ~= nil}
 end
 
 function ops.begin_agent(a)
@@ -659,11 +650,7 @@ function ops.figures(a)
   if not levels then return {err = "level", key = missing} end
   save()
   local out = {}
-  for i, lv in ipairs(levels) do
-    for j, other in ipairs(loaded) do
-      if other == lv then out[i] = docs[j] end
-    end
-  end
+  for i, lv in ipairs(levels) do out[i] = level_doc(lv) end
   return {lv = out}
 end
 
@@ -713,6 +700,15 @@ function ops.ensure_agent(a)
   return {}
 end
 
-local fn = ops[op]
-if not fn then return redis.error_reply("budgetary: unknown operation " .. tostring(op)) end
-return cjson.encode(fn(args))
+-- The entry point. Python appends its registration as a Redis Function (defined once, at
+-- FUNCTION LOAD) or, on servers without Functions, `return dispatch(KEYS, ARGV)` (EVALSHA).
+local function dispatch(keys, argv)
+  LEVELS, HOLDS, HOLDZ, LEDGER, SEQ = keys[1], keys[2], keys[3], keys[4], keys[5]
+  now_s = argv[2]
+  now = tonumber(now_s)
+  maxlen = tonumber(argv[3])
+  cache, loaded, pending = {}, {}, {}
+  local fn = ops[argv[1]]
+  if not fn then return redis.error_reply("budgetary: unknown operation " .. tostring(argv[1])) end
+  return cjson.encode(fn(cjson.decode(argv[4])))
+end
