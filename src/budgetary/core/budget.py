@@ -63,8 +63,8 @@ class Reservation:
     """
 
     __slots__ = (
-        "_budget", "_done", "_renewed_at", "_req", "agent", "decision", "events", "hold_id", "meta", "model",
-        "provider",
+        "_budget", "_done", "_rates", "_renewed_at", "_req", "agent", "decision", "events", "hold_id", "meta",
+        "model", "provider",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +77,7 @@ class Reservation:
         self.model = model
         self.provider = provider
         self._req = req
+        self._rates: Any = None  # the model's rates, when reserve already looked them up
         self.meta = meta
         self.decision = decision
         """`Allow` or `SoftLimit` (the call proceeds either way)."""
@@ -125,7 +126,12 @@ class Reservation:
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
         self._done = True
         budget = self._budget
-        nanos = actual_cost if actual_cost else budget._prices.cost_nanos(usage, model, self.provider)
+        if actual_cost:
+            nanos: int | None = actual_cost
+        elif self._rates is not None and model == self.model and usage.cost_usd is None:
+            nanos = self._rates.cost_nanos(usage)  # priced at reserve time: no second lookup
+        else:
+            nanos = budget._prices.cost_nanos(usage, model, self.provider)
         if nanos is not None and usage.cost_usd is None:
             usage = usage.with_cost(nanos_to_usd(nanos))
         actual = [usage.input_tokens, usage.output_tokens, usage.total_tokens, nanos or 0, 1, 0, 0,
@@ -508,7 +514,9 @@ class Budget:
                 store.record_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
         if not decision.allowed:
             raise self._exceeded(decision, agent)
-        return Reservation(self, hold_id, agent, model, provider, req, meta, decision)
+        reservation = Reservation(self, hold_id, agent, model, provider, req, meta, decision)
+        reservation._rates = rates
+        return reservation
 
     def llm_call(
         self,
