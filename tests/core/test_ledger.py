@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from decimal import Decimal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -111,3 +112,36 @@ def test_counters_equal_ledger_totals_whatever_happens(calls):
         assert sum((e.cost_usd for e in llm), Decimal(0)) == snap.cost_usd
         assert snap.held_tokens == 0
         assert snap.total_tokens <= 20_000
+
+
+def test_an_llm_entry_prices_its_usage_and_behaves_like_a_plain_entry(tmp_path):
+    """Entries price their usage on first read; to the reader they are ordinary frozen dataclasses."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from budgetary import Price
+    from budgetary.core.ledger import LedgerEntry
+    from budgetary.core.prices import UnpricedModelWarning
+
+    budget = Budget(Limits(max_cost_usd=1), prices={"m": Price(input_mtok="3", output_mtok="15")})
+    entry = budget.record(None, Usage(input_tokens=1_000, output_tokens=200), model="m")
+    twin = budget.record(None, Usage(input_tokens=1_000, output_tokens=200), model="m")
+    expected = Decimal("0.006")  # 1,000 x $3/M + 200 x $15/M
+    assert entry.cost_usd == expected
+    assert entry.usage is not None and entry.usage.cost_usd == expected
+    assert twin.usage == entry.usage and twin.cost_usd == expected  # read in the other order
+    assert dataclasses.replace(entry) == entry
+    assert pickle.loads(pickle.dumps(entry)) == entry
+    assert copy.deepcopy(entry) == entry
+    assert LedgerEntry.from_dict(entry.to_dict()) == entry
+    assert hash(entry) == hash(dataclasses.replace(entry))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.cost_usd = Decimal(0)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        entry.no_such_field  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.warns(UnpricedModelWarning):
+        unpriced = Budget().record(None, Usage(input_tokens=5), model="unknown-model-x")
+    assert unpriced.cost_usd is None and unpriced.usage == Usage(input_tokens=5)
+    plain = LedgerEntry(id=1, time=0.0, budget="b", agent=None, kind="skip")
+    assert plain.usage is None and plain.cost_usd is None

@@ -88,6 +88,8 @@ class Level:
     spend_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
     count_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
     soft_checks: list[tuple[int, int, float]] = field(init=False, repr=False, compare=False)
+    warm: bool = field(init=False, repr=False, compare=False)
+    """False when no counter has reached its first warning threshold, so soft-limit scans can be skipped."""
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -100,6 +102,12 @@ class Level:
         self.count_checks = [(d, lim) for d in (LLM, TOOL, AGENTS) if (lim := limits[d]) is not None]
         first = self.warn_at[0] if self.warn_at else None
         self.soft_checks = [(d, lim, first * lim) for d in range(7) if (lim := limits[d])] if first is not None else []
+        self.rewarm()
+
+    def rewarm(self) -> None:
+        """Recompute `warm` after the counters changed."""
+        spent = self.spent
+        self.warm = any(spent[d] >= floor for d, _, floor in self.soft_checks)
 
 
 @dataclass(slots=True)
@@ -126,6 +134,7 @@ class Meta:
 
 
 Sink = Callable[[LedgerEntry], None]
+_NO_EVENTS: tuple[SoftLimit, ...] = ()
 
 
 @dataclass(slots=True)
@@ -136,6 +145,10 @@ class Outcome:
     events: Sequence[SoftLimit] = ()
     moved: int = 0
     entry: LedgerEntry | None = None
+
+
+_ALLOWED = Outcome()
+"""The common reserve outcome, shared (outcomes are never mutated)."""
 
 
 class Engine:
@@ -154,11 +167,15 @@ class Engine:
     # -- bookkeeping -------------------------------------------------------------------
 
     def _append(self, now: float, level: Level, chain: tuple[str, ...], **fields: Any) -> LedgerEntry:
-        self.seq += 1
-        fields["id"] = self.seq
         fields["time"] = now
         fields["budget"] = level.name
         fields["scopes"] = chain
+        return self._emit(fields)
+
+    def _emit(self, fields: dict[str, Any]) -> LedgerEntry:
+        """Number a new ledger entry (every field but ``id`` given) and hand it to the sink."""
+        self.seq += 1
+        fields["id"] = self.seq
         entry = LedgerEntry._fast(fields)
         self._sink(entry)
         return entry
@@ -186,6 +203,7 @@ class Engine:
         assert level.window is not None
         level.window_start = (now // level.window) * level.window
         level.spent = zeros()
+        level.rewarm()
         level.fired.clear()
         for state in level.agents.values():
             state.spent = zeros()
@@ -217,6 +235,10 @@ class Engine:
 
     def _drop_hold(self, hold: Hold) -> None:
         del self.holds[hold.id]
+        self._unhold(hold)
+
+    def _unhold(self, hold: Hold) -> None:
+        """Take a hold's amounts off the counters of the levels and agent that held them."""
         levels = [self.levels[k] for k in hold.chain]
         for level in levels:
             _sub(level.held, hold.amounts)
@@ -318,6 +340,8 @@ class Engine:
     def _soft(levels: list[Level], agent: str | None, state: AgentState) -> SoftLimit | None:
         best: tuple[float, Level | None, int, int, int] | None = None
         for level in levels:
+            if not level.warm:
+                continue
             spent_v = level.spent
             for d, limit, floor in level.soft_checks:
                 spent = spent_v[d]
@@ -340,19 +364,22 @@ class Engine:
         )
 
     def _fire(self, now: float, levels: list[Level], chain: tuple[str, ...], agent: str | None,
-              state: AgentState, meta: Meta) -> list[SoftLimit]:  # fmt: skip
+              state: AgentState, meta: Meta) -> Sequence[SoftLimit]:  # fmt: skip
         """Soft-limit events for thresholds crossed for the first time (once per scope)."""
         events: list[SoftLimit] = []
         for level in levels:
+            warm = False
             for d, limit, floor in level.soft_checks:
                 if level.spent[d] < floor:
                     continue
+                warm = True
                 for t in level.warn_at:
                     if level.spent[d] >= t * limit and (d, t) not in level.fired:
                         level.fired.add((d, t))
                         events.append(_soft_limit(level, levels[0], agent, d, level.spent[d], limit, t))
+            level.warm = warm
         run = levels[0]
-        if state.unit is not None and state.allocated > 0:
+        if state.unit is not None and run.warn_at and 0 < run.warn_at[0] * state.allocated <= state.spent[state.unit]:
             for t in run.warn_at:
                 key = ("allocation", agent, t)
                 if state.spent[state.unit] >= t * state.allocated and key not in run.fired:
@@ -362,7 +389,7 @@ class Engine:
         for event in events:
             self._append(now, run, chain, agent=agent, kind="soft_limit", resource=event.resource,
                          reason=event.message, run_id=meta.run_id, location=meta.location)  # fmt: skip
-        return events
+        return events or _NO_EVENTS
 
     # -- operations --------------------------------------------------------------------
 
@@ -379,9 +406,12 @@ class Engine:
         ttl: float, now: float, meta: Meta, quiet: bool = False,
     ) -> Outcome:  # fmt: skip
         """Atomically check and hold ``req`` for one call; ``quiet`` writes no ``deny`` entry."""
-        levels = self._chain(chain, now)
+        cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
+        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
         run = levels[0]
-        state = self._agent(run, agent)
+        state = run.agents.get(agent)
+        if state is None:
+            state = self._agent(run, agent)
         if gate:
             req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
         decision, plan = self._evaluate(levels, agent, state, req, gate)
@@ -397,6 +427,8 @@ class Engine:
         self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
         if expires < self.next_expiry:
             self.next_expiry = expires
+        if decision is ALLOW and not moved:
+            return _ALLOWED
         return Outcome(decision=decision, moved=moved)
 
     def renew(self, hold_id: str, ttl: float, now: float) -> bool:
@@ -414,33 +446,47 @@ class Engine:
         """Replace a hold (if still there) by what the call consumed; also plain records.
 
         ``usage`` is what the ledger entry shows (with cache and reasoning parts);
-        ``actual`` is what the counters add.
+        ``actual`` is what the counters add. When ``cost_known`` and ``usage`` has no
+        cost, the entry's cost is ``actual[COST]``.
         """
-        levels = self._chain(chain, now)
+        cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
+        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
         run = levels[0]
-        state = self._agent(run, agent)
+        state = run.agents.get(agent)
+        if state is None:
+            state = self._agent(run, agent)
         hold = self.holds.get(hold_id) if hold_id is not None else None
-        if hold is not None and hold.agent == agent and tuple(hold.chain) == chain:
+        if hold is not None:
             del self.holds[hold.id]
+        if hold is not None and hold.agent == agent and hold.chain == chain:
+            amounts = hold.amounts
             for level in levels:  # the usual case: the same levels hold and spend
-                _sub(level.held, hold.amounts)
-                _add(level.spent, actual)
-            _sub(state.held, hold.amounts)
+                _move(level.held, level.spent, amounts, actual)
+            _move(state.held, state.spent, amounts, actual)
         else:
             if hold is not None:
-                self._drop_hold(hold)
+                self._unhold(hold)
             for level in levels:
                 _add(level.spent, actual)
-        _add(state.spent, actual)
-        entry = self._append(
-            now, run, chain, agent=agent, kind="llm", model=meta.model,
-            usage=usage if usage is not None else _usage_of(actual, cost_known),
-            cost_usd=(usage.cost_usd if usage is not None else nanos_to_usd(actual[COST])) if cost_known else None,
-            estimated=estimated, run_id=meta.run_id, location=meta.location,
-        )  # fmt: skip
-        moved = self._cover_overrun(now, run, chain, agent, state, meta)
+            _add(state.spent, actual)
+        fields: dict[str, Any] = {
+            "time": now, "budget": run.name, "scopes": chain, "agent": agent, "kind": "llm", "model": meta.model,
+            "estimated": estimated, "run_id": meta.run_id, "location": meta.location,
+        }  # fmt: skip
+        if usage is None:
+            usage = _usage_of(actual, cost_known)
+        if cost_known and usage.cost_usd is None:
+            fields["_unpriced"] = (usage, actual[COST])  # priced when first read
+        else:
+            fields["usage"] = usage
+            fields["cost_usd"] = usage.cost_usd if cost_known else None
+        entry = self._emit(fields)
+        moved = 0
+        u = state.unit
+        if u is not None and state.spent[u] + state.held[u] > state.allocated:
+            moved = self._cover_overrun(now, run, chain, agent, state, meta)
         events = self._fire(now, levels, chain, agent, state, meta)
-        return Outcome(events=events, moved=moved, entry=entry)
+        return Outcome(ALLOW, events, moved, entry)
 
     def _cover_overrun(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,
                        state: AgentState, meta: Meta) -> int:  # fmt: skip
@@ -487,6 +533,7 @@ class Engine:
             self._apply_plan(now, run, chain, agent, plan, meta)
         for level in levels:
             level.spent[AGENTS] = sat(level.spent[AGENTS] + 1)
+            level.rewarm()
         state.spent[AGENTS] += 1
         self._append(now, run, chain, agent=agent, kind="agent_start", run_id=meta.run_id, location=meta.location)
         return decision
@@ -504,6 +551,7 @@ class Engine:
                 return decision
         for level in levels:
             level.spent[TOOL] = sat(level.spent[TOOL] + 1)
+            level.rewarm()
         state.spent[TOOL] += 1
         self._append(now, run, chain, agent=agent, kind="tool", run_id=meta.run_id, location=tool)
         return self._soft(levels, agent, state) or ALLOW
@@ -576,6 +624,36 @@ def _add(target: Vector, amounts: Vector) -> None:
         target[:] = [min(v, MAX_INT) for v in (t0, t1, t2, t3, t4, t5, t6, t7)]
     else:
         target[:] = (t0, t1, t2, t3, t4, t5, t6, t7)
+
+
+def _move(held: Vector, spent: Vector, amounts: Vector, actual: Vector) -> None:
+    """Settle in one step: ``held -= amounts`` (floored at 0) and ``spent += actual`` (saturated)."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = amounts
+    t0, t1, t2, t3, t4, t5, t6, t7 = held
+    held[:] = (
+        t0 - a0 if t0 > a0 else 0,
+        t1 - a1 if t1 > a1 else 0,
+        t2 - a2 if t2 > a2 else 0,
+        t3 - a3 if t3 > a3 else 0,
+        t4 - a4 if t4 > a4 else 0,
+        t5 - a5 if t5 > a5 else 0,
+        t6 - a6 if t6 > a6 else 0,
+        t7 - a7 if t7 > a7 else 0,
+    )
+    a0, a1, a2, a3, a4, a5, a6, a7 = actual
+    t0, t1, t2, t3, t4, t5, t6, t7 = spent
+    t0 += a0
+    t1 += a1
+    t2 += a2
+    t3 += a3
+    t4 += a4
+    t5 += a5
+    t6 += a6
+    t7 += a7
+    if (t0 | t1 | t2 | t3 | t4 | t5 | t6 | t7) > MAX_INT:
+        spent[:] = [min(v, MAX_INT) for v in (t0, t1, t2, t3, t4, t5, t6, t7)]
+    else:
+        spent[:] = (t0, t1, t2, t3, t4, t5, t6, t7)
 
 
 def _sub(target: Vector, amounts: Vector) -> None:

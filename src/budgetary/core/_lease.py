@@ -33,7 +33,7 @@ class _LeaseKeeper:
         self._live[reservation.hold_id] = reservation
         if self._thread is None:
             self._start()
-        elif reservation.ttl / 3 < self._interval:
+        elif reservation._budget.lease_ttl / 3 < self._interval:
             self._wake.set()  # the keeper sleeps longer than this lease can wait
 
     def untrack(self, reservation: Reservation) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from budgetary.core._engine import UNPRICED, Meta, Outcome, Vector, user_value, zeros
 from budgetary.core._lease import keeper
-from budgetary.core._units import COST, DIMENSIONS, IN, LLM, OUT, TOTAL, nanos_to_usd, sat, usd_to_nanos
+from budgetary.core._units import COST, DIMENSIONS, IN, LLM, MAX_INT, OUT, TOTAL, nanos_to_usd, sat, usd_to_nanos
 from budgetary.core.contract import AgentContract
 from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError
 from budgetary.core.estimator import count_tokens, estimate_text_tokens, upper_bound
@@ -81,10 +81,10 @@ class Reservation:
         self.meta = meta
         self.decision = decision
         """`Allow` or `SoftLimit` (the call proceeds either way)."""
-        self.events: list[SoftLimit] = []
+        self.events: tuple[SoftLimit, ...] = ()
         """Soft-limit crossings the settle caused (each fires once per threshold and scope)."""
         self._done = False
-        self._renewed_at = budget._clock()
+        self._renewed_at = 0.0  # set by whoever creates it (reserve), which has just read the clock
 
     @property
     def done(self) -> bool:
@@ -126,26 +126,32 @@ class Reservation:
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
         self._done = True
         budget = self._budget
+        unpriced = usage.cost_usd is None
         if actual_cost:
             nanos: int | None = actual_cost
-        elif self._rates is not None and model == self.model and usage.cost_usd is None:
+        elif unpriced and self._rates is not None and model == self.model:
             nanos = self._rates.cost_nanos(usage)  # priced at reserve time: no second lookup
         else:
             nanos = budget._prices.cost_nanos(usage, model, self.provider)
-        if nanos is not None and usage.cost_usd is None:
-            usage = usage.with_cost(nanos_to_usd(nanos))
-        actual = [usage.input_tokens, usage.output_tokens, usage.total_tokens, nanos or 0, 1, 0, 0,
-                  1 if nanos is None else 0]  # fmt: skip
+        # The store prices ``usage`` from ``actual``'s nano-dollars when it has no cost of its own.
+        actual = (
+            [usage.input_tokens, usage.output_tokens, usage.total_tokens, 0, 1, 0, 0, 1]
+            if nanos is None
+            else [usage.input_tokens, usage.output_tokens, usage.total_tokens, nanos, 1, 0, 0, 0]
+        )
         meta = self.meta if model == self.meta.model else Meta(self.meta.run_id, model, self.meta.location)
         outcome = budget._store.settle(
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
             estimated=estimated, cost_known=nanos is not None, usage=usage,
         )  # fmt: skip
-        self.events = list(outcome.events)
-        if budget._guards is not None or outcome.events:
-            budget._after(outcome, self.agent, usage)
-        assert outcome.entry is not None
-        return outcome.entry
+        entry = outcome.entry
+        assert entry is not None
+        if outcome.events:
+            self.events = tuple(outcome.events)
+            budget._after(outcome, self.agent, entry.usage or usage)
+        elif budget._guards is not None:
+            budget._after(outcome, self.agent, entry.usage or usage)
+        return entry
 
     def release(self, reason: str = "call failed") -> None:
         """Give the hold back without charging (the call failed before the provider billed it)."""
@@ -461,7 +467,7 @@ class Budget:
             # The common case (a plain non-negative int) skips the general coercion.
             prompt = (
                 prompt_tokens
-                if type(prompt_tokens) is int and prompt_tokens >= 0
+                if type(prompt_tokens) is int and 0 <= prompt_tokens <= MAX_INT
                 else coerce_count(prompt_tokens, "prompt_tokens")
             )
             exact = True
@@ -469,11 +475,12 @@ class Budget:
             prompt, exact = upper_bound(messages), False
         else:
             prompt, exact = 0, True
-        out = (
-            self.default_output_reserve
-            if max_output_tokens is None
-            else coerce_count(max_output_tokens, "max_output_tokens")
-        )
+        if max_output_tokens is None:
+            out = self.default_output_reserve
+        elif type(max_output_tokens) is int and 0 <= max_output_tokens <= MAX_INT:
+            out = max_output_tokens
+        else:
+            out = coerce_count(max_output_tokens, "max_output_tokens")
         meta = Meta(run_id or self.run_id, model, location)
         if self._guards is not None:
             host = self._guards.check_before_llm(agent, prompt)
@@ -516,6 +523,7 @@ class Budget:
             raise self._exceeded(decision, agent)
         reservation = Reservation(self, hold_id, agent, model, provider, req, meta, decision)
         reservation._rates = rates
+        reservation._renewed_at = now
         return reservation
 
     def llm_call(

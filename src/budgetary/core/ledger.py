@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from budgetary.core._units import nanos_to_usd
 from budgetary.core.usage import Usage
 
 if TYPE_CHECKING:
@@ -75,10 +76,28 @@ class LedgerEntry:
 
         The engine writes one entry per call; filling the instance dict directly costs
         a fraction of the generated frozen ``__init__``. Unset fields read the class defaults.
+        Instead of ``usage`` and ``cost_usd``, ``fields`` may hold ``_unpriced``: a usage
+        without cost and the cost in nano-dollars, priced when either field is first read
+        (most entries are never read, and the `Decimal` is a tenth of a call's cost).
         """
         entry = object.__new__(cls)
-        entry.__dict__.update(fields)
+        object.__setattr__(entry, "__dict__", fields)  # takes ownership of ``fields``
         return entry
+
+    if not TYPE_CHECKING:  # keeps attribute typos visible to type checkers
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached for the two lazy fields (their class defaults are deleted below).
+            if name != "usage" and name != "cost_usd":
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            pending = self.__dict__.get("_unpriced")
+            if pending is None:
+                return None
+            usage, nanos = pending
+            cost = nanos_to_usd(nanos)
+            # Idempotent, so concurrent first reads agree.
+            self.__dict__.update(cost_usd=cost, usage=usage.with_cost(cost))
+            return self.__dict__[name]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (Decimals as strings)."""
@@ -124,6 +143,11 @@ class LedgerEntry:
             amount=None if amount in (None, "") else _number(str(amount)),
             scopes=tuple(data.get("scopes") or ()),
         )
+
+
+# The generated __init__ keeps its own defaults; without these class attributes, reading an
+# unset ``usage``/``cost_usd`` reaches `LedgerEntry.__getattr__`, which prices it lazily.
+del LedgerEntry.usage, LedgerEntry.cost_usd
 
 
 def _usage_dict(usage: Usage) -> dict[str, Any]:

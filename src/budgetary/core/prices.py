@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
@@ -75,6 +75,13 @@ class _Rates:
     reasoning: int
     request: int = 0
     """Femto-dollars per call."""
+    worst_input: int = field(init=False, repr=False, compare=False)
+    """The dearest way an input token can be billed (a cache write can cost more than plain input)."""
+    worst_output: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "worst_input", max(self.input, self.cache_write))
+        object.__setattr__(self, "worst_output", max(self.output, self.reasoning))
 
     @classmethod
     def of(cls, price: Price) -> _Rates:
@@ -100,13 +107,15 @@ class _ModelRates:
     """(start, rates), ascending: a tier applies when input tokens > start."""
 
     def at(self, input_tokens: int) -> _Rates:
+        if not self.tiers:
+            return self.base
         for start, rates in reversed(self.tiers):
             if input_tokens > start:
                 return rates
         return self.base
 
     def cost_nanos(self, usage: Usage) -> int:
-        r = self.at(usage.input_tokens)
+        r = self.base if not self.tiers else self.at(usage.input_tokens)
         uncached = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
         plain_output = usage.output_tokens - usage.reasoning_tokens
         femto = (
@@ -121,8 +130,8 @@ class _ModelRates:
 
     def worst_case_nanos(self, input_tokens: int, output_tokens: int) -> int:
         """The most ``input_tokens`` + ``output_tokens`` could cost (no cache discount)."""
-        r = self.at(input_tokens)
-        femto = r.request + input_tokens * max(r.input, r.cache_write) + output_tokens * max(r.output, r.reasoning)
+        r = self.base if not self.tiers else self.at(input_tokens)
+        femto = r.request + input_tokens * r.worst_input + output_tokens * r.worst_output
         return -(-femto // _FEMTO_PER_NANO)
 
 

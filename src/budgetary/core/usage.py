@@ -146,16 +146,17 @@ class Usage:
 
     def with_cost(self, cost_usd: Decimal | None) -> Usage:
         """A copy with ``cost_usd`` set (no re-validation: the token fields are already valid)."""
+        if not (type(cost_usd) is Decimal and cost_usd.is_finite() and cost_usd >= 0):
+            cost_usd = coerce_cost(cost_usd)
+        # Every call settles through here: slot setters skip both __init__ and the frozen __setattr__.
         copy = object.__new__(Usage)
-        setattr_ = object.__setattr__
-        setattr_(copy, "input_tokens", self.input_tokens)
-        setattr_(copy, "output_tokens", self.output_tokens)
-        setattr_(copy, "cache_read_tokens", self.cache_read_tokens)
-        setattr_(copy, "cache_write_tokens", self.cache_write_tokens)
-        setattr_(copy, "reasoning_tokens", self.reasoning_tokens)
-        setattr_(copy, "total_tokens", self.total_tokens)
-        valid = type(cost_usd) is Decimal and cost_usd.is_finite() and cost_usd >= 0
-        setattr_(copy, "cost_usd", cost_usd if valid else coerce_cost(cost_usd))
+        _SET_INPUT(copy, self.input_tokens)
+        _SET_OUTPUT(copy, self.output_tokens)
+        _SET_CACHE_READ(copy, self.cache_read_tokens)
+        _SET_CACHE_WRITE(copy, self.cache_write_tokens)
+        _SET_REASONING(copy, self.reasoning_tokens)
+        _SET_TOTAL(copy, self.total_tokens)
+        _SET_COST(copy, cost_usd)
         return copy
 
     # -- normalisers -------------------------------------------------------------------
@@ -294,6 +295,15 @@ class Usage:
             cache_write_tokens=cache_write,
             reasoning_tokens=_opt(m, "reasoning_tokens"),
         )
+
+
+_SET_INPUT = vars(Usage)["input_tokens"].__set__
+_SET_OUTPUT = vars(Usage)["output_tokens"].__set__
+_SET_CACHE_READ = vars(Usage)["cache_read_tokens"].__set__
+_SET_CACHE_WRITE = vars(Usage)["cache_write_tokens"].__set__
+_SET_REASONING = vars(Usage)["reasoning_tokens"].__set__
+_SET_TOTAL = vars(Usage)["total_tokens"].__set__
+_SET_COST = vars(Usage)["cost_usd"].__set__
 
 
 def _as_mapping(data: Any) -> Mapping[str, Any] | None:

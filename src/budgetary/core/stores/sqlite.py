@@ -153,11 +153,11 @@ class _TxEngine(Engine):
         (nearest,) = conn.execute("SELECT min(expires) FROM holds").fetchone()
         self.next_expiry = float("inf") if nearest is None else nearest
 
-    def _append(self, now: float, level: Level, chain: tuple[str, ...], **fields: Any) -> LedgerEntry:
+    def _emit(self, fields: dict[str, Any]) -> LedgerEntry:
         if not self._seq_loaded:
             (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM entries").fetchone()
             self.seq, self._seq_loaded = last, True
-        return super()._append(now, level, chain, **fields)
+        return super()._emit(fields)
 
     def expire(self, now: float) -> None:
         holds = self.holds
