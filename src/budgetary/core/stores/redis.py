@@ -297,7 +297,9 @@ class RedisStore:
         meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
     ) -> Outcome:  # fmt: skip
         shown = usage if usage is not None else _usage_of(actual, cost_known)
-        cost = (shown.cost_usd if usage is not None else nanos_to_usd(actual[COST])) if cost_known else None
+        if cost_known and shown.cost_usd is None:
+            shown = shown.with_cost(nanos_to_usd(actual[COST]))
+        cost = shown.cost_usd if cost_known else None
         template = LedgerEntry(
             id=0, time=now, budget="", agent=agent, kind="llm", model=meta.model, usage=shown, cost_usd=cost,
             estimated=estimated, run_id=meta.run_id, location=meta.location, scopes=chain,
