@@ -61,7 +61,7 @@ def main() -> None:
 
         return run
 
-    prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(1_000))}]
+    prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(500))}]  # about 1,000 tokens
     exact = count_tokens(prompt, MODEL)  # also loads the encoder before timing
 
     def reserve_with_messages() -> None:

@@ -135,6 +135,7 @@ class Meta:
 
 Sink = Callable[[LedgerEntry], None]
 _NO_EVENTS: tuple[SoftLimit, ...] = ()
+_NO_PLAN: list[tuple[str | None, int]] = []  # shared and never mutated: plans are built fresh
 
 
 @dataclass(slots=True)
@@ -254,13 +255,15 @@ class Engine:
         """Decide a request; return the decision and the transfers it needs (not applied)."""
         # Spend limits first, at every level: they are reported before anything else.
         for level in levels:
+            spent_v = level.spent
+            held_v = level.held
             for d, limit in level.spend_checks:
-                spent = level.spent[d]
+                spent = spent_v[d]
                 if spent >= limit:
                     return _deny(level, agent, d, limit, spent, req[d], "exhausted"), []
-                if not gate and spent + level.held[d] + req[d] > limit:
-                    return _deny(level, agent, d, limit, spent + level.held[d], req[d], "would pass"), []
-        plan: list[tuple[str | None, int]] = []
+                if not gate and spent + held_v[d] + req[d] > limit:
+                    return _deny(level, agent, d, limit, spent + held_v[d], req[d], "would pass"), []
+        plan: list[tuple[str | None, int]] = _NO_PLAN
         if state.unit is not None:
             u = state.unit
             need = state.spent[u] + state.held[u] + (0 if gate else req[u])
@@ -369,14 +372,16 @@ class Engine:
         events: list[SoftLimit] = []
         for level in levels:
             warm = False
+            spent_v = level.spent
             for d, limit, floor in level.soft_checks:
-                if level.spent[d] < floor:
+                spent = spent_v[d]
+                if spent < floor:
                     continue
                 warm = True
                 for t in level.warn_at:
-                    if level.spent[d] >= t * limit and (d, t) not in level.fired:
+                    if spent >= t * limit and (d, t) not in level.fired:
                         level.fired.add((d, t))
-                        events.append(_soft_limit(level, levels[0], agent, d, level.spent[d], limit, t))
+                        events.append(_soft_limit(level, levels[0], agent, d, spent, limit, t))
             level.warm = warm
         run = levels[0]
         if state.unit is not None and run.warn_at and 0 < run.warn_at[0] * state.allocated <= state.spent[state.unit]:

@@ -103,7 +103,7 @@ class Reservation:
         raises: the estimate is charged instead and flagged ``estimated``.
         """
         try:
-            parsed = Usage.from_provider(usage)
+            parsed = usage if type(usage) is Usage else Usage.from_provider(usage)
         except UsageError:
             if not lenient:
                 raise
@@ -207,7 +207,7 @@ class _LLMCall:
         if r is None:
             return
         keeper.untrack(r)
-        if r.done:
+        if r._done:
             return
         if exc_type is None:
             r.charge_estimate()  # the caller forgot to settle: charge what was held
@@ -503,7 +503,7 @@ class Budget:
                 )
                 self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
                 raise self._exceeded(deny, agent)
-        req = _request(prompt, out, rates)
+        req = [prompt, out, sat(prompt + out), 0 if rates is None else rates.worst_case_nanos(prompt, out), 1, 0, 0, 0]
         hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
         store, chain, now = self._store, self._chain, self._clock()
         outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
