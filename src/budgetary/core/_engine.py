@@ -9,7 +9,9 @@ counts calls whose model had no price.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -155,7 +157,9 @@ _ALLOWED = Outcome()
 class Engine:
     """State plus the rules. Stores own one (memory) or build one per transaction (SQLite)."""
 
-    def __init__(self, sink: Sink | None = None) -> None:
+    def __init__(self, sink: Sink | None = None, guard: AbstractContextManager[Any] | None = None) -> None:
+        self.guard: AbstractContextManager[Any] = guard if guard is not None else threading.RLock()
+        """Taken by `reserve` and `settle`, so a store can expose them without a wrapper of its own."""
         self.levels: dict[str, Level] = {}
         self.holds: dict[str, Hold] = {}
         self.entries: list[LedgerEntry] = []
@@ -411,30 +415,31 @@ class Engine:
         ttl: float, now: float, meta: Meta, quiet: bool = False,
     ) -> Outcome:  # fmt: skip
         """Atomically check and hold ``req`` for one call; ``quiet`` writes no ``deny`` entry."""
-        cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
-        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
-        run = levels[0]
-        state = run.agents.get(agent)
-        if state is None:
-            state = self._agent(run, agent)
-        if gate:
-            req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
-        decision, plan = self._evaluate(levels, agent, state, req, gate)
-        if not decision.allowed:
-            if not quiet:
-                self._deny_entry(now, run, chain, agent, decision, meta)
-            return Outcome(decision=decision)
-        moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
-        for level in levels:
-            _add(level.held, req)
-        _add(state.held, req)
-        expires = now + ttl
-        self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
-        if expires < self.next_expiry:
-            self.next_expiry = expires
-        if decision is ALLOW and not moved:
-            return _ALLOWED
-        return Outcome(decision=decision, moved=moved)
+        with self.guard:
+            cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
+            levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
+            run = levels[0]
+            state = run.agents.get(agent)
+            if state is None:
+                state = self._agent(run, agent)
+            if gate:
+                req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
+            decision, plan = self._evaluate(levels, agent, state, req, gate)
+            if not decision.allowed:
+                if not quiet:
+                    self._deny_entry(now, run, chain, agent, decision, meta)
+                return Outcome(decision=decision)
+            moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
+            for level in levels:
+                _add(level.held, req)
+            _add(state.held, req)
+            expires = now + ttl
+            self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
+            if expires < self.next_expiry:
+                self.next_expiry = expires
+            if decision is ALLOW and not moved:
+                return _ALLOWED
+            return Outcome(decision=decision, moved=moved)
 
     def renew(self, hold_id: str, ttl: float, now: float) -> bool:
         """Extend a live hold's lease; False if it already expired."""
@@ -454,44 +459,45 @@ class Engine:
         ``actual`` is what the counters add. When ``cost_known`` and ``usage`` has no
         cost, the entry's cost is ``actual[COST]``.
         """
-        cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
-        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
-        run = levels[0]
-        state = run.agents.get(agent)
-        if state is None:
-            state = self._agent(run, agent)
-        hold = self.holds.get(hold_id) if hold_id is not None else None
-        if hold is not None:
-            del self.holds[hold.id]
-        if hold is not None and hold.agent == agent and hold.chain == chain:
-            amounts = hold.amounts
-            for level in levels:  # the usual case: the same levels hold and spend
-                _move(level.held, level.spent, amounts, actual)
-            _move(state.held, state.spent, amounts, actual)
-        else:
+        with self.guard:
+            cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
+            levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
+            run = levels[0]
+            state = run.agents.get(agent)
+            if state is None:
+                state = self._agent(run, agent)
+            hold = self.holds.get(hold_id) if hold_id is not None else None
             if hold is not None:
-                self._unhold(hold)
-            for level in levels:
-                _add(level.spent, actual)
-            _add(state.spent, actual)
-        fields: dict[str, Any] = {
-            "time": now, "budget": run.name, "scopes": chain, "agent": agent, "kind": "llm", "model": meta.model,
-            "estimated": estimated, "run_id": meta.run_id, "location": meta.location,
-        }  # fmt: skip
-        if usage is None:
-            usage = _usage_of(actual, cost_known)
-        if cost_known and usage.cost_usd is None:
-            fields["_unpriced"] = (usage, actual[COST])  # priced when first read
-        else:
-            fields["usage"] = usage
-            fields["cost_usd"] = usage.cost_usd if cost_known else None
-        entry = self._emit(fields)
-        moved = 0
-        u = state.unit
-        if u is not None and state.spent[u] + state.held[u] > state.allocated:
-            moved = self._cover_overrun(now, run, chain, agent, state, meta)
-        events = self._fire(now, levels, chain, agent, state, meta)
-        return Outcome(ALLOW, events, moved, entry)
+                del self.holds[hold.id]
+            if hold is not None and hold.agent == agent and hold.chain == chain:
+                amounts = hold.amounts
+                for level in levels:  # the usual case: the same levels hold and spend
+                    _move(level.held, level.spent, amounts, actual)
+                _move(state.held, state.spent, amounts, actual)
+            else:
+                if hold is not None:
+                    self._unhold(hold)
+                for level in levels:
+                    _add(level.spent, actual)
+                _add(state.spent, actual)
+            fields: dict[str, Any] = {
+                "time": now, "budget": run.name, "scopes": chain, "agent": agent, "kind": "llm", "model": meta.model,
+                "estimated": estimated, "run_id": meta.run_id, "location": meta.location,
+            }  # fmt: skip
+            if usage is None:
+                usage = _usage_of(actual, cost_known)
+            if cost_known and usage.cost_usd is None:
+                fields["_unpriced"] = (usage, actual[COST])  # priced when first read
+            else:
+                fields["usage"] = usage
+                fields["cost_usd"] = usage.cost_usd if cost_known else None
+            entry = self._emit(fields)
+            moved = 0
+            u = state.unit
+            if u is not None and state.spent[u] + state.held[u] > state.allocated:
+                moved = self._cover_overrun(now, run, chain, agent, state, meta)
+            events = self._fire(now, levels, chain, agent, state, meta)
+            return Outcome(ALLOW, events, moved, entry)
 
     def _cover_overrun(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,
                        state: AgentState, meta: Meta) -> int:  # fmt: skip

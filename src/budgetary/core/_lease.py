@@ -23,21 +23,28 @@ __all__ = ["keeper"]
 class _LeaseKeeper:
     def __init__(self) -> None:
         # Plain dict operations are atomic under the GIL; the hot path takes no lock.
-        self._live: dict[str, Reservation] = {}
+        self.live: dict[str, Reservation] = {}
+        """Open ``llm_call`` blocks by hold id; callers add and remove them directly (hot path)."""
+        self.ttl_floor = float("inf")
+        """Leases shorter than this need `poke` after being added (the keeper would sleep too long)."""
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
-        self._interval = float("inf")
 
     def track(self, reservation: Reservation) -> None:
-        self._live[reservation.hold_id] = reservation
-        if self._thread is None:
-            self._start()
-        elif reservation._budget.lease_ttl / 3 < self._interval:
-            self._wake.set()  # the keeper sleeps longer than this lease can wait
+        self.live[reservation.hold_id] = reservation
+        if reservation.ttl < self.ttl_floor:
+            self.poke()
 
     def untrack(self, reservation: Reservation) -> None:
-        self._live.pop(reservation.hold_id, None)
+        self.live.pop(reservation.hold_id, None)
+
+    def poke(self) -> None:
+        """Start the keeper, or wake it to re-plan after a shorter lease was added."""
+        if self._thread is None:
+            self._start()
+        else:
+            self._wake.set()
 
     def _start(self) -> None:
         with self._start_lock:
@@ -47,8 +54,9 @@ class _LeaseKeeper:
 
     def _run(self) -> None:
         while True:
-            live = list(self._live.values())
-            self._interval = interval = max(min((r.ttl for r in live), default=60.0) / 3, 0.05)
+            live = list(self.live.values())
+            interval = max(min((r.ttl for r in live), default=60.0) / 3, 0.05)
+            self.ttl_floor = interval * 3
             for reservation in live:
                 if not reservation.done and reservation.lease_age() >= reservation.ttl / 3:
                     try:

@@ -196,8 +196,12 @@ class _LLMCall:
         self._reservation: Reservation | None = None
 
     def __enter__(self) -> Reservation:
-        self._reservation = reservation = self._budget._reserve(*self._args)
-        keeper.track(reservation)  # the call is live while the block runs: keep its lease
+        budget = self._budget
+        self._reservation = reservation = budget._reserve(*self._args)
+        # The call is live while the block runs: the keeper renews its lease (`keeper.track`, inlined).
+        keeper.live[reservation.hold_id] = reservation
+        if budget.lease_ttl < keeper.ttl_floor:
+            keeper.poke()
         return reservation
 
     def __exit__(
@@ -206,7 +210,7 @@ class _LLMCall:
         r = self._reservation
         if r is None:
             return
-        keeper.untrack(r)
+        keeper.live.pop(r.hold_id, None)
         if r._done:
             return
         if exc_type is None:

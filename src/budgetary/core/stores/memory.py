@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from budgetary.core._engine import Engine, Meta, Outcome, Vector
+from budgetary.core._engine import Engine
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.stores.base import EngineStore
-from budgetary.core.usage import Usage
 
 __all__ = ["MemoryStore"]
 
@@ -31,30 +30,16 @@ class MemoryStore(EngineStore):
     url = "memory://"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._engine = Engine()
+        self._lock = threading.RLock()
+        self._engine = Engine(guard=self._lock)
         self._locked = _Locked(self._lock, self._engine)
+        # The two operations every LLM call makes go straight to the engine, which takes the
+        # lock itself: a wrapper here would cost as much as the engine work it guards.
+        self.reserve = self._engine.reserve  # type: ignore[method-assign]
+        self.settle = self._engine.settle  # type: ignore[method-assign]
 
     def _transaction(self) -> _Locked:
         return self._locked
-
-    # The two operations every call makes, with the lock taken directly: the generic
-    # `_transaction()` context manager costs about as much as the engine work it guards.
-    def reserve(
-        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
-        now: float, meta: Meta, quiet: bool = False,
-    ) -> Outcome:  # fmt: skip
-        with self._lock:
-            return self._engine.reserve(chain, agent, req, gate=gate, hold_id=hold_id, ttl=ttl, now=now, meta=meta,
-                                        quiet=quiet)  # fmt: skip
-
-    def settle(
-        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
-        meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
-    ) -> Outcome:  # fmt: skip
-        with self._lock:
-            return self._engine.settle(chain, agent, hold_id, actual, now=now, meta=meta, estimated=estimated,
-                                       cost_known=cost_known, usage=usage)  # fmt: skip
 
     def entries(self, scope: str) -> list[LedgerEntry]:
         with self._lock:
@@ -66,7 +51,7 @@ class _Locked:
 
     __slots__ = ("_engine", "_lock")
 
-    def __init__(self, lock: threading.Lock, engine: Engine) -> None:
+    def __init__(self, lock: threading.RLock, engine: Engine) -> None:
         self._lock = lock
         self._engine = engine
 
