@@ -199,6 +199,13 @@ class Engine:
                     self._roll_window(level, now)
         return levels
 
+    def _locate(self, chain: tuple[str, ...], agent: str | None, now: float) -> tuple[list[Level], AgentState]:
+        """`_chain` and `_agent` in one call, for the two per-call operations."""
+        cached = self._chains.get(chain)
+        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
+        state = levels[0].agents.get(agent)
+        return levels, state if state is not None else self._agent(levels[0], agent)
+
     def forget_chains(self) -> None:
         """Drop cached chains (after a budget was added or its window changed)."""
         self._chains.clear()
@@ -416,12 +423,8 @@ class Engine:
     ) -> Outcome:  # fmt: skip
         """Atomically check and hold ``req`` for one call; ``quiet`` writes no ``deny`` entry."""
         with self.guard:
-            cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
-            levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
+            levels, state = self._locate(chain, agent, now)
             run = levels[0]
-            state = run.agents.get(agent)
-            if state is None:
-                state = self._agent(run, agent)
             if gate:
                 req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
             decision, plan = self._evaluate(levels, agent, state, req, gate)
@@ -460,12 +463,8 @@ class Engine:
         cost, the entry's cost is ``actual[COST]``.
         """
         with self.guard:
-            cached = self._chains.get(chain)  # inlined `_chain` fast path: no lease due, no window
-            levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
+            levels, state = self._locate(chain, agent, now)
             run = levels[0]
-            state = run.agents.get(agent)
-            if state is None:
-                state = self._agent(run, agent)
             hold = self.holds.get(hold_id) if hold_id is not None else None
             if hold is not None:
                 del self.holds[hold.id]
@@ -651,35 +650,12 @@ def _move(held: Vector, spent: Vector, amounts: Vector, actual: Vector) -> None:
         t6 - a6 if t6 > a6 else 0,
         t7 - a7 if t7 > a7 else 0,
     )
-    a0, a1, a2, a3, a4, a5, a6, a7 = actual
-    t0, t1, t2, t3, t4, t5, t6, t7 = spent
-    t0 += a0
-    t1 += a1
-    t2 += a2
-    t3 += a3
-    t4 += a4
-    t5 += a5
-    t6 += a6
-    t7 += a7
-    if (t0 | t1 | t2 | t3 | t4 | t5 | t6 | t7) > MAX_INT:
-        spent[:] = [min(v, MAX_INT) for v in (t0, t1, t2, t3, t4, t5, t6, t7)]
-    else:
-        spent[:] = (t0, t1, t2, t3, t4, t5, t6, t7)
+    _add(spent, actual)
 
 
 def _sub(target: Vector, amounts: Vector) -> None:
-    a0, a1, a2, a3, a4, a5, a6, a7 = amounts
-    t0, t1, t2, t3, t4, t5, t6, t7 = target
-    target[:] = (
-        t0 - a0 if t0 > a0 else 0,
-        t1 - a1 if t1 > a1 else 0,
-        t2 - a2 if t2 > a2 else 0,
-        t3 - a3 if t3 > a3 else 0,
-        t4 - a4 if t4 > a4 else 0,
-        t5 - a5 if t5 > a5 else 0,
-        t6 - a6 if t6 > a6 else 0,
-        t7 - a7 if t7 > a7 else 0,
-    )
+    """``target -= amounts``, floored at 0 (off the hot path: expired and released holds)."""
+    target[:] = [t - a if t > a else 0 for t, a in zip(target, amounts, strict=True)]
 
 
 def _usage_of(amounts: Vector, cost_known: bool = True) -> Usage:
