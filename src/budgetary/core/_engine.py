@@ -66,6 +66,17 @@ class AgentState:
     confidence: float | None = None
     spent: Vector = field(default_factory=zeros)
     held: Vector = field(default_factory=zeros)
+    """Only ``held[unit]`` is kept: it is the only figure an allocation decision reads."""
+
+    def hold(self, amounts: Vector) -> None:
+        if (u := self.unit) is not None:
+            total = self.held[u] + amounts[u]
+            self.held[u] = total if total <= MAX_INT else MAX_INT
+
+    def unhold(self, amounts: Vector) -> None:
+        if (u := self.unit) is not None:
+            left = self.held[u] - amounts[u]
+            self.held[u] = left if left > 0 else 0
 
 
 @dataclass(slots=True)
@@ -256,7 +267,7 @@ class Engine:
             _sub(level.held, hold.amounts)
         state = levels[0].agents.get(hold.agent)
         if state is not None:
-            _sub(state.held, hold.amounts)
+            state.unhold(hold.amounts)
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -435,7 +446,7 @@ class Engine:
             moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
             for level in levels:
                 _add(level.held, req)
-            _add(state.held, req)
+            state.hold(req)
             expires = now + ttl
             self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
             if expires < self.next_expiry:
@@ -472,7 +483,8 @@ class Engine:
                 amounts = hold.amounts
                 for level in levels:  # the usual case: the same levels hold and spend
                     _move(level.held, level.spent, amounts, actual)
-                _move(state.held, state.spent, amounts, actual)
+                state.unhold(amounts)
+                _add(state.spent, actual)
             else:
                 if hold is not None:
                     self._unhold(hold)
