@@ -286,12 +286,11 @@ class Engine:
                 if not gate and spent + held_v[d] + req[d] > limit:
                     return _deny(level, agent, d, limit, spent + held_v[d], req[d], "would pass"), []
         plan: list[tuple[str | None, int]] = _NO_PLAN
-        if state.unit is not None:
-            u = state.unit
-            need = state.spent[u] + state.held[u] + (0 if gate else req[u])
+        u = state.unit
+        if u is not None:
             # In gate mode the call is allowed while something is left, so it needs one unit.
-            shortfall = need - state.allocated + (1 if gate else 0)
-            if (need >= state.allocated) if gate else (need > state.allocated):
+            shortfall = state.spent[u] + state.held[u] - state.allocated + (1 if gate else req[u])
+            if shortfall > 0:
                 plan = self._plan(levels[0], agent, state, shortfall)
                 if sum(amount for _, amount in plan) < shortfall:
                     return (
@@ -328,9 +327,11 @@ class Engine:
                 [],
             )
         for level in levels:
+            spent_v = level.spent
+            held_v = level.held
             for d, limit in level.count_checks:
-                if req[d] and level.spent[d] + level.held[d] + req[d] > limit:
-                    return _deny(level, agent, d, limit, level.spent[d] + level.held[d], req[d], "would pass"), []
+                if req[d] and spent_v[d] + held_v[d] + req[d] > limit:
+                    return _deny(level, agent, d, limit, spent_v[d] + held_v[d], req[d], "would pass"), []
         return self._soft(levels, agent, state) or ALLOW, plan
 
     def _plan(self, run: Level, agent: str | None, state: AgentState, shortfall: int) -> list[tuple[str | None, int]]:
