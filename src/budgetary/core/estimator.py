@@ -50,6 +50,9 @@ _failed: set[str] = set()
 _warned = False
 
 
+_NO_FIELDS: dict[str, Any] = {}
+
+
 def message_texts(messages: Any) -> list[str]:
     """The texts a prompt is made of: strings, chat dicts, LangChain messages, content parts.
 
@@ -68,6 +71,11 @@ def message_texts(messages: Any) -> list[str]:
             texts.append(message)
         elif isinstance(message, (list, tuple)):  # LangChain passes list[list[BaseMessage]]
             texts.extend(message_texts(message))
+        elif type(message) is not dict and "content" in (fields := getattr(message, "__dict__", _NO_FIELDS)):
+            # A LangChain (pydantic) message: read its fields without attribute lookups.
+            texts.append(_content_text(fields["content"]))
+            if fields.get("tool_calls"):
+                texts.append(_json(fields["tool_calls"]))
         elif isinstance(message, Mapping):
             texts.append(_content_text(message.get("content")))
             if message.get("tool_calls"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -24,7 +24,6 @@ __all__ = ["Usage", "coerce_cost", "coerce_count"]
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 # ASCII digits only: str.isdigit() also accepts "²", which int() then rejects with a bare ValueError.
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_NO_TOTAL: Any = None
 
 
 def coerce_count(value: Any, name: str) -> int:
@@ -76,7 +75,7 @@ def coerce_cost(value: Any, name: str = "cost_usd") -> Decimal | None:
     return result
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
 class Usage:
     """Tokens and cost one call (or several, added up) consumed.
 
@@ -100,36 +99,53 @@ class Usage:
     """Part of ``output_tokens`` spent on hidden reasoning."""
     cost_usd: Decimal | None = None
     """Exact cost in USD, or ``None`` when not known (yet)."""
-    total_tokens: int = field(default=_NO_TOTAL)
+    total_tokens: int = 0
     """Always ``input_tokens + output_tokens`` (saturated); passing another value is an error."""
 
-    def __post_init__(self) -> None:
-        for name in _TOKEN_FIELDS:
-            value = getattr(self, name)
-            if type(value) is not int or value < 0 or value > MAX_INT:
-                object.__setattr__(self, name, coerce_count(value, name))
-        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
-            if self.input_tokens == MAX_INT:
-                # Saturated: the true input is unknown but at least the parts, so clamp the parts.
-                object.__setattr__(self, "cache_write_tokens", MAX_INT - self.cache_read_tokens)
-        if self.cache_read_tokens + self.cache_write_tokens > self.input_tokens:
-            raise UsageError(
-                f"cache_read_tokens + cache_write_tokens ({self.cache_read_tokens} + "
-                f"{self.cache_write_tokens}) cannot exceed input_tokens ({self.input_tokens})"
-            )
-        if self.reasoning_tokens > self.output_tokens:
-            raise UsageError(
-                f"reasoning_tokens ({self.reasoning_tokens}) cannot exceed output_tokens ({self.output_tokens})"
-            )
-        if self.cost_usd is not None and type(self.cost_usd) is not Decimal:
-            object.__setattr__(self, "cost_usd", coerce_cost(self.cost_usd))
-        elif self.cost_usd is not None and (not self.cost_usd.is_finite() or self.cost_usd < 0):
-            coerce_cost(self.cost_usd)
-        total = sat(self.input_tokens + self.output_tokens)
-        given = self.total_tokens
-        if given is not None and coerce_count(given, "total_tokens") != total:
+    # A hand-written __init__: the generated one of a frozen dataclass sets each field through
+    # object.__setattr__, which made building a Usage a visible share of every settled call.
+    def __init__(
+        self,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        cost_usd: Decimal | None = None,
+        total_tokens: int | None = None,
+    ) -> None:
+        i, o, r, w, z = input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens
+        # Plain in-range ints (nearly every call) skip the per-field coercion.
+        if not (
+            type(i) is int and type(o) is int and type(r) is int and type(w) is int and type(z) is int
+            and 0 <= i <= MAX_INT and 0 <= o <= MAX_INT and 0 <= r <= MAX_INT and 0 <= w <= MAX_INT
+            and 0 <= z <= MAX_INT
+        ):  # fmt: skip
+            i, o, r, w, z = (coerce_count(v, n) for v, n in zip((i, o, r, w, z), _TOKEN_FIELDS, strict=True))
+        if r + w > i and i == MAX_INT:
+            # Saturated: the true input is unknown but at least the parts, so clamp the parts.
+            w = MAX_INT - r
+        if r + w > i:
+            raise UsageError(f"cache_read_tokens + cache_write_tokens ({r} + {w}) cannot exceed input_tokens ({i})")
+        if z > o:
+            raise UsageError(f"reasoning_tokens ({z}) cannot exceed output_tokens ({o})")
+        cost = cost_usd
+        if cost is not None and (type(cost) is not Decimal or not cost.is_finite() or cost < 0):
+            cost = coerce_cost(cost)
+        total = i + o
+        if total > MAX_INT:
+            total = MAX_INT
+        given = total_tokens
+        if given is not None and given != total and coerce_count(given, "total_tokens") != total:
             raise UsageError(f"total_tokens must equal input_tokens + output_tokens ({total}), got {given!r}")
-        object.__setattr__(self, "total_tokens", total)
+        _SET_INPUT(self, i)
+        _SET_OUTPUT(self, o)
+        _SET_CACHE_READ(self, r)
+        _SET_CACHE_WRITE(self, w)
+        _SET_REASONING(self, z)
+        _SET_TOTAL(self, total)
+        _SET_COST(self, cost)
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
@@ -169,6 +185,8 @@ class Usage:
         object with ``model_dump()``, or a mapping in the LangChain, OpenAI chat,
         OpenAI responses, Anthropic, Gemini, LiteLLM or CrewAI shape.
         """
+        if type(data) is dict:  # the usual case: skip the ABC checks below
+            return _NORMALISERS[_detect_shape(data)](data)
         if isinstance(data, Usage):
             return data
         if data is None:
@@ -188,14 +206,14 @@ class Usage:
     def from_langchain(cls, metadata: Any) -> Usage:
         """LangChain ``usage_metadata`` (``input_token_details``/``output_token_details``)."""
         m = _require_mapping(metadata, "usage_metadata")
-        inp = _details(m, "input_token_details")
-        out = _details(m, "output_token_details")
+        inp = _details(m, "input_token_details") if "input_token_details" in m else None
+        out = _details(m, "output_token_details") if "output_token_details" in m else None
         return cls(
             input_tokens=_req(m, "input_tokens"),
             output_tokens=_req(m, "output_tokens"),
-            cache_read_tokens=_opt(inp, "cache_read"),
-            cache_write_tokens=_opt(inp, "cache_creation"),
-            reasoning_tokens=_opt(out, "reasoning"),
+            cache_read_tokens=_opt(inp, "cache_read") if inp else 0,
+            cache_write_tokens=_opt(inp, "cache_creation") if inp else 0,
+            reasoning_tokens=_opt(out, "reasoning") if out else 0,
         )
 
     @classmethod
@@ -307,7 +325,7 @@ _SET_COST = vars(Usage)["cost_usd"].__set__
 
 
 def _as_mapping(data: Any) -> Mapping[str, Any] | None:
-    if isinstance(data, Mapping):
+    if type(data) is dict or isinstance(data, Mapping):
         return data
     dump = getattr(data, "model_dump", None)
     if callable(dump):
@@ -326,7 +344,7 @@ def _require_mapping(data: Any, what: str) -> Mapping[str, Any]:
 
 def _detect_shape(m: Mapping[str, Any]) -> str:
     # CrewAI's flat parts first: its native providers add them to their own shapes.
-    if any(key in m for key in ("cached_prompt_tokens", "cache_creation_tokens", "successful_requests")):
+    if "cached_prompt_tokens" in m or "cache_creation_tokens" in m or "successful_requests" in m:
         return "crewai"
     if "prompt_token_count" in m or "promptTokenCount" in m:
         return "gemini"
@@ -353,9 +371,10 @@ def _details(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 
 def _req(m: Mapping[str, Any], key: str) -> int:
-    if key not in m or m[key] is None:
+    value = m.get(key)
+    if value is None:
         raise UsageError(f"usage is missing {key!r} (got keys {sorted(m)})")
-    return coerce_count(m[key], key)
+    return coerce_count(value, key)
 
 
 def _opt(m: Mapping[str, Any], key: str) -> int:
