@@ -22,7 +22,6 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -72,20 +71,29 @@ def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
     return node if isinstance(node, str) and node else None
 
 
-@dataclass
 class _Claim:
     """Which handler charges a run: the same budget attached twice must charge once."""
 
-    handler: BudgetCallbackHandler
-    rank: int
-    reservation: Reservation | None = None
-    parent: UUID | None = None
-    renewed: float = 0.0
+    __slots__ = ("handler", "parent", "rank", "renewed", "reservation")
+
+    def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None) -> None:
+        self.handler = handler
+        self.rank = handler.rank
+        self.parent = parent
+        self.reservation: Reservation | None = None
+        self.renewed = 0.0
 
 
 # Claims per budget object, shared by every handler of that budget in this process.
 _claims: weakref.WeakKeyDictionary[Budget, dict[UUID, _Claim]] = weakref.WeakKeyDictionary()
 _claims_lock = threading.Lock()
+
+
+def _claims_of(budget: Budget) -> dict[UUID, _Claim]:
+    with _claims_lock:
+        return _claims.setdefault(budget, {})
+
+
 # Set while BudgetMiddleware makes a model call it has already reserved for.
 _middleware_budget: ContextVar[Budget | None] = ContextVar("budgetary_middleware_budget", default=None)
 
@@ -122,6 +130,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.on_soft_limit = on_soft_limit
         # An explicit agent is more specific than metadata: it wins a shared call.
         self.rank = rank if rank is not None else (1 if agent is not None else 0)
+        self._claims = _claims_of(budget)
 
     def __copy__(self) -> BudgetCallbackHandler:
         return self  # callback managers copy handler lists; state must stay shared
@@ -178,8 +187,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release holds of LLM runs cancelled with their parent (they get no end or error event)."""
+        claims = self._claims
         with _claims_lock:
-            claims = _claims.get(self.budget, {})
             orphans = [rid for rid, c in claims.items() if c.parent == run_id and c.handler is self]
             popped = [claims.pop(rid) for rid in orphans]
         for claim in popped:
@@ -195,11 +204,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Count the tool call, or raise `BudgetExceeded` so that the tool body never runs."""
         # A tool call is counted by the first handler of this budget that sees it (no re-attribution:
         # a count cannot be taken back), and the claim lasts until the tool ends.
+        claims = self._claims
         with _claims_lock:
-            claims = _claims.setdefault(self.budget, {})
             if run_id in claims:
                 return
-            claims[run_id] = _Claim(self, self.rank, parent=parent_run_id)
+            claims[run_id] = _Claim(self, parent_run_id)
         agent = self._agent_for(metadata)
         name = kwargs.get("name") or (serialized or {}).get("name") or "tool"
         decision = self.budget.check_tool(agent, str(name))
@@ -227,9 +236,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, messages: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> None:  # fmt: skip
-        if _middleware_budget.get() is self.budget:
+        budget = self.budget
+        if _middleware_budget.get() is budget:
             return  # BudgetMiddleware already reserved this call
-        if not self._take(run_id, parent_run_id):
+        claim = self._take(run_id, parent_run_id)
+        if claim is None:
             return
         metadata = metadata or {}
         params = kwargs.get("invocation_params") or {}
@@ -239,40 +250,41 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             max_out = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens")
         agent = self._agent_for(metadata)
         try:
-            reservation = self.budget.reserve(
+            reservation = budget.reserve(
                 agent, model=model, messages=messages, max_output_tokens=max_out,
                 location=metadata.get("langgraph_node"),
             )  # fmt: skip
         except BaseException:
             self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
             raise
-        claim = self._claim(run_id)
-        if claim is not None:
-            claim.reservation = reservation
-            claim.renewed = time.monotonic()
-        if isinstance(reservation.decision, SoftLimit) and self.on_soft_limit is not None:
+        claim.reservation = reservation
+        claim.renewed = time.monotonic()
+        if self._claims.get(run_id) is not claim:  # a more specific handler took the run meanwhile
+            reservation.release("re-attributed to a more specific handler")
+            return
+        if self.on_soft_limit is not None and isinstance(reservation.decision, SoftLimit):
             self.on_soft_limit(reservation.decision)
 
-    def _take(self, run_id: UUID, parent_run_id: UUID | None) -> bool:
+    def _take(self, run_id: UUID, parent_run_id: UUID | None) -> _Claim | None:
         """Claim ``run_id`` for this handler unless a handler of the same budget with a higher rank has it."""
+        claims = self._claims
+        claim = _Claim(self, parent_run_id)
         with _claims_lock:
-            claims = _claims.setdefault(self.budget, {})
             current = claims.get(run_id)
             if current is not None and current.rank >= self.rank:
-                return False
-            claims[run_id] = _Claim(self, self.rank, parent=parent_run_id)
+                return None
+            claims[run_id] = claim
         if current is not None and current.reservation is not None:
             current.reservation.release("re-attributed to a more specific handler")
-        return True
+        return claim
 
     def _claim(self, run_id: UUID) -> _Claim | None:
-        with _claims_lock:
-            claim = _claims.get(self.budget, {}).get(run_id)
+        claim = self._claims.get(run_id)
         return claim if claim is not None and claim.handler is self else None
 
     def _release_claim(self, run_id: UUID) -> _Claim | None:
+        claims = self._claims
         with _claims_lock:
-            claims = _claims.get(self.budget, {})
             claim = claims.get(run_id)
             if claim is None or claim.handler is not self:
                 return None
@@ -307,7 +319,7 @@ def _reported_usage(response: Any) -> tuple[Usage | dict[str, Any] | None, str |
     if metadata:
         if metadata.get("total_cost") == 0:  # LangChain's only marker of an LLM-cache hit
             return None, model, True
-        return dict(metadata), model, False
+        return metadata, model, False
     token_usage = llm_output.get("token_usage") or llm_output.get("usage")
     return (token_usage or None), model, False
 

@@ -43,7 +43,7 @@ from typing import Any, TypeVar, cast
 try:
     from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.runnables import Runnable, RunnableConfig
-    from langchain_core.runnables.config import merge_configs, set_config_context
+    from langchain_core.runnables.config import set_config_context
     from langgraph._internal._runnable import RunnableCallable  # pinned: langgraph>=1,<2
     from langgraph.config import get_config
     from langgraph.graph.state import StateGraph
@@ -118,12 +118,22 @@ class _Governor:
         return node, agent
 
     def node_config(self, config: Mapping[str, Any], agent: str | None) -> Any:
+        """``config`` with a handler charging the node's calls to ``agent`` (one per execution)."""
         handler = BudgetCallbackHandler(self.budget, agent, rank=NODE_RANK)
-        return merge_configs(cast(Any, config), {"callbacks": [handler]})
+        callbacks = config.get("callbacks")
+        if callbacks is None:
+            callbacks = [handler]
+        elif isinstance(callbacks, list):
+            callbacks = [*callbacks, handler]
+        else:  # a callback manager (what LangGraph hands a node): copy it, as merge_configs would
+            callbacks = callbacks.copy()
+            callbacks.add_handler(handler, inherit=True)
+        # Only the callbacks change: merge_configs would also copy metadata, tags and
+        # configurable, which made it the largest cost of a governed node.
+        return {**config, "callbacks": callbacks}
 
-    def enter(self, state: Any, config: Mapping[str, Any]) -> tuple[bool, Any]:
+    def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
         """(True, None) to run the node, else (False, the node's result under the policy)."""
-        node, agent = self.names(config)
         attempt = 0
         while True:
             decision = self.budget.begin_agent(agent, location=node)
@@ -195,15 +205,23 @@ def _seen_twice(run: _RunState, node: str) -> bool:
         return False
 
 
-def _govern_call(governor: _Governor, state: Any, config: Any, invoke: Callable[[Any], Any]) -> Any:
-    """Entry checks, then ``invoke(node_config)`` with the node's handler in the config context."""
-    go, result = governor.enter(state, config)
+def _govern_call(
+    governor: _Governor, state: Any, config: Any, invoke: Callable[[Any], Any], in_context: bool = False
+) -> Any:
+    """Entry checks, then ``invoke(node_config)`` with the node's handler in the config context.
+
+    ``in_context``: ``invoke`` sets the config context from ``node_config`` itself.
+    """
+    node, agent = governor.names(config)
+    go, result = governor.enter(state, config, node, agent)
     if not go:
         return result
     attempt = 100  # interrupt indices distinct from the entry loop's
     while True:
-        node_config = governor.node_config(config, governor.names(config)[1])
+        node_config = governor.node_config(config, agent)
         try:
+            if in_context:
+                return invoke(node_config)
             # Node functions that take no `config` read it from this context variable.
             with set_config_context(node_config) as context:
                 return context.run(invoke, node_config)
@@ -216,15 +234,20 @@ def _govern_call(governor: _Governor, state: Any, config: Any, invoke: Callable[
             attempt += 1
 
 
-async def _agovern_call(governor: _Governor, state: Any, config: Any, invoke: Callable[[Any], Any]) -> Any:
+async def _agovern_call(
+    governor: _Governor, state: Any, config: Any, invoke: Callable[[Any], Any], in_context: bool = False
+) -> Any:
     """Async twin of `_govern_call`; ``invoke`` returns an awaitable."""
-    go, result = governor.enter(state, config)
+    node, agent = governor.names(config)
+    go, result = governor.enter(state, config, node, agent)
     if not go:
         return result
     attempt = 100
     while True:
-        node_config = governor.node_config(config, governor.names(config)[1])
+        node_config = governor.node_config(config, agent)
         try:
+            if in_context:
+                return await invoke(node_config)
             with set_config_context(node_config) as context:
                 return await context.run(_as_task, invoke, node_config)
         except BudgetExceeded as exc:
@@ -238,12 +261,17 @@ async def _agovern_call(governor: _Governor, state: Any, config: Any, invoke: Ca
 
 def _wrap_runnable(inner: Runnable[Any, Any], governor: _Governor) -> Runnable[Any, Any]:
     """Wrap a node's runnable; `RunnableLambda` keeps subgraph detection and LangGraph's injected kwargs."""
+    # A traced RunnableCallable (what add_node makes of a function) runs its function in the
+    # config context of the config it is given; anything else gets the context from us.
+    in_context = isinstance(inner, RunnableCallable) and bool(inner.trace)
 
     def run(state: Any, config: RunnableConfig) -> Any:
-        return _govern_call(governor, state, config, lambda node_config: inner.invoke(state, node_config))
+        return _govern_call(governor, state, config, lambda node_config: inner.invoke(state, node_config), in_context)
 
     async def arun(state: Any, config: RunnableConfig) -> Any:
-        return await _agovern_call(governor, state, config, lambda node_config: inner.ainvoke(state, node_config))
+        return await _agovern_call(
+            governor, state, config, lambda node_config: inner.ainvoke(state, node_config), in_context
+        )
 
     # LangGraph's own node wrapper, untraced like the nodes it wraps: a RunnableLambda would add a
     # traced run per node execution (and double the graph's overhead). LangGraph still finds
