@@ -29,7 +29,7 @@ from budgetary.core.prices import Price, PriceTable
 from budgetary.core.skip import Skipped
 from budgetary.core.snapshot import Snapshot
 from budgetary.core.stores import Store, store_from_url
-from budgetary.core.stores.base import off_loop
+from budgetary.core.stores.base import AsyncStore, is_async_store, off_loop
 from budgetary.core.stores.memory import MemoryStore
 from budgetary.core.usage import Usage, coerce_cost, coerce_count
 
@@ -102,18 +102,30 @@ class Reservation:
         With ``lenient=True`` (what adapters use) an unreadable report never
         raises: the estimate is charged instead and flagged ``estimated``.
         """
-        try:
-            parsed = usage if type(usage) is Usage else Usage.from_provider(usage)
-        except UsageError:
-            if not lenient:
-                raise
-            logger.warning("unreadable usage %r for agent %r; charging the estimate", usage, self.agent)
+        parsed = usage if type(usage) is Usage else self._parse(usage, lenient)
+        if parsed is None:
             return self.charge_estimate()
         return self._settle(parsed, model or self.model, estimated=False)
 
     async def asettle(self, usage: Any, *, model: str | None = None, lenient: bool = False) -> LedgerEntry:
-        """`settle` for async code: a SQLite or Redis store is called off the event loop."""
-        return await off_loop(self._budget._store, functools.partial(self.settle, usage, model=model, lenient=lenient))
+        """`settle` for async code: never blocks the event loop (see `Budget.areserve`)."""
+        store = self._budget._store
+        if not is_async_store(store):
+            return await off_loop(store, functools.partial(self.settle, usage, model=model, lenient=lenient))
+        parsed = usage if type(usage) is Usage else self._parse(usage, lenient)
+        if parsed is None:
+            return await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
+        return await self._asettle(parsed, model or self.model, estimated=False)
+
+    def _parse(self, usage: Any, lenient: bool) -> Usage | None:
+        """The provider's report as a `Usage`; None (lenient) means "charge the estimate"."""
+        try:
+            return Usage.from_provider(usage)
+        except UsageError:
+            if not lenient:
+                raise
+            logger.warning("unreadable usage %r for agent %r; charging the estimate", usage, self.agent)
+            return None
 
     def charge_estimate(self) -> LedgerEntry:
         """Charge the pre-call estimate, flagged ``estimated`` (the call's real usage is unknown)."""
@@ -122,6 +134,28 @@ class Reservation:
     def _settle(
         self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
     ) -> LedgerEntry:
+        budget = self._budget
+        actual, meta, cost_known = self._settle_request(usage, model, actual_cost)
+        outcome = budget._store.settle(
+            budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
+            estimated=estimated, cost_known=cost_known, usage=usage,
+        )  # fmt: skip
+        return self._settled(outcome, usage)
+
+    async def _asettle(
+        self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
+    ) -> LedgerEntry:
+        """`_settle` with the store's async twin."""
+        budget = self._budget
+        actual, meta, cost_known = self._settle_request(usage, model, actual_cost)
+        outcome = await cast(AsyncStore, budget._store).asettle(
+            budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
+            estimated=estimated, cost_known=cost_known, usage=usage,
+        )  # fmt: skip
+        return self._settled(outcome, usage)
+
+    def _settle_request(self, usage: Usage, model: str | None, actual_cost: int | None) -> tuple[Vector, Meta, bool]:
+        """Close the reservation and say what the store charges: (counters, meta, whether the cost is known)."""
         if self._done:
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
         self._done = True
@@ -140,10 +174,11 @@ class Reservation:
             else [usage.input_tokens, usage.output_tokens, usage.total_tokens, nanos, 1, 0, 0, 0]
         )
         meta = self.meta if model == self.meta.model else Meta(self.meta.run_id, model, self.meta.location)
-        outcome = budget._store.settle(
-            budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
-            estimated=estimated, cost_known=nanos is not None, usage=usage,
-        )  # fmt: skip
+        return actual, meta, nanos is not None
+
+    def _settled(self, outcome: Outcome, usage: Usage) -> LedgerEntry:
+        """The ledger entry of a settle, after telling soft-limit listeners and host guards."""
+        budget = self._budget
         entry = outcome.entry
         assert entry is not None
         if outcome.events:
@@ -166,8 +201,19 @@ class Reservation:
         budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
 
     async def arelease(self, reason: str = "call failed") -> None:
-        """`release` for async code: a SQLite or Redis store is called off the event loop."""
-        await off_loop(self._budget._store, self.release, reason)
+        """`release` for async code: never blocks the event loop (see `Budget.areserve`)."""
+        budget = self._budget
+        if not is_async_store(budget._store):
+            await off_loop(budget._store, self.release, reason)
+            return
+        if self._done:
+            return
+        self._done = True
+        if budget.charge_failed_calls:
+            self._done = False
+            await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
+            return
+        await cast(AsyncStore, budget._store).arelease(self.hold_id, now=budget._clock(), reason=reason)
 
     def renew(self) -> bool:
         """Extend the hold's lease (long calls); False if it had already expired."""
@@ -207,24 +253,46 @@ class _LLMCall:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        r = self._reservation
+        r = self._closing()
         if r is None:
-            return
-        keeper.live.pop(r.hold_id, None)
-        if r._done:
             return
         if exc_type is None:
             r.charge_estimate()  # the caller forgot to settle: charge what was held
         else:
             r.release(f"call failed: {exc_type.__name__}")
 
+    def _closing(self) -> Reservation | None:
+        """Stop renewing the block's hold; the reservation if leaving must still settle or release it."""
+        r = self._reservation
+        if r is None:
+            return None
+        keeper.live.pop(r.hold_id, None)
+        return None if r._done else r
+
     async def __aenter__(self) -> Reservation:
-        return await off_loop(self._budget._store, self.__enter__)
+        budget = self._budget
+        if not is_async_store(budget._store):
+            return await off_loop(budget._store, self.__enter__)
+        self._reservation = reservation = await budget._areserve(*self._args)
+        keeper.live[reservation.hold_id] = reservation
+        if budget.lease_ttl < keeper.ttl_floor:
+            keeper.poke()
+        return reservation
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await off_loop(self._budget._store, self.__exit__, exc_type, exc, tb)
+        budget = self._budget
+        if not is_async_store(budget._store):
+            await off_loop(budget._store, self.__exit__, exc_type, exc, tb)
+            return
+        r = self._closing()
+        if r is None:
+            return
+        if exc_type is None:
+            await r._asettle(r.estimate, r.model, estimated=True, actual_cost=r._req[COST])
+        else:
+            await r.arelease(f"call failed: {exc_type.__name__}")
 
 
 class Budget:
@@ -458,8 +526,14 @@ class Budget:
         run_id: str | None = None,
         location: str | None = None,
     ) -> Reservation:
-        """`reserve` for async code: a SQLite or Redis store is called off the event loop."""
+        """`reserve` for async code: never blocks the event loop.
+
+        A store with async twins (`AsyncStore`: Redis) is awaited on the running loop; SQLite is
+        called in a worker thread, the memory store inline (it takes microseconds).
+        """
         args = (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
+        if is_async_store(self._store):
+            return await self._areserve(*args)
         return await off_loop(self._store, self._reserve, *args)
 
     def _reserve(
@@ -467,6 +541,67 @@ class Budget:
         max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
         unpriced_ok: bool = False,
     ) -> Reservation:  # fmt: skip
+        req, meta, rates, exact, deny = self._reserve_request(
+            agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location, unpriced_ok
+        )
+        store, chain = self._store, self._chain
+        if deny is not None:
+            store.record_entry(chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
+            raise self._exceeded(deny, agent)
+        hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
+        now = self._clock()
+        outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                now=now, meta=meta, quiet=not exact)  # fmt: skip
+        decision = outcome.decision
+        if not decision.allowed and not exact:
+            exact_req = self._exact_request(decision, messages, model, req, rates)
+            if exact_req is not None:
+                req = exact_req
+                outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                        now=now, meta=meta)  # fmt: skip
+                decision = outcome.decision
+            else:
+                store.record_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
+        if not decision.allowed:
+            raise self._exceeded(decision, agent)
+        return self._reservation(hold_id, agent, model, provider, req, meta, decision, rates, now)
+
+    async def _areserve(
+        self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
+        max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
+    ) -> Reservation:  # fmt: skip
+        """`_reserve` with the store's async twins (see `AsyncStore`): the same steps, awaited."""
+        req, meta, rates, exact, deny = self._reserve_request(
+            agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location, False
+        )
+        store, chain = cast(AsyncStore, self._store), self._chain
+        if deny is not None:
+            await store.arecord_entry(chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
+            raise await self._aexceeded(deny, agent)
+        hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
+        now = self._clock()
+        outcome = await store.areserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                       now=now, meta=meta, quiet=not exact)  # fmt: skip
+        decision = outcome.decision
+        if not decision.allowed and not exact:
+            exact_req = self._exact_request(decision, messages, model, req, rates)
+            if exact_req is not None:
+                req = exact_req
+                outcome = await store.areserve(chain, agent, req, gate=self._gate, hold_id=hold_id,
+                                               ttl=self.lease_ttl, now=now, meta=meta)  # fmt: skip
+                decision = outcome.decision
+            else:
+                await store.arecord_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
+        if not decision.allowed:
+            raise await self._aexceeded(decision, agent)
+        return self._reservation(hold_id, agent, model, provider, req, meta, decision, rates, now)
+
+    def _reserve_request(
+        self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
+        max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
+        unpriced_ok: bool,
+    ) -> tuple[Vector, Meta, Any, bool, Deny | None]:  # fmt: skip
+        """What a reservation asks the store for: (request, meta, rates, exact, a refusal before asking)."""
         if prompt_tokens is not None:
             # The common case (a plain non-negative int) skips the general coercion.
             prompt = (
@@ -489,8 +624,7 @@ class Budget:
         if self._guards is not None:
             host = self._guards.check_before_llm(agent, prompt)
             if not host.allowed:
-                self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
-                raise self._exceeded(host, agent)
+                return [], meta, None, exact, cast(Deny, host)
         rates = None
         if self._cost_capped or self._usd_agent(agent):
             rates = self._prices.rates(model, provider)
@@ -505,26 +639,24 @@ class Budget:
                     budget=self.name,
                     agent=agent,
                 )
-                self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
-                raise self._exceeded(deny, agent)
+                return [], meta, rates, exact, deny
         req = [prompt, out, sat(prompt + out), 0 if rates is None else rates.worst_case_nanos(prompt, out), 1, 0, 0, 0]
-        hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
-        store, chain, now = self._store, self._chain, self._clock()
-        outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
-                                now=now, meta=meta, quiet=not exact)  # fmt: skip
-        decision = outcome.decision
-        if not decision.allowed and not exact:
-            # The byte bound was refused on a prompt-sized resource: count exactly (tiktoken) before saying no.
-            exact_prompt = count_tokens(messages, model) if decision.resource in _INPUT_SENSITIVE else prompt
-            if exact_prompt < prompt:
-                req = _request(exact_prompt, out, rates)
-                outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
-                                        now=now, meta=meta)  # fmt: skip
-                decision = outcome.decision
-            else:
-                store.record_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
-        if not decision.allowed:
-            raise self._exceeded(decision, agent)
+        return req, meta, rates, exact, None
+
+    @staticmethod
+    def _exact_request(decision: Decision, messages: Any, model: str | None, req: Vector, rates: Any) -> Vector | None:
+        """The request with an exact (tiktoken) prompt count, or None if it would not ask for less.
+
+        Used after the cheap byte bound was refused on a prompt-sized resource.
+        """
+        prompt = req[IN]
+        exact_prompt = count_tokens(messages, model) if decision.resource in _INPUT_SENSITIVE else prompt
+        return _request(exact_prompt, req[OUT], rates) if exact_prompt < prompt else None
+
+    def _reservation(
+        self, hold_id: str, agent: str | None, model: str | None, provider: str | None, req: Vector, meta: Meta,
+        decision: Decision, rates: Any, now: float,
+    ) -> Reservation:  # fmt: skip
         reservation = Reservation(self, hold_id, agent, model, provider, req, meta, decision)
         reservation._rates = rates
         reservation._renewed_at = now
@@ -620,7 +752,9 @@ class Budget:
 
     def snapshot(self) -> Snapshot:
         """This budget's figures now (and its parents', under ``.parent``)."""
-        figures = self._store.figures(self._chain, self._clock())
+        return self._snapshot_of(self._store.figures(self._chain, self._clock()))
+
+    def _snapshot_of(self, figures: list[Any]) -> Snapshot:
         budgets: list[Budget] = []
         node: Budget | None = self
         while node is not None:
@@ -761,7 +895,11 @@ class Budget:
                             logger.exception("soft-limit listener %r failed", listener)
                 node = node.parent
 
-    def _exceeded(self, decision: Decision, agent: str | None) -> BudgetExceeded:
+    async def _aexceeded(self, decision: Decision, agent: str | None) -> BudgetExceeded:
+        figures = await cast(AsyncStore, self._store).afigures(self._chain, self._clock())
+        return self._exceeded(decision, agent, self._snapshot_of(figures))
+
+    def _exceeded(self, decision: Decision, agent: str | None, snapshot: Snapshot | None = None) -> BudgetExceeded:
         d = cast(Deny, decision)
         return BudgetExceeded(
             d.reason,
@@ -771,7 +909,7 @@ class Budget:
             limit=d.limit,
             spent=d.spent,
             requested=d.requested,
-            snapshot=self.snapshot(),
+            snapshot=snapshot if snapshot is not None else self.snapshot(),
         )
 
     def __repr__(self) -> str:

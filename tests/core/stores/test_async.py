@@ -1,13 +1,19 @@
-"""Async use of the stores: SQLite and Redis calls leave the event loop free; results match the sync API."""
+"""Async use of the stores: results match the sync API; SQLite runs in a worker thread, memory inline.
+
+Redis awaits its asyncio client on the loop instead: see test_redis_async.py.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 
 from budgetary import Budget, BudgetExceeded, Limits
+from budgetary.core.stores.sqlite import SQLiteStore
 from tests.core.stores.conftest import Opener
 
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")]
@@ -53,8 +59,15 @@ async def test_a_failed_async_block_releases_its_hold(open_store: Opener, anyio_
     assert budget.check().allowed
 
 
-async def test_shared_stores_are_called_off_the_event_loop(open_shared_store: Opener, anyio_backend: str) -> None:
-    budget = Budget(Limits(), name="a", store=open_shared_store())
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "budget.db")
+    yield store
+    store.close()
+
+
+async def test_sqlite_is_called_off_the_event_loop(sqlite_store: SQLiteStore, anyio_backend: str) -> None:
+    budget = Budget(Limits(), name="a", store=sqlite_store)
     seen = _store_thread(budget)
     await budget.areserve(prompt_tokens=1, max_output_tokens=1)
     async with budget.llm_call(prompt_tokens=1, max_output_tokens=1) as call:
@@ -70,8 +83,8 @@ async def test_the_memory_store_stays_inline(anyio_backend: str) -> None:
     assert seen == [threading.current_thread().name]
 
 
-async def test_a_slow_store_does_not_stall_other_tasks(open_shared_store: Opener, anyio_backend: str) -> None:
-    budget = Budget(Limits(), name="a", store=open_shared_store())
+async def test_a_slow_store_does_not_stall_other_tasks(sqlite_store: SQLiteStore, anyio_backend: str) -> None:
+    budget = Budget(Limits(), name="a", store=sqlite_store)
     store, ticks = budget._store, []
     reserve = store.reserve
 

@@ -31,7 +31,7 @@ from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
 from budgetary.core.usage import Usage
 
-__all__ = ["EngineStore", "LevelFigures", "Store", "off_loop"]
+__all__ = ["AsyncStore", "EngineStore", "LevelFigures", "Store", "is_async_store", "off_loop"]
 
 T = TypeVar("T")
 
@@ -150,6 +150,44 @@ class Store(Protocol):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+class AsyncStore(Protocol):
+    """Async twins of the `Store` operations one LLM call makes, awaited on the running event loop.
+
+    A store that has them (`RedisStore`, over ``redis.asyncio``) serves `Budget.areserve`,
+    `Reservation.asettle`/``arelease`` and ``async with budget.llm_call(...)`` without a worker
+    thread; each takes the arguments of its sync operation and returns the same value.
+    """
+
+    async def areserve(
+        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
+        now: float, meta: Meta, quiet: bool = False,
+    ) -> Outcome:  # fmt: skip
+        """`Store.reserve`, awaited."""
+
+    async def asettle(
+        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
+        meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
+    ) -> Outcome:  # fmt: skip
+        """`Store.settle`, awaited."""
+
+    async def arelease(self, hold_id: str, *, now: float, reason: str) -> bool:
+        """`Store.release`, awaited."""
+
+    async def arecord_entry(
+        self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
+        decision: Decision | None = None, reason: str | None = None,
+    ) -> None:  # fmt: skip
+        """`Store.record_entry`, awaited."""
+
+    async def afigures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
+        """`Store.figures`, awaited."""
+
+
+def is_async_store(store: object) -> bool:
+    """Whether ``store`` has the `AsyncStore` twins (a class attribute check: cheaper than a Protocol isinstance)."""
+    return hasattr(type(store), "areserve")
 
 
 class EngineStore(ABC):
@@ -307,9 +345,9 @@ class EngineStore(ABC):
 async def off_loop(store: Store, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)``, which calls ``store``, without blocking the event loop.
 
-    A memory store operation takes microseconds and never waits on I/O, so it
-    runs inline; any other store's (a SQLite transaction that may wait for a
-    lock, a Redis round trip) runs in a worker thread.
+    For stores without async twins (`AsyncStore`). A memory store operation takes
+    microseconds and never waits on I/O, so it runs inline; any other store's (a
+    SQLite transaction that may wait for a lock) runs in a worker thread.
     """
     from budgetary.core.stores.memory import MemoryStore
 

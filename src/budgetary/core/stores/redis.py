@@ -14,12 +14,14 @@ name can reach another budget's keys.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-import threading
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from decimal import Decimal
 from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -39,23 +41,29 @@ from budgetary.core._engine import (
 )
 from budgetary.core._units import COST, nanos_to_usd
 from budgetary.core.contract import AgentContract
-from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent
+from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent, UsageError
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
-from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc, meta_json
+from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc
 from budgetary.core.stores.base import LevelFigures
 from budgetary.core.usage import Usage
 
 if TYPE_CHECKING:
     import redis
+    import redis.asyncio
 
 __all__ = ["RedisStore"]
 
 _SUFFIXES = ("levels", "holds", "holdz", "ledger", "seq")
 # One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_LLM_FIELDS = ("model", "usage", "cost_usd", "estimated", "run_id", "location")
+# A vector (8 integer counters) as one argument: 8 little-endian doubles, what the script keeps
+# (Lua numbers are doubles: exact to 2^53, and 2^63-1, the saturation value, stays the largest).
+_vector = struct.Struct("<8d").pack
+_CACHE_MAX = 4096  # entries per per-store cache of encoded arguments (chains, ledger metadata)
+_ALLOWED = Outcome()
+"""The common reserve outcome, shared (outcomes are never mutated)."""
 
 
 class _Program:
@@ -141,18 +149,27 @@ def _client_url(client: Any) -> str:
 
 
 class RedisStore:
-    """Budget state in Redis (``redis://``, ``rediss://`` or a ``redis.Redis`` client).
+    """Budget state in Redis (``redis://``, ``rediss://``, or a redis-py client, sync or asyncio).
 
     Example:
         ```python
         store = RedisStore("redis://cache:6379/0", key_prefix="myapp:budget:")
         tenant = Budget(Limits(max_cost_usd=50, window="1d"), name="tenant-42", store=store)
         run = Budget(Limits(max_cost_usd=2), name="run-7", parent=tenant)
+
+        # asyncio code: the async API awaits the store on the running loop
+        store = RedisStore(redis.asyncio.Redis(host="cache"))
+        run = Budget(Limits(max_cost_usd=2), name="run-8", store=store)
+        async with run.llm_call("writer", model="gpt-4o", messages=msgs, max_output_tokens=500) as call:
+            ...
         ```
 
     Args:
-        url: A ``redis://``/``rediss://`` URL, or a ``redis.Redis``/``redis.RedisCluster`` client (the
-            store then does not close it).
+        url: A ``redis://``/``rediss://``/``unix://`` URL (the store opens a sync client, and an
+            asyncio client on first async use), a ``redis.Redis``/``redis.RedisCluster`` client, or a
+            ``redis.asyncio.Redis``/``redis.asyncio.RedisCluster`` client. A client passed in is not
+            closed by the store. With an asyncio client only, use the async API (`Budget.areserve`,
+            ``async with budget.llm_call(...)``, `Reservation.asettle`); see `RedisStore` docs.
         key_prefix: Prepended to every key; must not contain ``{`` or ``}`` (they would change the
             Cluster hash tag).
         ledger_max_len: Ledger entries kept per budget family, newest last (0 keeps all).
@@ -161,7 +178,7 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str | redis.Redis | redis.RedisCluster,
+        url: str | redis.Redis | redis.RedisCluster | redis.asyncio.Redis | redis.asyncio.RedisCluster,
         *,
         key_prefix: str = "budgetary:",
         ledger_max_len: int = 100_000,
@@ -169,37 +186,57 @@ class RedisStore:
     ) -> None:
         try:
             import redis
+            import redis.asyncio
         except ImportError as exc:
             raise ImportError('RedisStore needs redis-py: pip install "budgetary[redis]"') from exc
         if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
             raise ConfigurationError(f"RedisStore key_prefix must be a string without braces, got {key_prefix!r}")
         if isinstance(ledger_max_len, bool) or not isinstance(ledger_max_len, int) or ledger_max_len < 0:
             raise ConfigurationError(f"RedisStore ledger_max_len must be an int >= 0, got {ledger_max_len!r}")
+        self._client: Any = None
+        self._aclient: Any = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._from_url: str | None = None
+        self._socket_timeout = socket_timeout
         if isinstance(url, str):
             if not url.startswith(("redis://", "rediss://", "unix://")):
                 raise ConfigurationError(f"RedisStore needs a redis://, rediss:// or unix:// URL, got {url!r}")
             self.url = _safe_url(url)
-            self._client: redis.Redis | redis.RedisCluster = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+            self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+            self._from_url = url
             self._owns_client = True
         elif isinstance(url, (redis.Redis, redis.RedisCluster)):
             self.url = _client_url(url)
             self._client = url
             self._owns_client = False
+        elif isinstance(url, (redis.asyncio.Redis, redis.asyncio.RedisCluster)):
+            self.url = _client_url(url)
+            self._aclient = url
+            self._owns_client = False
         else:
             raise ConfigurationError(
-                f"RedisStore needs a redis:// URL, a redis.Redis or a redis.RedisCluster client, got "
-                f"{type(url).__name__} (redis.asyncio clients are not supported yet)"
+                "RedisStore needs a redis:// URL, a redis.Redis or redis.RedisCluster client, or a "
+                f"redis.asyncio.Redis or redis.asyncio.RedisCluster client, got {type(url).__name__}"
             )
         self.key_prefix = key_prefix
         self.ledger_max_len = ledger_max_len
         self._program = program()
-        self._script = self._client.register_script(self._program.script)
+        self._script = None if self._client is None else self._client.register_script(self._program.script)
+        self._ascript: Any = None if self._aclient is None else self._aclient.register_script(self._program.script)
         self._functions = True
         self._maxlen = str(ledger_max_len)
         self._keys: dict[str, list[str]] = {}
-        # Hold ids carry no family; remember where each hold this process made lives.
+        # Per (chain, agent): the family's keys and the leading arguments of every chain operation.
+        self._heads: dict[tuple[tuple[str, ...], str | None], tuple[list[str], list[Any]]] = {}
+        # Per (run_id, model, location): those fields as JSON object members.
+        self._metas: dict[tuple[str | None, str | None, str | None], str] = {}
+        # Hold ids carry no family; remember where each hold this process made lives. (Single dict
+        # operations are atomic, so threads need no lock here.)
         self._hold_keys: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
+        # An asyncio-only store cannot run the setup calls `Budget` makes synchronously
+        # (`ensure_budget`, `ensure_agent`): they wait here for the first async operation.
+        self._setup: list[tuple[list[str], list[str], str]] = []
+        self._setup_lock: asyncio.Lock | None = None
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -211,19 +248,40 @@ class RedisStore:
             self._keys[key] = keys
         return keys
 
-    def _run(self, keys: list[str], op: str, now: float, args: dict[str, Any]) -> dict[str, Any]:
-        argv = [op, repr(float(now)), self._maxlen, _dumps(args)]
-        with mapped_errors(self.url, op):
-            raw = self._invoke(keys, argv)
-        result: dict[str, Any] = json.loads(raw)
-        if "err" in result:
-            if result["err"] == "agent":
-                raise UnknownAgent(agent_name(args["agent"]) or "", result["n"])
-            raise KeyError(result["key"])
-        return result
+    def _head(self, chain: tuple[str, ...], agent: str | None) -> tuple[list[str], list[Any]]:
+        """The keys of ``chain``'s family and the arguments every chain operation starts with."""
+        head = self._heads.get((chain, agent))
+        if head is None:
+            if len(self._heads) >= _CACHE_MAX:
+                self._heads.clear()
+            akey = agent_key(agent)
+            head = self._heads[(chain, agent)] = (
+                self._family_keys(chain[0]),
+                [_dumps([list(chain), akey]), akey, str(len(chain)), *chain],
+            )
+        return head
 
-    def _invoke(self, keys: list[str], argv: list[str]) -> Any:
-        """One call of the Lua program: FCALL, loading the library first if the server lacks it."""
+    def _meta(self, run_id: str | None, model: str | None, location: str | None) -> str:
+        """``run_id``, ``model`` and ``location`` as JSON object members (no braces)."""
+        key = (run_id, model, location)
+        text = self._metas.get(key)
+        if text is None:
+            if len(self._metas) >= _CACHE_MAX:
+                self._metas.clear()
+            text = self._metas[key] = _dumps({"run_id": run_id, "model": model, "location": location})[1:-1]
+        return text
+
+    def _call(self, keys: list[str], argv: list[Any]) -> str:
+        """One call of the Lua program with the sync client; the reply as text."""
+        client = self._client
+        if client is None:
+            return self._bridge(keys, argv)
+        with mapped_errors(self.url, argv[0]):
+            raw = self._invoke(keys, argv)
+        return raw if type(raw) is str else raw.decode()
+
+    def _invoke(self, keys: list[str], argv: list[Any]) -> Any:
+        """FCALL, loading the library first if the server lacks it, or EVALSHA on servers without Functions."""
         import redis
 
         if self._functions:
@@ -240,22 +298,188 @@ class RedisStore:
                     if fallback(again) != "eval":
                         raise
                 self._functions = False
+        assert self._script is not None
         return self._script(keys=keys, args=argv)
 
-    def _chain_op(self, op: str, chain: tuple[str, ...], agent: str | None, now: float, **args: Any) -> dict[str, Any]:
-        return self._run(
-            self._family_keys(chain[0]), op, now, {"chain": list(chain), "agent": agent_key(agent), **args}
+    async def _acall(self, keys: list[str], argv: list[Any]) -> str:
+        """One call of the Lua program with the asyncio client, on the running loop; the reply as text."""
+        client = self._async_client()
+        if self._setup:
+            await self._run_setup()
+        with mapped_errors(self.url, argv[0]):
+            raw = await self._ainvoke(client, keys, argv)
+        return raw if type(raw) is str else raw.decode()
+
+    async def _ainvoke(self, client: Any, keys: list[str], argv: list[Any]) -> Any:
+        """`_invoke` with the asyncio client."""
+        import redis
+
+        if self._functions:
+            try:
+                return await client.fcall(self._program.name, len(keys), *keys, *argv)
+            except redis.ResponseError as exc:
+                if fallback(exc) is None:
+                    raise
+                try:
+                    if fallback(exc) == "load":
+                        await client.function_load(self._program.library, replace=True)
+                        return await client.fcall(self._program.name, len(keys), *keys, *argv)
+                except redis.ResponseError as again:
+                    if fallback(again) != "eval":
+                        raise
+                self._functions = False
+        return await self._ascript(keys=keys, args=argv)
+
+    def _async_client(self) -> Any:
+        """The asyncio client for the running loop (a URL store opens one per loop, lazily)."""
+        loop = asyncio.get_running_loop()
+        if self._aloop is not loop:
+            if self._from_url is not None:
+                import redis.asyncio
+
+                # An asyncio client's connections belong to the loop that opened them.
+                self._aclient = redis.asyncio.Redis.from_url(self._from_url, socket_timeout=self._socket_timeout)
+                self._ascript = self._aclient.register_script(self._program.script)
+            self._aloop, self._setup_lock = loop, None
+        return self._aclient
+
+    async def _run_setup(self) -> None:
+        if self._setup_lock is None:
+            self._setup_lock = asyncio.Lock()
+        async with self._setup_lock:
+            client = self._aclient
+            while self._setup:
+                keys, argv, what = self._setup[0]
+                with mapped_errors(self.url, what):
+                    await self._ainvoke(client, keys, argv)
+                self._setup.pop(0)
+
+    def _bridge(self, keys: list[str], argv: list[Any]) -> str:
+        """A sync call on an asyncio-only store: run it on the client's loop from another thread, or refuse."""
+        loop = self._aloop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is not None or not loop.is_running():
+            raise UsageError(
+                f"RedisStore {self.url} has only a redis.asyncio client, so it cannot serve the sync call "
+                f"{argv[0]!r}: use the async API (await budget.areserve(...), async with budget.llm_call(...), "
+                "await reservation.asettle(...)), or give the store a redis:// URL or a sync redis.Redis client"
+            )
+        # A sync caller in another thread (the lease keeper, a sync callback run in a thread pool):
+        # the asyncio client's connections belong to its loop, so the call runs there.
+        return asyncio.run_coroutine_threadsafe(self._acall(keys, argv), loop).result()
+
+    def _setup_call(self, keys: list[str], argv: list[Any]) -> str:
+        if self._client is None and self._aloop is None:
+            self._setup.append((keys, argv, argv[0]))
+            return "{}"
+        return self._call(keys, argv)
+
+    # -- requests and replies (sans-I/O: shared by the sync and async methods) ------------------
+
+    def _reserve_request(
+        self, chain: tuple[str, ...], agent: str | None, req: Vector, gate: bool, hold_id: str, ttl: float,
+        now: float, meta: Meta, quiet: bool,
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        keys, head = self._head(chain, agent)
+        x = "{" + self._meta(meta.run_id, meta.model, meta.location) + "}"
+        return keys, [
+            "reserve", repr(float(now)), self._maxlen, *head, _vector(*req), "1" if gate else "0", hold_id,
+            repr(float(ttl)), "1" if quiet else "0", x,
+        ]  # fmt: skip
+
+    def _reserve_reply(self, raw: str, chain: tuple[str, ...], agent: str | None, hold_id: str) -> Outcome:
+        if raw[0] == "A":
+            self._hold_keys[hold_id] = self._family_keys(chain[0])
+            return _ALLOWED if raw == "A0" else Outcome(decision=ALLOW, moved=int(raw[1:]))
+        result = _json(raw, agent)
+        decision = _decision(result["d"], agent)
+        if decision.allowed:
+            self._hold_keys[hold_id] = self._family_keys(chain[0])
+        return Outcome(decision=decision, moved=int(result.get("mv", 0)))
+
+    def _settle_request(
+        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, now: float,
+        meta: Meta, estimated: bool, cost_known: bool, usage: Usage | None,
+    ) -> tuple[list[str], list[str], Usage, bool]:  # fmt: skip
+        shown = usage if usage is not None else _usage_of(actual, cost_known)
+        cost = shown.cost_usd
+        # The ledger record: what `_entry` reads back. An unpriced usage with a known cost keeps
+        # the nano-dollars ("n"); the reader prices them (a Decimal here would cost more than the rest).
+        if cost is not None:
+            priced = f',"c":"{cost}"' if cost_known else f',"c":"{cost}","z":true'
+        else:
+            priced = f',"n":{actual[COST]}' if cost_known else ',"z":true'
+        x = (
+            f'{{{self._meta(meta.run_id, meta.model, meta.location)},"u":[{shown.input_tokens},'
+            f"{shown.output_tokens},{shown.cache_read_tokens},{shown.cache_write_tokens},{shown.reasoning_tokens}]"
+            f'{priced},"e":{"true" if estimated else "false"}}}'
         )
+        keys, head = self._head(chain, agent)
+        argv = ["settle", repr(float(now)), self._maxlen, *head, hold_id or "", _vector(*actual), x]
+        return keys, argv, shown, cost is None and cost_known
+
+    def _settle_reply(
+        self, raw: str, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, now: float,
+        meta: Meta, estimated: bool, cost_known: bool, shown: Usage, unpriced: bool,
+    ) -> Outcome:  # fmt: skip
+        if hold_id:
+            self._hold_keys.pop(hold_id, None)
+        if raw[0] == "S":
+            seq, moved, run_name = raw[1:].split(" ", 2)
+            events: list[SoftLimit] = []
+        else:
+            result = _json(raw, agent)
+            seq, moved, run_name = result["id"], result["mv"], result["rn"]
+            events = [_soft(e, agent) for e in _items(result["ev"])]
+        fields: dict[str, Any] = {
+            "id": int(seq), "time": now, "budget": run_name, "scopes": chain, "agent": agent, "kind": "llm",
+            "model": meta.model, "estimated": estimated, "run_id": meta.run_id, "location": meta.location,
+        }  # fmt: skip
+        if unpriced:
+            fields["_unpriced"] = (shown, actual[COST])  # priced when first read, as the engine does
+        else:
+            fields["usage"] = shown
+            fields["cost_usd"] = shown.cost_usd if cost_known else None
+        return Outcome(events=events, moved=int(moved), entry=LedgerEntry._fast(fields))
+
+    def _release_request(self, hold_id: str, now: float, reason: str) -> tuple[list[str], list[Any]] | None:
+        keys = self._hold_keys.pop(hold_id, None)
+        if keys is None:
+            return None
+        return keys, ["release", repr(float(now)), self._maxlen, hold_id, reason]
+
+    def _note_request(
+        self, chain: tuple[str, ...], agent: str | None, kind: str, now: float, meta: Meta,
+        decision: Decision | None, reason: str | None,
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        x = _dumps({
+            "model": meta.model, "resource": None if decision is None else decision.resource,
+            "reason": reason if reason is not None else None if decision is None else decision.reason,
+            "run_id": meta.run_id, "location": meta.location,
+        })  # fmt: skip
+        keys, head = self._head(chain, agent)
+        return keys, ["note", repr(float(now)), self._maxlen, *head, kind, x]
+
+    def _figures_request(self, chain: tuple[str, ...], now: float) -> tuple[list[str], list[Any]]:
+        keys, head = self._head(chain, None)
+        return keys, ["figures", repr(float(now)), self._maxlen, *head]
+
+    def _chain_op(self, op: str, chain: tuple[str, ...], agent: str | None, now: float, *rest: str) -> Any:
+        keys, head = self._head(chain, agent)
+        return _json(self._call(keys, [op, repr(float(now)), self._maxlen, *head, *rest]), agent)
 
     # -- the Store Protocol -----------------------------------------------------------------
 
     def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None:
-        base = ["" if v is None else str(v) for v in limits.as_vector()]
         window = limits.window_seconds
-        self._run(self._family_keys(key), "ensure_budget", now, {
-            "key": key, "name": name, "base": base, "warn": [repr(float(t)) for t in limits.warn_at],
-            "win": "" if window is None else str(window),
-        })  # fmt: skip
+        argv = [
+            "ensure_budget", repr(float(now)), self._maxlen, key, name, "" if window is None else str(window),
+            *("" if v is None else str(v) for v in limits.as_vector()), *(repr(float(t)) for t in limits.warn_at),
+        ]  # fmt: skip
+        _json(self._setup_call(self._family_keys(key), argv), None)
 
     def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
         from budgetary.core._units import TOTAL
@@ -263,17 +487,19 @@ class RedisStore:
         allocation, reserve = contract.store_units()
         unit = None if contract.unit is None else TOTAL if contract.unit == "tokens" else COST
         threshold = contract.confidence_threshold
-        self._run(self._family_keys(key), "ensure_agent", 0.0, {
-            "key": key, "agent": agent_key(contract.name), "p": str(contract.priority),
-            "un": "" if unit is None else str(unit), "al": str(allocation or 0), "mr": str(reserve),
-            "th": "" if threshold is None else repr(float(threshold)), "replace": replace,
-        })  # fmt: skip
+        argv = [
+            "ensure_agent", "0.0", self._maxlen, key, agent_key(contract.name), str(contract.priority),
+            "" if unit is None else str(unit), str(allocation or 0), str(reserve),
+            "" if threshold is None else repr(float(threshold)), "1" if replace else "0",
+        ]  # fmt: skip
+        _json(self._setup_call(self._family_keys(key), argv), contract.name)
         return None
 
     def has_agent(self, key: str, agent: str | None) -> bool:
         if agent is None:
             return True
-        return bool(self._run(self._family_keys(key), "has_agent", 0.0, {"key": key, "agent": agent_key(agent)})["ok"])
+        argv = ["has_agent", "0.0", self._maxlen, key, agent_key(agent)]
+        return bool(_json(self._call(self._family_keys(key), argv), agent)["ok"])
 
     def check(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
         return _decision(self._chain_op("check", chain, agent, now)["d"], agent)
@@ -282,103 +508,76 @@ class RedisStore:
         self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
         now: float, meta: Meta, quiet: bool = False,
     ) -> Outcome:  # fmt: skip
-        result = self._chain_op(
-            "reserve", chain, agent, now, req=[str(v) for v in req], gate=gate, id=hold_id, ttl=repr(float(ttl)),
-            quiet=quiet, x=meta_json(meta.run_id, meta.model, meta.location),
-        )  # fmt: skip
-        decision = _decision(result["d"], agent)
-        if decision.allowed:
-            with self._lock:
-                self._hold_keys[hold_id] = self._family_keys(chain[0])
-        return Outcome(decision=decision, moved=int(result.get("mv", 0)))
+        raw = self._call(*self._reserve_request(chain, agent, req, gate, hold_id, ttl, now, meta, quiet))
+        return self._reserve_reply(raw, chain, agent, hold_id)
 
     def settle(
         self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
         meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
     ) -> Outcome:  # fmt: skip
-        shown = usage if usage is not None else _usage_of(actual, cost_known)
-        if cost_known and shown.cost_usd is None:
-            shown = shown.with_cost(nanos_to_usd(actual[COST]))
-        cost = shown.cost_usd if cost_known else None
-        template = LedgerEntry(
-            id=0, time=now, budget="", agent=agent, kind="llm", model=meta.model, usage=shown, cost_usd=cost,
-            estimated=estimated, run_id=meta.run_id, location=meta.location, scopes=chain,
-        )  # fmt: skip
-        fields = template.to_dict()
-        x = _dumps({k: fields[k] for k in _LLM_FIELDS})
-        result = self._chain_op("settle", chain, agent, now, id=hold_id or "", act=[str(v) for v in actual], x=x)
-        if hold_id:
-            with self._lock:
-                self._hold_keys.pop(hold_id, None)
-        entry = replace(template, id=int(result["id"]), budget=result["rn"])
-        events = [_soft(e, agent) for e in _items(result["ev"])]
-        return Outcome(events=events, moved=int(result["mv"]), entry=entry)
+        keys, argv, shown, unpriced = self._settle_request(
+            chain, agent, hold_id, actual, now, meta, estimated, cost_known, usage
+        )
+        raw = self._call(keys, argv)
+        return self._settle_reply(raw, chain, agent, hold_id, actual, now, meta, estimated, cost_known, shown,
+                                  unpriced)  # fmt: skip
 
     def release(self, hold_id: str, *, now: float, reason: str) -> bool:
-        with self._lock:
-            keys = self._hold_keys.pop(hold_id, None)
-        if keys is None:
-            return False
-        return bool(self._run(keys, "release", now, {"id": hold_id, "reason": reason})["ok"])
+        request = self._release_request(hold_id, now, reason)
+        return request is not None and bool(_json(self._call(*request), None)["ok"])
 
     def renew(self, hold_id: str, ttl: float, now: float) -> bool:
-        with self._lock:
-            keys = self._hold_keys.get(hold_id)
+        keys = self._hold_keys.get(hold_id)
         if keys is None:
             return False
-        return bool(self._run(keys, "renew", now, {"id": hold_id, "ttl": repr(float(ttl))})["ok"])
+        return bool(_json(self._call(keys, ["renew", repr(float(now)), self._maxlen, hold_id, repr(float(ttl))]),
+                          None)["ok"])  # fmt: skip
 
     def held_amounts(self, hold_id: str) -> Vector | None:
-        with self._lock:
-            keys = self._hold_keys.get(hold_id)
+        keys = self._hold_keys.get(hold_id)
         if keys is None:
             return None
-        held = self._run(keys, "held", 0.0, {"id": hold_id}).get("m")
+        held = _json(self._call(keys, ["held", "0.0", self._maxlen, hold_id]), None).get("m")
         return None if held is None else [int(v) for v in held]
 
     def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
-        x = meta_json(meta.run_id, meta.model, meta.location)
-        return _decision(self._chain_op("begin_agent", chain, agent, now, x=x)["d"], agent)
+        x = "{" + self._meta(meta.run_id, meta.model, meta.location) + "}"
+        return _decision(self._chain_op("begin_agent", chain, agent, now, x)["d"], agent)
 
     def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
-        x = meta_json(meta.run_id, None, tool)
-        return _decision(self._chain_op("count_tool", chain, agent, now, x=x)["d"], agent)
+        x = "{" + self._meta(meta.run_id, None, tool) + "}"
+        return _decision(self._chain_op("count_tool", chain, agent, now, x)["d"], agent)
 
     def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int:
-        x = meta_json(meta.run_id, meta.model, meta.location)
-        return int(self._chain_op("reallocate", chain, agent, now, short=str(shortfall), x=x)["mv"])
+        x = "{" + self._meta(meta.run_id, meta.model, meta.location) + "}"
+        return int(self._chain_op("reallocate", chain, agent, now, str(shortfall), x)["mv"])
 
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
-        self._chain_op("set_confidence", chain, agent, now, v=repr(float(value)))
+        self._chain_op("set_confidence", chain, agent, now, repr(float(value)))
 
     def top_up(self, key: str, amounts: Vector, now: float) -> None:
-        self._run(self._family_keys(key), "top_up", now, {"key": key, "amt": [str(v) for v in amounts]})
+        argv = ["top_up", repr(float(now)), self._maxlen, key, _vector(*amounts)]
+        _json(self._call(self._family_keys(key), argv), None)
 
     def record_entry(
         self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
         decision: Decision | None = None, reason: str | None = None,
     ) -> None:  # fmt: skip
-        x = json.dumps({
-            "model": meta.model, "resource": None if decision is None else decision.resource,
-            "reason": reason if reason is not None else None if decision is None else decision.reason,
-            "run_id": meta.run_id, "location": meta.location,
-        }, ensure_ascii=False)  # fmt: skip
-        self._chain_op("note", chain, agent, now, kind=kind, x=x)
-
-    def _levels(self, chain: tuple[str, ...], now: float) -> list[Level]:
-        result = self._run(self._family_keys(chain[0]), "figures", now, {"chain": list(chain)})
-        return [level_from_doc(doc) for doc in _items(result["lv"])]
+        _json(self._call(*self._note_request(chain, agent, kind, now, meta, decision, reason)), agent)
 
     def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
-        return [
-            LevelFigures(lv.key, lv.name, lv.limits, lv.spent, lv.held, lv.window_start, lv.window)
-            for lv in self._levels(chain, now)
-        ]
+        return _figures(_json(self._call(*self._figures_request(chain, now)), None))
 
     def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
-        return self._levels((key,), now)[0].agents
+        result = _json(self._call(*self._figures_request((key,), now)), None)
+        return level_from_doc(_items(result["lv"])[0]).agents
 
     def entries(self, scope: str) -> list[LedgerEntry]:
+        if self._client is None:
+            raise UsageError(
+                f"RedisStore {self.url} has only a redis.asyncio client: read the ledger through a store "
+                "opened with a redis:// URL or a sync redis.Redis client"
+            )
         with mapped_errors(self.url, "entries"):
             records = self._client.lrange(self._family_keys(scope)[3], 0, -1)
         out = []
@@ -388,8 +587,53 @@ class RedisStore:
                 out.append(entry)
         return out
 
+    # -- the async twins (`Budget`'s async methods use them; see `AsyncStore`) ---------------
+
+    async def areserve(
+        self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
+        now: float, meta: Meta, quiet: bool = False,
+    ) -> Outcome:  # fmt: skip
+        """`reserve`, awaited on the running loop."""
+        raw = await self._acall(*self._reserve_request(chain, agent, req, gate, hold_id, ttl, now, meta, quiet))
+        return self._reserve_reply(raw, chain, agent, hold_id)
+
+    async def asettle(
+        self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
+        meta: Meta, estimated: bool = False, cost_known: bool = True, usage: Usage | None = None,
+    ) -> Outcome:  # fmt: skip
+        """`settle`, awaited on the running loop."""
+        keys, argv, shown, unpriced = self._settle_request(
+            chain, agent, hold_id, actual, now, meta, estimated, cost_known, usage
+        )
+        raw = await self._acall(keys, argv)
+        return self._settle_reply(raw, chain, agent, hold_id, actual, now, meta, estimated, cost_known, shown,
+                                  unpriced)  # fmt: skip
+
+    async def arelease(self, hold_id: str, *, now: float, reason: str) -> bool:
+        """`release`, awaited on the running loop."""
+        request = self._release_request(hold_id, now, reason)
+        return request is not None and bool(_json(await self._acall(*request), None)["ok"])
+
+    async def arecord_entry(
+        self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
+        decision: Decision | None = None, reason: str | None = None,
+    ) -> None:  # fmt: skip
+        """`record_entry`, awaited on the running loop."""
+        _json(await self._acall(*self._note_request(chain, agent, kind, now, meta, decision, reason)), agent)
+
+    async def afigures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
+        """`figures`, awaited on the running loop."""
+        return _figures(_json(await self._acall(*self._figures_request(chain, now)), None))
+
+    async def aclose(self) -> None:
+        """Close the asyncio client the store opened (a client passed in is left open)."""
+        if self._from_url is not None and self._aclient is not None:
+            client, self._aclient, self._aloop = self._aclient, None, None
+            with mapped_errors(self.url, "close"):
+                await client.aclose()
+
     def close(self) -> None:
-        if self._owns_client:
+        if self._owns_client and self._client is not None:
             with mapped_errors(self.url, "close"):
                 self._client.close()
 
@@ -399,6 +643,15 @@ class RedisStore:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
         self.close()
 
     def __repr__(self) -> str:
@@ -459,27 +712,58 @@ def _decision(d: dict[str, Any], agent: str | None) -> Decision:
     )
 
 
+def _json(raw: str, agent: str | None) -> Any:
+    """A JSON reply of the script; raises what an unknown agent or budget means."""
+    result = json.loads(raw)
+    if "err" in result:
+        if result["err"] == "agent":
+            raise UnknownAgent(agent or "", result["n"])
+        raise KeyError(result["key"])
+    return result
+
+
+def _figures(result: dict[str, Any]) -> list[LevelFigures]:
+    return [
+        LevelFigures(lv.key, lv.name, lv.limits, lv.spent, lv.held, lv.window_start, lv.window)
+        for lv in (level_from_doc(doc) for doc in _items(result["lv"]))
+    ]
+
+
+def _llm_usage(x: dict[str, Any]) -> tuple[Usage, Decimal | None]:
+    """The usage and cost of an ``llm`` record's fields (see `RedisStore._settle_request`)."""
+    inp, out, cache_read, cache_write, reasoning = (int(v) for v in x["u"])
+    c = x.get("c")
+    cost = Decimal(c) if c is not None else nanos_to_usd(int(x["n"])) if "n" in x else None
+    usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cache_read, cache_write_tokens=cache_write,
+                  reasoning_tokens=reasoning, cost_usd=cost)  # fmt: skip
+    return usage, None if x.get("z") else cost
+
+
 def _entry(rec: dict[str, Any]) -> LedgerEntry:
     """A ledger record the script wrote, as the entry the engine would have made."""
     kind = rec["k"]
-    agent = agent_name(rec["a"])
-    x = json.loads(rec["x"]) if "x" in rec else {}
+    scopes, akey = rec["s"]
+    agent = agent_name(akey)
+    x = rec.get("x") or {}
+    f = rec.get("f") or {}
     data: dict[str, Any] = {
-        "id": rec["i"], "time": rec["t"], "budget": rec["b"], "scopes": _items(rec["c"]), "agent": agent,
+        "id": rec["i"], "time": rec["t"], "budget": rec["b"], "scopes": _items(scopes), "agent": agent,
         "kind": kind, "run_id": x.get("run_id"), "location": x.get("location"),
     }  # fmt: skip
     if kind == "llm":
-        data.update({k: x.get(k) for k in _LLM_FIELDS})
-    elif kind == "release":
-        amounts = [int(v) for v in _items(rec["m"])]
-        return replace(LedgerEntry.from_dict(data), model=x.get("model"), usage=_usage_of(amounts), reason=rec.get("r"))
-    elif kind == "transfer":
-        unit, amount = int(rec["u"]), int(rec["am"])
-        donor = agent_name(rec["dn"])
+        usage, cost = _llm_usage(x)
+        return replace(LedgerEntry.from_dict(data), model=x.get("model"), usage=usage, cost_usd=cost,
+                       estimated=bool(x.get("e")))  # fmt: skip
+    if kind == "release":
+        amounts = [int(v) for v in _items(f["m"])]
+        return replace(LedgerEntry.from_dict(data), model=x.get("model"), usage=_usage_of(amounts), reason=f.get("r"))
+    if kind == "transfer":
+        unit, amount = int(f["u"]), int(f["am"])
+        donor = agent_name(f["dn"])
         shown = user_value(unit, amount)
         data.update(donor=donor, amount=str(shown), reason=f"reallocated {shown} {_unit_name(unit)} from {donor!r}")
-    elif "e" in rec:
-        decision: Decision = _soft(rec["e"], agent) if kind == "soft_limit" else _decision(rec["e"], agent)
+    elif "e" in f:
+        decision: Decision = _soft(f["e"], agent) if kind == "soft_limit" else _decision(f["e"], agent)
         data.update(resource=decision.resource, reason=decision.reason)
         if kind == "deny":
             data["model"] = x.get("model")

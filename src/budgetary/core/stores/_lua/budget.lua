@@ -2,37 +2,58 @@
 -- every operation on one budget family is one atomic script call, one round trip.
 --
 -- KEYS (all share the family's hash tag, so they live in one Redis Cluster slot):
---   1 levels  HASH  level key -> level state (MessagePack, this file's own format)
+--   1 levels  HASH  "c" .. level key -> the level's configuration and other rarely changing
+--                   state (MessagePack); "h" .. level key -> its counters (packed doubles)
 --   2 holds   HASH  hold id   -> hold (MessagePack)
 --   3 holdz   ZSET  hold id scored by its lease expiry
 --   4 ledger  LIST  ledger records (JSON), oldest first, trimmed to ARGV[3]
 --   5 seq     STRING last ledger entry id
--- ARGV: 1 operation, 2 now (seconds, Python repr), 3 ledger max length (0 = unbounded),
---       4 the operation's arguments as one JSON object.
+-- ARGV: 1 operation, 2 now (seconds, Python repr), 3 ledger max length (0 = unbounded), then
+--       the operation's arguments as plain strings (see `args` and each `ops.*`).
 -- Names (budgets, agents, holds) only ever travel as data inside ARGV and documents.
--- Stored state is MessagePack: it keeps every double exactly (cjson keeps 14 digits) without
--- turning numbers into strings and back, which was most of an operation's cost. Lua numbers are
--- doubles, exact up to 2^53, and counters saturate at 2^63-1 like the Python engine's. What
--- Python reads (replies, ledger records, `figures`) is JSON with integers as decimal strings,
--- in the documents of stores/_codec.py.
+--
+-- Cost per call is what this layout is for. A level is split in two: its configuration
+-- (limits, thresholds, window, fired thresholds, the agents' contracts) changes rarely and
+-- is decoded once per distinct stored value (`cfg_of`: the decoded table is cached under the
+-- stored string itself, so a hit is by construction identical to decoding again); its
+-- counters (spent and held per dimension, and each agent's allocation, spent and held)
+-- change on every call and are fixed-width doubles read and written with `struct`, an
+-- agent's only when the call touches that agent. Lua numbers are doubles, exact up to 2^53,
+-- and counters saturate at 2^63-1 like the Python engine's. What Python reads (replies,
+-- ledger records, `figures`) is JSON with integers as decimal strings, in the documents of
+-- stores/_codec.py, or for the two hot replies a short string (see `ops.reserve`/`ops.settle`).
 
 -- Per-call state: set by `dispatch` at the start of every call (a Redis Function's upvalues
--- outlive the call, so nothing may carry over from the previous one).
+-- outlive the call, so nothing may carry over from the previous one, except `CFG`, whose
+-- entries are pure functions of their keys).
 local LEVELS, HOLDS, HOLDZ, LEDGER, SEQ
 local now_s, now, maxlen
+
+-- Library functions as locals (upvalues): a global lookup per use is a measurable share of a
+-- call. A Function library may not read these globals while it loads, so `dispatch` fills the
+-- locals on its first call, from `globals` (defined before them, so its names are the globals).
+local function globals()
+  return tonumber, tostring, type, pairs, ipairs, unpack, setmetatable, rawget, struct.pack, struct.unpack,
+    cmsgpack.pack, cmsgpack.unpack, cjson.encode, cjson.decode, string.format, string.sub, string.find, string.rep
+end
+local tonumber, tostring, type, pairs, ipairs, unpack, setmetatable, rawget, spack, sunpack, mpack, munpack,
+  jencode, jdecode, sformat, ssub, sfind, srep
 
 local TOOL, LLM, AGENTS, WIDTH = 6, 5, 7, 8
 local SPEND = {1, 2, 3, 4}
 local COUNT = {5, 6, 7}
 local MAXF = 9223372036854775807  -- as a double this is 2^63
 local MAXS = "9223372036854775807"
+local F8, F9 = "<dddddddd", "<ddddddddd"
+local F16, F17 = "<dddddddddddddddd", "<ddddddddddddddddd"
+local LEVEL_BYTES, AGENT_BYTES, HOLD_BYTES = 128, 136, 72  -- 16, 17 and 9 doubles
 
 local function istr(x)
   if x >= MAXF then return MAXS end
-  return string.format("%d", x)
+  return sformat("%d", x)
 end
 
-local function fstr(x) return string.format("%.17g", x) end
+local function fstr(x) return sformat("%.17g", x) end
 
 local function sat(x)
   if x >= MAXF then return MAXF end
@@ -44,13 +65,6 @@ local function arr(t)
   return t
 end
 
-local function nums(t)
-  local out = {}
-  t = arr(t)
-  for i = 1, WIDTH do out[i] = tonumber(t[i]) or 0 end
-  return out
-end
-
 local function strs(v)
   local out = {}
   for i = 1, #v do out[i] = istr(v[i]) end
@@ -58,6 +72,12 @@ local function strs(v)
 end
 
 local function zeros() return {0, 0, 0, 0, 0, 0, 0, 0} end
+
+local function copy(t)
+  local out = {}
+  for k, v in pairs(t) do out[k] = v end
+  return out
+end
 
 local function add(target, amounts)
   for i = 1, WIDTH do target[i] = sat(target[i] + amounts[i]) end
@@ -92,8 +112,6 @@ end
 
 -- -- levels -------------------------------------------------------------------------------
 
-local cache, loaded = {}, {}
-
 local function refresh(lv)
   lv.lim, lv.spend, lv.count, lv.soft = {}, {}, {}, {}
   for d = 1, 7 do
@@ -114,44 +132,132 @@ local function refresh(lv)
   end
 end
 
-local function new_agent(key)
-  return {k = key, p = 1, al = 0, mr = 0, th_s = "", c_s = "", s = zeros(), h = zeros()}
+-- Decoded configurations by stored value. Shared between calls, so never mutated: a level
+-- reads them through its metatable and every change goes to the level's own fields (tables
+-- are copied first: `own`).
+local CFG, ncfg = {}, 0
+
+local function cfg_of(raw)
+  local cfg = CFG[raw]
+  if cfg then return cfg end
+  cfg = munpack(raw)
+  for i = 1, 7 do cfg.base[i] = cfg.base[i] or nil end
+  cfg.ag, cfg.ai = arr(cfg.ag), {}
+  for i, c in ipairs(cfg.ag) do
+    cfg.ai[c.k] = i
+    c.th, c.cn = tonumber(c.th_s), tonumber(c.c_s)
+    c.meta = {__index = c}
+  end
+  refresh(cfg)
+  cfg.name_j = jencode(cfg.name)
+  cfg.meta = {__index = cfg}
+  if ncfg >= 256 then CFG, ncfg = {}, 0 end
+  CFG[raw], ncfg = cfg, ncfg + 1
+  return cfg
 end
 
--- A level as stored: `base` keeps `false` for "no limit" (a nil would end the array), agents are
--- their state tables as they are. Everything else on `lv` is derived on load.
-local function level_pack(lv)
-  local b = {}
-  for i = 1, 7 do b[i] = lv.base[i] or false end
-  return cmsgpack.pack({
-    key = lv.key, name = lv.name, base = b, warn = lv.warn, warn_s = lv.warn_s, window = lv.window,
-    topup = lv.topup, spent = lv.spent, held = lv.held, fired = lv.fired, ws = lv.ws, ws_s = lv.ws_s,
-    agents = lv.agents,
-  })
-end
+-- Per-call state: levels loaded by this call, by key and in load order.
+local cache, loaded = {}, {}
 
 local function load_level(key)
   local lv = cache[key]
   if lv then return lv end
-  local raw = redis.call("HGET", LEVELS, key)
-  if not raw then return nil end
-  lv = cmsgpack.unpack(raw)
-  for i = 1, 7 do lv.base[i] = lv.base[i] or nil end
-  lv.aidx = {}
-  for _, st in ipairs(lv.agents) do lv.aidx[st.k] = st end
-  refresh(lv)
+  local r = redis.call("HMGET", LEVELS, "c" .. key, "h" .. key)
+  if not r[1] then return nil end
+  local cfg = cfg_of(r[1])
+  local hot = r[2] or srep("\0", LEVEL_BYTES + AGENT_BYTES * #cfg.ag)
+  local s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 = sunpack(F16, hot)
+  lv = setmetatable({hot = hot, st = {}, spent = {s1, s2, s3, s4, s5, s6, s7, s8},
+                     held = {h1, h2, h3, h4, h5, h6, h7, h8}}, cfg.meta)
   cache[key] = lv
   loaded[#loaded + 1] = lv
   return lv
 end
 
--- Only levels an operation changed are written back (encoding is most of an operation's cost).
+-- An operation marks what it changed: counters (`touch`) or configuration (`ctouch`); only
+-- that is written back.
 local function touch(lv) lv.dirty = true end
+local function ctouch(lv) lv.dirty, lv.cdirty = true, true end
+
+-- A table field the level may change in place, copied from the shared configuration first.
+local function own(lv, field)
+  local t = rawget(lv, field)
+  if t == nil then
+    t = copy(lv[field])
+    lv[field] = t
+  end
+  return t
+end
+
+-- An agent's state as this call's own table, or nil: its counters are own fields, its
+-- contract reads through to the shared configuration until the call assigns a field.
+local function agent_of(lv, akey)
+  local st = lv.st[akey]
+  if st then return st end
+  local i = lv.ai[akey]
+  if not i then return nil end
+  local al, s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 =
+    sunpack(F17, lv.hot, LEVEL_BYTES + 1 + AGENT_BYTES * (i - 1))
+  st = setmetatable({al = al, s = {s1, s2, s3, s4, s5, s6, s7, s8}, h = {h1, h2, h3, h4, h5, h6, h7, h8}},
+                    lv.ag[i].meta)
+  lv.st[akey] = st
+  return st
+end
+
+local function agents_of(lv)
+  local out = {}
+  for i, c in ipairs(lv.ag) do out[i] = agent_of(lv, c.k) end
+  return out
+end
+
+local function new_agent(key)
+  return {k = key, p = 1, al = 0, mr = 0, th_s = "", c_s = "", s = zeros(), h = zeros()}
+end
+
+local function add_agent(lv, st)
+  local ag, ai = own(lv, "ag"), own(lv, "ai")
+  ag[#ag + 1] = {k = st.k, meta = {}}
+  ai[st.k] = #ag
+  lv.st[st.k] = st
+  ctouch(lv)
+end
+
+local function cfg_pack(lv)
+  local ag = {}
+  for i, c in ipairs(lv.ag) do
+    local st = lv.st[c.k] or c
+    ag[i] = {k = c.k, p = st.p, u = st.u, mr = st.mr, th_s = st.th_s, c_s = st.c_s}
+  end
+  local b = {}
+  for i = 1, 7 do b[i] = lv.base[i] or false end
+  return mpack({
+    key = lv.key, name = lv.name, base = b, warn = lv.warn, warn_s = lv.warn_s, window = lv.window,
+    topup = lv.topup, fired = lv.fired, ws = lv.ws, ws_s = lv.ws_s, ag = ag,
+  })
+end
+
+local function hot_pack(lv)
+  local s, h = lv.spent, lv.held
+  local parts = {spack(F16, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5], h[6],
+                       h[7], h[8])}
+  for i, c in ipairs(lv.ag) do
+    local st = lv.st[c.k]
+    if st then
+      s, h = st.s, st.h
+      parts[i + 1] = spack(F17, st.al, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5],
+                           h[6], h[7], h[8])
+    else
+      local off = LEVEL_BYTES + 1 + AGENT_BYTES * (i - 1)
+      parts[i + 1] = ssub(lv.hot, off, off + AGENT_BYTES - 1)
+    end
+  end
+  return table.concat(parts)
+end
 
 -- The level as the JSON document of stores/_codec.py (for `figures`: Python reads this one).
 local function level_doc(lv)
   local ag = {}
-  for i, st in ipairs(lv.agents) do
+  for i, st in ipairs(agents_of(lv)) do
     ag[i] = {
       k = st.k, p = istr(st.p), un = st.u and istr(st.u - 1) or "", al = istr(st.al), mr = istr(st.mr),
       th = st.th_s, c = st.c_s, s = strs(st.s), h = strs(st.h),
@@ -162,35 +268,43 @@ local function level_doc(lv)
   local fired = {}
   for f in pairs(lv.fired) do fired[#fired + 1] = f end
   table.sort(fired, bytes_lt)
-  return cjson.encode({
+  return jencode({
     k = lv.key, n = lv.name, b = b, w = lv.warn_s, win = lv.window and istr(lv.window) or "",
     u = strs(lv.topup), s = strs(lv.spent), h = strs(lv.held), f = fired, ws = lv.ws_s, ag = ag,
   })
 end
 
 local function roll_window(lv)
-  touch(lv)
+  ctouch(lv)
   lv.ws = floordiv(now, lv.window) * lv.window
   lv.ws_s = fstr(lv.ws)
   lv.spent = zeros()
   lv.fired = {}
-  for _, st in ipairs(lv.agents) do st.s = zeros() end
+  for _, st in ipairs(agents_of(lv)) do st.s = zeros() end
 end
 
 -- -- ledger ------------------------------------------------------------------------------
 
 local pending = {}
 
-local function entry(run, chain, akey, kind, fields)
+-- A ledger record: `sj` is the JSON of {chain, agent key} and `x` a JSON object, both written
+-- by Python, so the common record is built by concatenation; `f` holds the kind's own fields.
+local function entry(run, sj, kind, x, f)
   local seq = redis.call("INCR", SEQ)
-  fields.i, fields.t, fields.b, fields.c, fields.a, fields.k = istr(seq), now_s, run.name, chain, akey, kind
-  pending[#pending + 1] = cjson.encode(fields)
+  local rec = '{"i":' .. istr(seq) .. ',"t":"' .. now_s .. '","b":' .. run.name_j .. ',"s":' .. sj .. ',"k":"'
+    .. kind .. '","x":' .. x
+  if f then rec = rec .. ',"f":' .. jencode(f) end
+  pending[#pending + 1] = rec .. "}"
   return seq
 end
 
 local function save()
   for _, lv in ipairs(loaded) do
-    if lv.dirty then redis.call("HSET", LEVELS, lv.key, level_pack(lv)) end
+    if lv.cdirty then
+      redis.call("HSET", LEVELS, "c" .. lv.key, cfg_pack(lv), "h" .. lv.key, hot_pack(lv))
+    elseif lv.dirty then
+      redis.call("HSET", LEVELS, "h" .. lv.key, hot_pack(lv))
+    end
   end
   if #pending > 0 then
     local len = redis.call("RPUSH", LEDGER, unpack(pending))
@@ -200,12 +314,33 @@ end
 
 -- -- holds -------------------------------------------------------------------------------
 
-local function drop_hold(id, h)
+-- A hold as stored: its expiry and amounts (9 doubles), then the JSON of {chain, agent key}
+-- and its ledger meta (a JSON object), separated by a newline (JSON text has no raw newline).
+local function hold_pack(expires, m, sj, x)
+  return spack(F9, expires, m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8]) .. sj .. "\n" .. x
+end
+
+local function hold_of(raw)
+  local e, m1, m2, m3, m4, m5, m6, m7, m8 = sunpack(F9, raw)
+  local cut = sfind(raw, "\n", HOLD_BYTES + 1, true)
+  return {e = e, m = {m1, m2, m3, m4, m5, m6, m7, m8}, j = ssub(raw, HOLD_BYTES + 1, cut - 1), x = ssub(raw, cut + 1)}
+end
+
+-- Take a hold off its levels and agent. `a` is the calling operation's arguments: a hold made
+-- for the same chain and agent (the usual settle) needs no decoding of its scope.
+local function drop_hold(id, h, a)
   redis.call("HDEL", HOLDS, id)
   redis.call("ZREM", HOLDZ, id)
+  local chain, akey
+  if a and a.sj == h.j then
+    chain, akey = a.chain, a.agent
+  else
+    local scope = jdecode(h.j)
+    chain, akey = arr(scope[1]), scope[2]
+  end
   local amounts = h.m
   local first = nil
-  for i, key in ipairs(arr(h.c)) do
+  for i, key in ipairs(chain) do
     local lv = load_level(key)
     if lv then
       touch(lv)
@@ -214,14 +349,14 @@ local function drop_hold(id, h)
     end
   end
   if first then
-    local st = first.aidx[h.a]
+    local st = agent_of(first, akey)
     if st then sub(st.h, amounts) end
   end
   return first
 end
 
 local function release_entry(first, h, reason)
-  if first then entry(first, h.c, h.a, "release", {m = strs(h.m), x = h.x, r = reason}) end
+  if first then entry(first, h.j, "release", h.x, {m = strs(h.m), r = reason}) end
 end
 
 -- Release every hold whose lease ran out (its worker died), like Engine.expire.
@@ -230,7 +365,7 @@ local function expire()
   for _, id in ipairs(ids) do
     local raw = redis.call("HGET", HOLDS, id)
     if raw then
-      local h = cmsgpack.unpack(raw)
+      local h = hold_of(raw)
       release_entry(drop_hold(id, h), h, "lease expired")
     else
       redis.call("ZREM", HOLDZ, id)
@@ -253,12 +388,10 @@ local function chain_levels(chain)
 end
 
 local function get_agent(run, akey)
-  local st = run.aidx[akey]
+  local st = agent_of(run, akey)
   if st == nil and akey == "n" then
     st = new_agent("n")
-    touch(run)
-    run.agents[#run.agents + 1] = st
-    run.aidx["n"] = st
+    add_agent(run, st)
   end
   return st
 end
@@ -306,7 +439,7 @@ end
 local function plan(run, akey, st, shortfall)
   if shortfall <= 0 then return {} end
   local donors = {}
-  for _, s in ipairs(run.agents) do
+  for _, s in ipairs(agents_of(run)) do
     if s.u ~= nil and s.u == st.u and s.k ~= akey then
       local rem = s.al - s.s[s.u] - s.h[s.u]
       if s.p <= st.p and rem - s.mr > 0 then
@@ -336,7 +469,7 @@ local function planned(pl)
   return sum
 end
 
-local function apply_plan(run, chain, akey, st, pl, x)
+local function apply_plan(run, sj, st, pl, x)
   local moved = 0
   for _, p in ipairs(pl) do
     local donor, amount = p[1], p[2]
@@ -345,7 +478,7 @@ local function apply_plan(run, chain, akey, st, pl, x)
       donor.al = donor.al - amount
       st.al = st.al + amount
       moved = moved + amount
-      entry(run, chain, akey, "transfer", {dn = donor.k, am = istr(amount), u = istr(st.u - 1), x = x})
+      entry(run, sj, "transfer", x, {dn = donor.k, am = istr(amount), u = istr(st.u - 1)})
     end
   end
   return moved
@@ -400,7 +533,7 @@ local function evaluate(levels, st, req, gate)
   return soft(levels, st) or {t = "allow"}, pl
 end
 
-local function fire(levels, chain, akey, st, x)
+local function fire(levels, sj, akey, st, x)
   local events = {}
   local run = levels[1]
   for _, lv in ipairs(levels) do
@@ -411,8 +544,8 @@ local function fire(levels, chain, akey, st, x)
         for i, t in ipairs(lv.warn) do
           local key = tostring(d - 1) .. "|" .. lv.warn_s[i]
           if sp >= t * lim and not lv.fired[key] then
-            touch(lv)
-            lv.fired[key] = true
+            ctouch(lv)
+            own(lv, "fired")[key] = true
             events[#events + 1] = {t = "soft", n = lv.name, rn = run.name, d = d - 1, s = istr(sp), l = istr(lim),
                                    th = lv.warn_s[i]}
           end
@@ -424,29 +557,46 @@ local function fire(levels, chain, akey, st, x)
     for i, t in ipairs(run.warn) do
       local key = "a|" .. akey .. "|" .. run.warn_s[i]
       if st.s[st.u] >= t * st.al and not run.fired[key] then
-        touch(run)
-        run.fired[key] = true
+        ctouch(run)
+        own(run, "fired")[key] = true
         events[#events + 1] = {t = "soft", rn = run.name, d = st.u - 1, s = istr(st.s[st.u]), l = istr(st.al),
                                th = run.warn_s[i]}
       end
     end
   end
-  for _, e in ipairs(events) do entry(run, chain, akey, "soft_limit", {e = e, x = x}) end
+  for _, e in ipairs(events) do entry(run, sj, "soft_limit", x, {e = e}) end
   return events
 end
 
-local function cover_overrun(run, chain, akey, st, x)
+local function cover_overrun(run, sj, akey, st, x)
   if not st.u then return 0 end
   local shortfall = st.s[st.u] + st.h[st.u] - st.al
   if shortfall <= 0 then return 0 end
   local pl = plan(run, akey, st, shortfall)
   if planned(pl) < shortfall then return 0 end
-  return apply_plan(run, chain, akey, st, pl, x)
+  return apply_plan(run, sj, st, pl, x)
 end
 
 -- -- operations --------------------------------------------------------------------------
 
 local ops = {}
+
+-- The arguments every chain operation starts with: ARGV[4] the JSON of {chain, agent key}
+-- (copied into ledger records as it is), [5] the agent key, [6] the chain's length n and
+-- [7 .. 6+n] the chain (the budget's level key first, then its ancestors'). Returns the
+-- arguments and the index of the operation's first own argument.
+local function args(argv)
+  local n = tonumber(argv[6])
+  local chain = {}
+  for i = 1, n do chain[i] = argv[6 + i] end
+  return {sj = argv[4], agent = argv[5], chain = chain}, 7 + n
+end
+
+-- 8 integers, packed as little-endian doubles by Python.
+local function vector(bin)
+  local v1, v2, v3, v4, v5, v6, v7, v8 = sunpack(F8, bin)
+  return {v1, v2, v3, v4, v5, v6, v7, v8}
+end
 
 -- Resolve the chain and the agent, or say why not (the Python side raises).
 local function begin(a)
@@ -457,7 +607,8 @@ local function begin(a)
   return levels, st, nil
 end
 
-function ops.check(a)
+function ops.check(argv)
+  local a = args(argv)
   local levels, st, err = begin(a)
   if err then return err end
   local req = zeros()
@@ -467,87 +618,107 @@ function ops.check(a)
   return {d = decision}
 end
 
-function ops.reserve(a)
+-- ARGV after the chain: the request (`vector`), gate ("1" or "0"), hold id, lease ttl,
+-- quiet ("1": a refusal writes no ledger record), meta (JSON object).
+-- Reply: "A" .. moved when allowed without a soft limit (the common case), else JSON.
+function ops.reserve(argv)
+  local a, p = args(argv)
   local levels, st, err = begin(a)
   if err then return err end
   local run = levels[1]
-  local req = nums(a.req)
-  if a.gate then req = {0, 0, 0, 0, req[LLM], 0, 0, 0} end
-  local decision, pl = evaluate(levels, st, req, a.gate)
+  local req = vector(argv[p])
+  local gate, id, x = argv[p + 1] == "1", argv[p + 2], argv[p + 5]
+  if gate then req = {0, 0, 0, 0, req[LLM], 0, 0, 0} end
+  local decision, pl = evaluate(levels, st, req, gate)
   if decision.t == "deny" then
-    if not a.quiet then entry(run, a.chain, a.agent, "deny", {e = decision, x = a.x}) end
+    if argv[p + 4] ~= "1" then entry(run, a.sj, "deny", x, {e = decision}) end
     save()
     return {d = decision}
   end
-  local moved = apply_plan(run, a.chain, a.agent, st, pl, a.x)
+  local moved = apply_plan(run, a.sj, st, pl, x)
   for _, lv in ipairs(levels) do
     touch(lv)
     add(lv.held, req)
   end
   add(st.h, req)
-  local expires = now + tonumber(a.ttl)
-  redis.call("HSET", HOLDS, a.id, cmsgpack.pack({c = a.chain, a = a.agent, m = req, e = expires, x = a.x}))
-  redis.call("ZADD", HOLDZ, fstr(expires), a.id)
+  local expires = now + tonumber(argv[p + 3])
+  redis.call("HSET", HOLDS, id, hold_pack(expires, req, a.sj, x))
+  redis.call("ZADD", HOLDZ, fstr(expires), id)
   save()
+  if decision.t == "allow" then return "A" .. istr(moved) end
   return {d = decision, mv = istr(moved)}
 end
 
-function ops.settle(a)
+-- ARGV after the chain: hold id ("" for none), what the call consumed (`vector`), the
+-- ledger record's fields (JSON object). Reply: "S<entry id> <moved> <run name>" when no soft
+-- limit fired (the common case), else JSON.
+function ops.settle(argv)
+  local a, p = args(argv)
   local levels, st, err = begin(a)
   if err then return err end
   local run = levels[1]
-  if a.id ~= "" then
-    local raw = redis.call("HGET", HOLDS, a.id)
-    if raw then drop_hold(a.id, cmsgpack.unpack(raw)) end
+  local id, x = argv[p], argv[p + 2]
+  if id ~= "" then
+    local raw = redis.call("HGET", HOLDS, id)
+    if raw then drop_hold(id, hold_of(raw), a) end
   end
-  local actual = nums(a.act)
+  local actual = vector(argv[p + 1])
   for _, lv in ipairs(levels) do
     touch(lv)
     add(lv.spent, actual)
   end
   add(st.s, actual)
-  local id = entry(run, a.chain, a.agent, "llm", {x = a.x})
-  local moved = cover_overrun(run, a.chain, a.agent, st, a.x)
-  local events = fire(levels, a.chain, a.agent, st, a.x)
+  local seq = entry(run, a.sj, "llm", x)
+  local moved = cover_overrun(run, a.sj, a.agent, st, x)
+  local events = fire(levels, a.sj, a.agent, st, x)
   save()
-  return {id = istr(id), rn = run.name, mv = istr(moved), ev = events}
+  if #events == 0 then return "S" .. istr(seq) .. " " .. istr(moved) .. " " .. run.name end
+  return {id = istr(seq), rn = run.name, mv = istr(moved), ev = events}
 end
 
-function ops.release(a)
+-- ARGV: 4 hold id, 5 reason.
+function ops.release(argv)
   expire()
-  local raw = redis.call("HGET", HOLDS, a.id)
+  local id = argv[4]
+  local raw = redis.call("HGET", HOLDS, id)
   if not raw then
     save()
     return {ok = false}
   end
-  local h = cmsgpack.unpack(raw)
-  release_entry(drop_hold(a.id, h), h, a.reason)
+  local h = hold_of(raw)
+  release_entry(drop_hold(id, h), h, argv[5])
   save()
   return {ok = true}
 end
 
-function ops.renew(a)
-  local raw = redis.call("HGET", HOLDS, a.id)
+-- ARGV: 4 hold id, 5 lease ttl.
+function ops.renew(argv)
+  local id = argv[4]
+  local raw = redis.call("HGET", HOLDS, id)
   if not raw then return {ok = false} end
-  local h = cmsgpack.unpack(raw)
-  h.e = now + tonumber(a.ttl)
-  redis.call("HSET", HOLDS, a.id, cmsgpack.pack(h))
-  redis.call("ZADD", HOLDZ, fstr(h.e), a.id)
+  local expires = now + tonumber(argv[5])
+  redis.call("HSET", HOLDS, id, spack("<d", expires) .. ssub(raw, 9))
+  redis.call("ZADD", HOLDZ, fstr(expires), id)
   return {ok = true}
 end
 
-function ops.held(a)
-  local raw = redis.call("HGET", HOLDS, a.id)
+-- ARGV: 4 hold id.
+function ops.held(argv)
+  local raw = redis.call("HGET", HOLDS, argv[4])
   if not raw then return {} end
-  return {m = strs(cmsgpack.unpack(raw).m)}
+  return {m = strs(hold_of(raw).m)}
 end
 
-function ops.has_agent(a)
-  local lv = load_level(a.key)
-  return {ok = lv ~= nil and lv.aidx[a.agent] ~= nil}
+-- ARGV: 4 level key, 5 agent key.
+function ops.has_agent(argv)
+  local lv = load_level(argv[4])
+  return {ok = lv ~= nil and lv.ai[argv[5]] ~= nil}
 end
 
-function ops.begin_agent(a)
+-- ARGV after the chain: meta (JSON object).
+function ops.begin_agent(argv)
+  local a, p = args(argv)
+  local x = argv[p]
   local levels, st, err = begin(a)
   if err then return err end
   local run = levels[1]
@@ -555,22 +726,25 @@ function ops.begin_agent(a)
   req[AGENTS] = 1
   local decision, pl = evaluate(levels, st, req, true)
   if decision.t == "deny" then
-    entry(run, a.chain, a.agent, "deny", {e = decision, x = a.x})
+    entry(run, a.sj, "deny", x, {e = decision})
     save()
     return {d = decision}
   end
-  apply_plan(run, a.chain, a.agent, st, pl, a.x)
+  apply_plan(run, a.sj, st, pl, x)
   for _, lv in ipairs(levels) do
     touch(lv)
     lv.spent[AGENTS] = sat(lv.spent[AGENTS] + 1)
   end
   st.s[AGENTS] = st.s[AGENTS] + 1
-  entry(run, a.chain, a.agent, "agent_start", {x = a.x})
+  entry(run, a.sj, "agent_start", x)
   save()
   return {d = decision}
 end
 
-function ops.count_tool(a)
+-- ARGV after the chain: meta (JSON object).
+function ops.count_tool(argv)
+  local a, p = args(argv)
+  local x = argv[p]
   local levels, st, err = begin(a)
   if err then return err end
   local run = levels[1]
@@ -578,7 +752,7 @@ function ops.count_tool(a)
     local lim = lv.lim[TOOL]
     if lim and lv.spent[TOOL] + 1 > lim then
       local decision = deny_lim(lv, TOOL, lim, lv.spent[TOOL], 1, "would pass")
-      entry(run, a.chain, a.agent, "deny", {e = decision, x = a.x})
+      entry(run, a.sj, "deny", x, {e = decision})
       save()
       return {d = decision}
     end
@@ -588,38 +762,44 @@ function ops.count_tool(a)
     lv.spent[TOOL] = sat(lv.spent[TOOL] + 1)
   end
   st.s[TOOL] = st.s[TOOL] + 1
-  entry(run, a.chain, a.agent, "tool", {x = a.x})
+  entry(run, a.sj, "tool", x)
   local decision = soft(levels, st) or {t = "allow"}
   save()
   return {d = decision}
 end
 
-function ops.reallocate(a)
+-- ARGV after the chain: shortfall (integer), meta (JSON object).
+function ops.reallocate(argv)
+  local a, p = args(argv)
   local levels, st, err = begin(a)
   if err then return err end
-  local shortfall = tonumber(a.short)
+  local shortfall = tonumber(argv[p])
   local moved = 0
   if st.u and shortfall > 0 then
-    moved = apply_plan(levels[1], a.chain, a.agent, st, plan(levels[1], a.agent, st, shortfall), a.x)
+    moved = apply_plan(levels[1], a.sj, st, plan(levels[1], a.agent, st, shortfall), argv[p + 1])
   end
   save()
   return {mv = istr(moved)}
 end
 
-function ops.set_confidence(a)
+-- ARGV after the chain: the confidence (Python repr of a float).
+function ops.set_confidence(argv)
+  local a, p = args(argv)
   local levels, st, err = begin(a)
   if err then return err end
-  touch(levels[1])
-  st.c_s, st.cn = a.v, tonumber(a.v)
+  ctouch(levels[1])
+  st.c_s, st.cn = argv[p], tonumber(argv[p])
   save()
   return {}
 end
 
-function ops.top_up(a)
-  local lv = load_level(a.key)
-  if not lv then return {err = "level", key = a.key} end
-  touch(lv)
-  add(lv.topup, nums(a.amt))
+-- ARGV: 4 level key, 5 amounts (`vector`).
+function ops.top_up(argv)
+  local lv = load_level(argv[4])
+  if not lv then return {err = "level", key = argv[4]} end
+  ctouch(lv)
+  local topup = own(lv, "topup")
+  add(topup, vector(argv[5]))
   refresh(lv)
   -- A raised limit can put spend back under a threshold: let it fire again when re-crossed.
   local keep = {}
@@ -637,15 +817,20 @@ function ops.top_up(a)
   return {}
 end
 
-function ops.note(a)
+-- ARGV after the chain: the entry's kind (one of ledger.KINDS), its fields (JSON object).
+function ops.note(argv)
+  local a, p = args(argv)
   local levels, missing = chain_levels(a.chain)
   if not levels then return {err = "level", key = missing} end
-  entry(levels[1], a.chain, a.agent, a.kind, {x = a.x})
+  local kind = argv[p]
+  if not string.match(kind, "^[a-z_]+$") then return redis.error_reply("budgetary: bad entry kind") end
+  entry(levels[1], a.sj, kind, argv[p + 1])
   save()
   return {}
 end
 
-function ops.figures(a)
+function ops.figures(argv)
+  local a = args(argv)
   local levels, missing = chain_levels(a.chain)
   if not levels then return {err = "level", key = missing} end
   save()
@@ -654,23 +839,27 @@ function ops.figures(a)
   return {lv = out}
 end
 
-function ops.ensure_budget(a)
-  local lv = load_level(a.key)
-  local window = tonumber(a.win)
+-- ARGV: 4 level key, 5 name, 6 window seconds ("" for none), 7 .. 13 limits ("" for none),
+-- 14 .. the warn_at fractions (Python reprs).
+function ops.ensure_budget(argv)
+  local key = argv[4]
+  local lv = load_level(key)
+  local window = tonumber(argv[6])
   if lv == nil then
-    lv = {key = a.key, name = a.name, fired = {}, agents = {}, aidx = {}, topup = zeros(), spent = zeros(),
-          held = zeros(), ws = 0}
-    cache[a.key] = lv
+    lv = {key = key, name = argv[5], fired = {}, ag = {}, ai = {}, st = {}, topup = zeros(), spent = zeros(),
+          held = zeros(), ws = 0, hot = ""}
+    lv.name_j = jencode(lv.name)
+    cache[key] = lv
     loaded[#loaded + 1] = lv
     if window then lv.ws = floordiv(now, window) * window end
     lv.ws_s = fstr(lv.ws)
   end
-  touch(lv)
+  ctouch(lv)
   lv.base = {}
-  for i = 1, 7 do lv.base[i] = tonumber(a.base[i]) end
+  for i = 1, 7 do lv.base[i] = tonumber(argv[6 + i]) end
   lv.warn, lv.warn_s = {}, {}
-  for i, t in ipairs(arr(a.warn)) do
-    lv.warn[i], lv.warn_s[i] = tonumber(t), t
+  for i = 14, #argv do
+    lv.warn[i - 13], lv.warn_s[i - 13] = tonumber(argv[i]), argv[i]
   end
   lv.window = window
   refresh(lv)
@@ -678,24 +867,26 @@ function ops.ensure_budget(a)
   return {}
 end
 
-function ops.ensure_agent(a)
-  local lv = load_level(a.key)
-  if not lv then return {err = "level", key = a.key} end
-  local un = tonumber(a.un)
+-- ARGV: 4 level key, 5 agent key, 6 priority, 7 unit ("" for none), 8 allocation,
+-- 9 min reserve, 10 confidence threshold ("" for none), 11 replace ("1" or "0").
+function ops.ensure_agent(argv)
+  local lv = load_level(argv[4])
+  if not lv then return {err = "level", key = argv[4]} end
+  local akey = argv[5]
+  local un = tonumber(argv[7])
   local unit = un and (un + 1) or nil
-  local st = lv.aidx[a.agent]
+  local st = agent_of(lv, akey)
   if st == nil then
-    st = new_agent(a.agent)
-    st.u, st.al = unit, tonumber(a.al)
-    lv.agents[#lv.agents + 1] = st
-    lv.aidx[a.agent] = st
-  elseif a.replace then
-    if st.u ~= unit then st.u, st.al = unit, tonumber(a.al) end
+    st = new_agent(akey)
+    st.u, st.al = unit, tonumber(argv[8])
+    add_agent(lv, st)
+  elseif argv[11] == "1" then
+    if st.u ~= unit then st.u, st.al = unit, tonumber(argv[8]) end
   else
     return {}
   end
-  touch(lv)
-  st.p, st.mr, st.th_s, st.th = tonumber(a.p), tonumber(a.mr), a.th, tonumber(a.th)
+  ctouch(lv)
+  st.p, st.mr, st.th_s, st.th = tonumber(argv[6]), tonumber(argv[9]), argv[10], tonumber(argv[10])
   save()
   return {}
 end
@@ -703,6 +894,10 @@ end
 -- The entry point. Python appends its registration as a Redis Function (defined once, at
 -- FUNCTION LOAD) or, on servers without Functions, `return dispatch(KEYS, ARGV)` (EVALSHA).
 local function dispatch(keys, argv)
+  if not spack then
+    tonumber, tostring, type, pairs, ipairs, unpack, setmetatable, rawget, spack, sunpack, mpack, munpack,
+      jencode, jdecode, sformat, ssub, sfind, srep = globals()
+  end
   LEVELS, HOLDS, HOLDZ, LEDGER, SEQ = keys[1], keys[2], keys[3], keys[4], keys[5]
   now_s = argv[2]
   now = tonumber(now_s)
@@ -710,5 +905,7 @@ local function dispatch(keys, argv)
   cache, loaded, pending = {}, {}, {}
   local fn = ops[argv[1]]
   if not fn then return redis.error_reply("budgetary: unknown operation " .. tostring(argv[1])) end
-  return cjson.encode(fn(cjson.decode(argv[4])))
+  local reply = fn(argv)
+  if type(reply) == "string" then return reply end
+  return jencode(reply)
 end
