@@ -69,7 +69,7 @@ class Reservation:
 
     def __init__(
         self, budget: Budget, hold_id: str, agent: str | None, model: str | None, provider: str | None,
-        req: Vector, meta: Meta, decision: Decision,
+        req: Vector, meta: Meta, decision: Decision, rates: Any = None, renewed_at: float = 0.0,
     ) -> None:  # fmt: skip
         self._budget = budget
         self.hold_id = hold_id
@@ -77,14 +77,14 @@ class Reservation:
         self.model = model
         self.provider = provider
         self._req = req
-        self._rates: Any = None  # the model's rates, when reserve already looked them up
+        self._rates: Any = rates  # the model's rates, when reserve already looked them up
         self.meta = meta
         self.decision = decision
         """`Allow` or `SoftLimit` (the call proceeds either way)."""
         self.events: tuple[SoftLimit, ...] = ()
         """Soft-limit crossings the settle caused (each fires once per threshold and scope)."""
         self._done = False
-        self._renewed_at = 0.0  # set by whoever creates it (reserve), which has just read the clock
+        self._renewed_at = renewed_at  # when the hold was taken (reserve has just read the clock)
 
     @property
     def done(self) -> bool:
@@ -564,7 +564,7 @@ class Budget:
                 store.record_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
         if not decision.allowed:
             raise self._exceeded(decision, agent)
-        return self._reservation(hold_id, agent, model, provider, req, meta, decision, rates, now)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
 
     async def _areserve(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
@@ -594,7 +594,7 @@ class Budget:
                 await store.arecord_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
         if not decision.allowed:
             raise await self._aexceeded(decision, agent)
-        return self._reservation(hold_id, agent, model, provider, req, meta, decision, rates, now)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
 
     def _reserve_request(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
@@ -652,15 +652,6 @@ class Budget:
         prompt = req[IN]
         exact_prompt = count_tokens(messages, model) if decision.resource in _INPUT_SENSITIVE else prompt
         return _request(exact_prompt, req[OUT], rates) if exact_prompt < prompt else None
-
-    def _reservation(
-        self, hold_id: str, agent: str | None, model: str | None, provider: str | None, req: Vector, meta: Meta,
-        decision: Decision, rates: Any, now: float,
-    ) -> Reservation:  # fmt: skip
-        reservation = Reservation(self, hold_id, agent, model, provider, req, meta, decision)
-        reservation._rates = rates
-        reservation._renewed_at = now
-        return reservation
 
     def llm_call(
         self,
