@@ -6,6 +6,7 @@ import asyncio
 import pickle
 import re
 import threading
+import time
 from decimal import Decimal
 
 import pytest
@@ -279,6 +280,24 @@ def test_charge_failed_calls_charges_the_hold_instead():
         raise RuntimeError("provider 500")
     assert budget.snapshot().total_tokens == 100
     assert budget.ledger.history(kind="llm")[0].estimated
+
+
+def test_live_calls_keep_their_holds_past_the_lease_and_an_abandoned_one_loses_it():
+    # Real time: the keeper thread renews at a third of the TTL; an abandoned hold is not renewed.
+    from budgetary.core._lease import keeper
+
+    budget = Budget(Limits(max_total_tokens=10_000), lease_ttl=1.0)
+    abandoned = budget.reserve(model="gpt-4o-mini", prompt_tokens=100, max_output_tokens=100)
+    kept = budget.reserve(model="gpt-4o-mini", prompt_tokens=10, max_output_tokens=10).keep_alive()
+    with budget.llm_call(model="gpt-4o-mini", prompt_tokens=1, max_output_tokens=1) as block:
+        time.sleep(2.5)  # two and a half leases
+        assert budget.snapshot().held_tokens == 20 + 2
+        block.settle(Usage(input_tokens=1, output_tokens=1))
+    assert [e.reason for e in budget.ledger.history(kind="release")] == ["lease expired"]
+    assert not abandoned.renew()
+    kept.settle(Usage(input_tokens=10, output_tokens=5))
+    assert kept.hold_id not in keeper.live and block.hold_id not in keeper.live
+    assert budget.snapshot().held_tokens == 0 and budget.snapshot().total_tokens == 17
 
 
 def test_an_expired_lease_is_released_and_a_renewed_one_is_kept(clock):

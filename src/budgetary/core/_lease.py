@@ -3,10 +3,12 @@
 A hold is a lease: if its worker dies, the hold frees itself after ``lease_ttl``.
 A call that is still running when its lease would run out (a long generation)
 must renew it, or the budget it holds would be given to other calls while it is
-still spending. One daemon thread per process renews the holds of every open
-``llm_call`` block at a third of their TTL. A raw `Budget.reserve` is not
-tracked: its owner renews it (`Reservation.renew`), as the LangChain handler does
-on every streamed token.
+still spending. One daemon thread per process renews, at a third of their TTL, the
+holds of every open ``llm_call`` block and of every reservation its owner handed
+over with `Reservation.keep_alive` (the framework adapters do); a settled or
+released reservation leaves it. A raw `Budget.reserve` is otherwise not tracked:
+its owner renews it (`Reservation.renew`). If the process dies, so does the
+thread, and the leases run out.
 """
 
 from __future__ import annotations

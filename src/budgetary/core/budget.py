@@ -159,6 +159,7 @@ class Reservation:
         if self._done:
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
         self._done = True
+        keeper.live.pop(self.hold_id, None)
         budget = self._budget
         unpriced = usage.cost_usd is None
         if actual_cost:
@@ -193,6 +194,7 @@ class Reservation:
         if self._done:
             return
         self._done = True
+        keeper.live.pop(self.hold_id, None)
         budget = self._budget
         if budget.charge_failed_calls:
             self._done = False
@@ -209,11 +211,23 @@ class Reservation:
         if self._done:
             return
         self._done = True
+        keeper.live.pop(self.hold_id, None)
         if budget.charge_failed_calls:
             self._done = False
             await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
             return
         await cast(AsyncStore, budget._store).arelease(self.hold_id, now=budget._clock(), reason=reason)
+
+    def keep_alive(self) -> Reservation:
+        """Renew the hold in the background until this reservation is settled or released.
+
+        For owners that cannot renew it while the call runs (``llm_call`` blocks and the
+        framework adapters use it): a call that outlasts ``lease_ttl`` keeps its hold, and only
+        a dead worker's holds expire. Returns the reservation.
+        """
+        if not self._done:
+            keeper.track(self)
+        return self
 
     def renew(self) -> bool:
         """Extend the hold's lease (long calls); False if it had already expired."""
@@ -262,12 +276,9 @@ class _LLMCall:
             r.release(f"call failed: {exc_type.__name__}")
 
     def _closing(self) -> Reservation | None:
-        """Stop renewing the block's hold; the reservation if leaving must still settle or release it."""
+        """The reservation if leaving the block must still settle or release it (which stops its renewal)."""
         r = self._reservation
-        if r is None:
-            return None
-        keeper.live.pop(r.hold_id, None)
-        return None if r._done else r
+        return None if r is None or r._done else r
 
     async def __aenter__(self) -> Reservation:
         budget = self._budget

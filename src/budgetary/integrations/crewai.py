@@ -266,7 +266,7 @@ def _before_llm(ctx: Any) -> None:
             agent, model=model if isinstance(model, str) else None, messages=ctx.messages,
             max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id,
             location=getattr(ctx.task, "name", None),
-        )  # fmt: skip
+        ).keep_alive()  # fmt: skip
     except BudgetExceeded as exc:
         raise CrewBudgetExceeded(exc) from exc
     except Exception as exc:  # our own bug: CrewAI would swallow it and run the call unchecked

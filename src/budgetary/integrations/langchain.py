@@ -17,7 +17,6 @@ node do not see callbacks: use ``langchain_core.runnables.config.get_executor_fo
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,14 +73,13 @@ def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
 class _Claim:
     """Which handler charges a run: the same budget attached twice must charge once."""
 
-    __slots__ = ("handler", "parent", "rank", "renewed", "reservation")
+    __slots__ = ("handler", "parent", "rank", "reservation")
 
     def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None) -> None:
         self.handler = handler
         self.rank = handler.rank
         self.parent = parent
         self.reservation: Reservation | None = None
-        self.renewed = 0.0
 
 
 # Claims per budget object, shared by every handler of that budget in this process.
@@ -153,15 +151,6 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ) -> None:  # fmt: skip
         """Reserve for a text-completion call or raise `BudgetExceeded`."""
         self._start(prompts, run_id, parent_run_id, metadata, kwargs)
-
-    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        """Renew the hold of a long streamed generation before its lease runs out."""
-        claim = self._claim(run_id)
-        if claim is not None and claim.reservation is not None:
-            now = time.monotonic()
-            if now - claim.renewed > self.budget.lease_ttl / 3:
-                claim.renewed = now
-                claim.reservation.renew()
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Settle with the usage the provider reported (or the estimate, flagged, if none)."""
@@ -257,8 +246,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         except BaseException:
             self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
             raise
-        claim.reservation = reservation
-        claim.renewed = time.monotonic()
+        claim.reservation = reservation.keep_alive()  # a call longer than the lease keeps its hold
         if self._claims.get(run_id) is not claim:  # a more specific handler took the run meanwhile
             reservation.release("re-attributed to a more specific handler")
             return
@@ -433,7 +421,7 @@ def _build_middleware() -> type:
                         self.agent, model=name if isinstance(name, str) else None,
                         messages=[*( [request.system_message] if request.system_message else []), *request.messages],
                         max_output_tokens=getattr(model, "max_tokens", None),
-                    )  # fmt: skip
+                    ).keep_alive()  # fmt: skip
                 except BudgetExceeded as exc:
                     message = self._refused(exc, attempt)
                     if message is not None:
