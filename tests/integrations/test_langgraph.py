@@ -202,6 +202,60 @@ def test_subgraph_agents_are_charged_to_the_outer_node():
     assert budget.snapshot().llm_calls == 2 == model.calls.count
 
 
+def test_a_governed_subgraph_inside_a_governed_graph_charges_its_own_nodes():
+    model = fake()
+
+    class Inner(TypedDict, total=False):
+        notes: Annotated[list[str], operator.add]
+
+    inner = StateGraph(Inner)
+    inner.add_node("search", lambda state: {"notes": [model.invoke("deep").content]})
+    inner.add_edge(START, "search")
+    budget = Budget()
+    outer = StateGraph(Inner)
+    outer.add_node("research", govern_graph(inner, budget))  # the team governs its own subgraph
+    outer.add_node("write", lambda state: {"notes": [model.invoke("write").content]})
+    outer.add_edge(START, "research")
+    outer.add_edge("research", "write")
+    govern_graph(outer, budget).invoke({"notes": []})
+    # The innermost governed node is the agent; nothing is reserved twice or re-attributed.
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="llm")] == [
+        ("search", "search"), ("write", "write"),
+    ]  # fmt: skip
+    assert budget.ledger.history(kind="release") == []
+    assert budget.snapshot().llm_calls == 2 == model.calls.count
+
+
+def test_a_users_handler_stands_aside_for_the_nodes_mapped_agents():
+    from langgraph.prebuilt import ToolNode
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return "found"
+
+    calls = [AIMessage("", tool_calls=[{"name": "lookup", "args": {"term": "otter"}, "id": "c1"}]), AIMessage("ok")]
+    model = fake(responses=calls).bind_tools([lookup])
+
+    class Chat(TypedDict, total=False):
+        messages: Annotated[list[Any], operator.add]
+
+    builder = StateGraph(Chat)
+    builder.add_node("model", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode([lookup]))
+    builder.add_edge(START, "model")
+    builder.add_conditional_edges("model", lambda state: "tools" if state["messages"][-1].tool_calls else END)
+    builder.add_edge("tools", "model")
+    budget = Budget()
+    app = govern_graph(builder, budget, agents={"model": "thinker", "tools": "toolbox"})
+    # The user's handler would attribute by node name; the nodes' mapped agents are charged instead.
+    app.invoke({"messages": [HumanMessage("q")]}, {"callbacks": [BudgetCallbackHandler(budget)]})
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["thinker", "thinker"]
+    assert [e.agent for e in budget.ledger.history(kind="tool")] == ["toolbox"]
+    assert budget.ledger.history(kind="release") == []
+    assert budget.snapshot().llm_calls == 2 and budget.snapshot().tool_calls == 1
+
+
 # -- prebuilt ReAct agents -----------------------------------------------------------------------
 
 

@@ -94,6 +94,11 @@ def _claims_of(budget: Budget) -> dict[UUID, _Claim]:
 
 # Set while BudgetMiddleware makes a model call it has already reserved for.
 _middleware_budget: ContextVar[Budget | None] = ContextVar("budgetary_middleware_budget", default=None)
+# Set while a governed LangGraph node runs: per budget, the handler of the innermost governed node.
+# It alone charges that budget's calls in the node; other handlers of the budget (a user's own, a
+# budget_scope, an outer node's) stand aside, so each call is reserved once, for the right agent,
+# instead of being reserved by the first handler and re-attributed by the next.
+_node_owners: ContextVar[dict[Budget, BudgetCallbackHandler] | None] = ContextVar("budgetary_node_owners", default=None)
 
 
 class BudgetCallbackHandler(BaseCallbackHandler):
@@ -193,6 +198,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Count the tool call, or raise `BudgetExceeded` so that the tool body never runs."""
         # A tool call is counted by the first handler of this budget that sees it (no re-attribution:
         # a count cannot be taken back), and the claim lasts until the tool ends.
+        if self._stands_aside():
+            return
         claims = self._claims
         with _claims_lock:
             if run_id in claims:
@@ -226,8 +233,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         kwargs: dict[str, Any],
     ) -> None:  # fmt: skip
         budget = self.budget
-        if _middleware_budget.get() is budget:
-            return  # BudgetMiddleware already reserved this call
+        if _middleware_budget.get() is budget or self._stands_aside():
+            return  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
         claim = self._take(run_id, parent_run_id)
         if claim is None:
             return
@@ -252,6 +259,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return
         if self.on_soft_limit is not None and isinstance(reservation.decision, SoftLimit):
             self.on_soft_limit(reservation.decision)
+
+    def _stands_aside(self) -> bool:
+        owners = _node_owners.get()
+        if owners is None:
+            return False
+        owner = owners.get(self.budget)
+        return owner is not None and owner is not self
 
     def _take(self, run_id: UUID, parent_run_id: UUID | None) -> _Claim | None:
         """Claim ``run_id`` for this handler unless a handler of the same budget with a higher rank has it."""

@@ -5,8 +5,9 @@
 limits, its agent's allocation, the confidence gate and the spawn gate
 (``max_agents`` counts node executions) before it runs, and its LLM and tool
 calls are charged to its agent by a `BudgetCallbackHandler` installed for that
-node. A refusal, at entry or at any call inside the node, follows the node's
-policy:
+node (other handlers of the same budget stand aside inside it; in nested governed
+graphs the innermost node wins). A refusal, at entry or at any call inside the
+node, follows the node's policy:
 
 - ``deny``: raise `BudgetExceeded` (a ``RuntimeError``: the default
   ``RetryPolicy`` does not retry it). With a checkpointer, raise the budget and
@@ -36,7 +37,7 @@ import inspect
 import threading
 import typing
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
@@ -56,7 +57,7 @@ from budgetary.core.errors import BudgetExceeded, ConfigurationError
 from budgetary.core.guard import Decision
 from budgetary.core.skip import Skipped
 from budgetary.integrations._common import apply_top_up_once
-from budgetary.integrations.langchain import BudgetCallbackHandler
+from budgetary.integrations.langchain import BudgetCallbackHandler, _node_owners
 
 __all__ = ["SKIPPED_KEY", "budget_node", "govern_graph"]
 
@@ -117,8 +118,8 @@ class _Governor:
         self.budget.ensure_agent(agent)
         return node, agent
 
-    def node_config(self, config: Mapping[str, Any], agent: str | None) -> Any:
-        """``config`` with a handler charging the node's calls to ``agent`` (one per execution)."""
+    def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
+        """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
         handler = BudgetCallbackHandler(self.budget, agent, rank=NODE_RANK)
         callbacks = config.get("callbacks")
         if callbacks is None:
@@ -130,7 +131,12 @@ class _Governor:
             callbacks.add_handler(handler, inherit=True)
         # Only the callbacks change: merge_configs would also copy metadata, tags and
         # configurable, which made it the largest cost of a governed node.
-        return {**config, "callbacks": callbacks}
+        return {**config, "callbacks": callbacks}, handler
+
+    def own(self, handler: BudgetCallbackHandler) -> Token[Any]:
+        """Make ``handler`` the one that charges this budget's calls in the node (reset the token after)."""
+        owners = _node_owners.get()
+        return _node_owners.set({**owners, self.budget: handler} if owners else {self.budget: handler})
 
     def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
         """(True, None) to run the node, else (False, the node's result under the policy)."""
@@ -218,7 +224,8 @@ def _govern_call(
         return result
     attempt = 100  # interrupt indices distinct from the entry loop's
     while True:
-        node_config = governor.node_config(config, agent)
+        node_config, handler = governor.node_config(config, agent)
+        owner = governor.own(handler)
         try:
             if in_context:
                 return invoke(node_config)
@@ -232,6 +239,8 @@ def _govern_call(
             if not again:
                 return result
             attempt += 1
+        finally:
+            _node_owners.reset(owner)
 
 
 async def _agovern_call(
@@ -244,7 +253,8 @@ async def _agovern_call(
         return result
     attempt = 100
     while True:
-        node_config = governor.node_config(config, agent)
+        node_config, handler = governor.node_config(config, agent)
+        owner = governor.own(handler)
         try:
             if in_context:
                 return await invoke(node_config)
@@ -257,6 +267,8 @@ async def _agovern_call(
             if not again:
                 return result
             attempt += 1
+        finally:
+            _node_owners.reset(owner)
 
 
 def _wrap_runnable(inner: Runnable[Any, Any], governor: _Governor) -> Runnable[Any, Any]:
