@@ -28,9 +28,8 @@ from budgetary.core.limits import Limits
 from budgetary.core.prices import Price, PriceTable
 from budgetary.core.skip import Skipped
 from budgetary.core.snapshot import Snapshot
-from budgetary.core.stores import Store, store_from_url
+from budgetary.core.stores import Store, open_store
 from budgetary.core.stores.base import AsyncStore, is_async_store, off_loop
-from budgetary.core.stores.memory import MemoryStore
 from budgetary.core.usage import Usage, coerce_cost, coerce_count
 
 __all__ = ["Budget", "POLICIES", "Policy", "Reservation"]
@@ -326,7 +325,8 @@ class Budget:
             honours ``max_tokens``) or ``"gate"`` (allow while nothing is exhausted).
         parent: A parent budget (tenant, day) charged with everything this one spends.
         guards: Host guards (see `BudgetGuard`); every one must allow.
-        store: A store or its URL; default: the parent's store, else a new ``memory://``.
+        store: A store, its URL, or a redis-py client (sync, cluster or asyncio); default: the
+            parent's store, else a new ``memory://``.
         on_exhausted: What adapters do on a refusal: ``deny``, ``skip``, ``interrupt`` or ``end``.
         on_soft_limit: Called once per ``warn_at`` crossing per scope with the `SoftLimit`.
         default_output_reserve: Output tokens held for a call that sets no ``max_tokens``.
@@ -346,7 +346,7 @@ class Budget:
         mode: Literal["reserve", "gate"] = "reserve",
         parent: Budget | None = None,
         guards: Iterable[Any] | None = None,
-        store: str | Store | None = None,
+        store: str | Store | Any | None = None,
         on_exhausted: Policy = "deny",
         on_soft_limit: Callable[[SoftLimit], Any] | None = None,
         default_output_reserve: int = 1024,
@@ -392,7 +392,7 @@ class Budget:
 
         if parent is None:
             self._path: tuple[str, ...] = (name,)
-            self._store = _open_store(store)
+            self._store = open_store(store)
         else:
             self._path = (*parent._path, name)
             if store is not None and store is not parent._store:
@@ -916,14 +916,6 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"Budget(name={self.name!r}, mode={self.mode!r}, store={self._store.url!r})"
-
-
-def _open_store(store: str | Store | None) -> Store:
-    if store is None:
-        return MemoryStore()
-    if isinstance(store, str):
-        return store_from_url(store)
-    return store
 
 
 def _config_count(value: Any, name: str) -> int:

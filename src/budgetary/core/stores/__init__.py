@@ -9,12 +9,13 @@ scheme is used, so ``import budgetary`` never imports redis.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 from budgetary.core.errors import ConfigurationError
 from budgetary.core.stores.base import EngineStore, Store
 from budgetary.core.stores.memory import MemoryStore
 
-__all__ = ["EngineStore", "MemoryStore", "SCHEMES", "Store", "store_from_url"]
+__all__ = ["EngineStore", "MemoryStore", "SCHEMES", "Store", "open_store", "store_from_url"]
 
 
 def _memory(url: str) -> Store:
@@ -47,3 +48,25 @@ def store_from_url(url: str) -> Store:
         known = ", ".join(f"{s}://" for s in sorted(SCHEMES))
         raise ConfigurationError(f"unknown store URL {url!r}; known schemes: {known}")
     return factory(url)
+
+
+def open_store(spec: str | Store | Any | None) -> Store:
+    """The store ``spec`` names: ``None`` (a new memory store), a URL, a store, or a redis-py client.
+
+    A ``redis.Redis``, ``redis.RedisCluster`` or ``redis.asyncio`` client is wrapped in a
+    `RedisStore` (which does not close it).
+    """
+    if spec is None:
+        return MemoryStore()
+    if isinstance(spec, str):
+        return store_from_url(spec)
+    if type(spec).__module__.partition(".")[0] == "redis":
+        from budgetary.core.stores.redis import RedisStore
+
+        return RedisStore(cast(Any, spec))
+    if not callable(getattr(spec, "ensure_budget", None)):
+        raise ConfigurationError(
+            f"store must be a URL (memory://, sqlite:///path.db, redis://host:6379/0), a store or a redis-py "
+            f"client, got {type(spec).__name__}"
+        )
+    return spec
