@@ -757,16 +757,12 @@ class Budget:
         return self._snapshot_of(self._store.figures(self._chain, self._clock()))
 
     def _snapshot_of(self, figures: list[Any]) -> Snapshot:
-        budgets: list[Budget] = []
+        limits: list[Limits] = []
         node: Budget | None = self
         while node is not None:
-            budgets.append(node)
+            limits.append(node._limits)
             node = node.parent
-        snapshot: Snapshot | None = None
-        for fig, owner in zip(reversed(figures), reversed(budgets), strict=True):
-            snapshot = _snapshot(fig, owner._limits, snapshot)
-        assert snapshot is not None
-        return snapshot
+        return figures_snapshot(figures, limits)
 
     def report(self) -> dict[str, dict[str, Any]]:
         """Per agent: ``{"allocated", "consumed", "remaining"}`` in its contract's unit.
@@ -775,17 +771,7 @@ class Budget:
         ``allocated``/``remaining`` as ``None``. ``remaining`` is negative after
         an overrun nobody covered.
         """
-        out: dict[str, dict[str, Any]] = {}
-        for name, state in self._store.agents(self._key, self._clock()).items():
-            if name is None:
-                continue
-            if state.unit is None:
-                out[name] = {"allocated": None, "consumed": state.spent[TOTAL], "remaining": None}
-            else:
-                allocated = user_value(state.unit, state.allocated)
-                consumed = user_value(state.unit, state.spent[state.unit])
-                out[name] = {"allocated": allocated, "consumed": consumed, "remaining": allocated - consumed}
-        return out
+        return agent_report(self._store.agents(self._key, self._clock()))
 
     # -- governing plain functions -----------------------------------------------------
 
@@ -932,6 +918,35 @@ def _request(prompt: int, out: int, rates: Any) -> Vector:
 
 def _string_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
     return [v for v in (*args, *kwargs.values()) if isinstance(v, str)]
+
+
+def agent_report(agents: Mapping[str | None, Any]) -> dict[str, dict[str, Any]]:
+    """`Budget.report` from a store's agent states (what the CLI reads without a `Budget`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, state in agents.items():
+        if name is None:
+            continue
+        if state.unit is None:
+            out[name] = {"allocated": None, "consumed": state.spent[TOTAL], "remaining": None}
+        else:
+            allocated = user_value(state.unit, state.allocated)
+            consumed = user_value(state.unit, state.spent[state.unit])
+            out[name] = {"allocated": allocated, "consumed": consumed, "remaining": allocated - consumed}
+    return out
+
+
+def figures_snapshot(figures: list[Any], limits: list[Limits] | None = None) -> Snapshot:
+    """A `Snapshot` from a store's figures of a chain (innermost first), with each level's `Limits`.
+
+    Without ``limits`` (the CLI, which has no `Budget`), caps come from the store and
+    the other `Limits` fields are the defaults.
+    """
+    snapshot: Snapshot | None = None
+    bases = reversed(limits) if limits is not None else [Limits()] * len(figures)
+    for fig, base in zip(reversed(figures), bases, strict=True):
+        snapshot = _snapshot(fig, base, snapshot)
+    assert snapshot is not None
+    return snapshot
 
 
 def _snapshot(fig: Any, base: Limits, parent: Snapshot | None) -> Snapshot:

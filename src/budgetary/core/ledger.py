@@ -17,7 +17,7 @@ from budgetary.core.usage import Usage
 if TYPE_CHECKING:
     from budgetary.core.stores.base import Store
 
-__all__ = ["KINDS", "Ledger", "LedgerEntry", "read_csv", "read_jsonl"]
+__all__ = ["KINDS", "Ledger", "LedgerEntry", "csv_text", "jsonl_text", "read_csv", "read_jsonl"]
 
 KINDS = ("llm", "tool", "agent_start", "transfer", "skip", "deny", "soft_limit", "release")
 """Entry kinds. Only ``llm``, ``tool`` and ``agent_start`` entries consume budget."""
@@ -203,24 +203,35 @@ class Ledger:
 
     def to_jsonl(self, target: str | Path | IO[str] | None = None) -> str:
         """Write the entries as JSON lines to ``target`` (a path or text file); return the text."""
-        text = "".join(json.dumps(e.to_dict(), sort_keys=True) + "\n" for e in self.history())
+        text = jsonl_text(self.history())
         _write(target, text)
         return text
 
     def to_csv(self, target: str | Path | IO[str] | None = None) -> str:
         """Write the entries as CSV (usage flattened into columns); return the text."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for entry in self.history():
-            row = entry.to_dict()
-            usage = row.pop("usage") or {}
-            row.update({name: usage.get(name, "") for name in _USAGE_FIELDS})
-            row["total_tokens"] = "" if entry.usage is None else entry.usage.total_tokens
-            row["scopes"] = json.dumps(row["scopes"])
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-        _write(target, buffer.getvalue())
-        return buffer.getvalue()
+        text = csv_text(self.history())
+        _write(target, text)
+        return text
+
+
+def jsonl_text(entries: Iterable[LedgerEntry]) -> str:
+    """``entries`` as JSON lines (what `Ledger.to_jsonl` writes; `read_jsonl` reads it back)."""
+    return "".join(json.dumps(e.to_dict(), sort_keys=True) + "\n" for e in entries)
+
+
+def csv_text(entries: Iterable[LedgerEntry]) -> str:
+    """``entries`` as CSV, usage flattened into columns (what `Ledger.to_csv` writes; `read_csv` reads it back)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for entry in entries:
+        row = entry.to_dict()
+        usage = row.pop("usage") or {}
+        row.update({name: usage.get(name, "") for name in _USAGE_FIELDS})
+        row["total_tokens"] = "" if entry.usage is None else entry.usage.total_tokens
+        row["scopes"] = json.dumps(row["scopes"])
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
 
 
 def read_jsonl(source: str | Path | IO[str]) -> list[LedgerEntry]:

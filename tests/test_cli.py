@@ -1,0 +1,86 @@
+"""The ``budgetary`` command reads a shared budget's figures and ledger from its store, from another process."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from budgetary import Budget, Limits
+from budgetary.cli import main
+from budgetary.core.ledger import read_csv, read_jsonl
+
+
+def _spend(store: object) -> Budget:
+    day = Budget(Limits(max_cost_usd=5, max_total_tokens=50_000, window="1d"), name="tenant acme", store=store)
+    run = Budget(Limits(max_llm_calls=3), name='report "42"', parent=day)
+    run.agent("writer", max_tokens=2_000)
+    run.agent("critic")
+    run.record("writer", {"input_tokens": 500, "output_tokens": 200}, model="gpt-4o-mini")
+    with run.llm_call("critic", model="gpt-4o-mini", prompt_tokens=100, max_output_tokens=50) as call:
+        call.settle({"input_tokens": 100, "output_tokens": 40})
+    run.check_tool("critic", "search")
+    return run
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(argv), out=out), out.getvalue()
+
+
+def test_report_shows_each_level_and_the_agents(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    run = _spend(url)
+    code, text = _cli("--store", url, "report", "tenant acme", 'report "42"')
+    assert code == 0
+    lines = text.splitlines()
+    assert lines[0] == 'budget tenant acme/report "42"'
+    assert any(line.split() == ["LLM", "calls", "2", "/", "3", "0"] for line in lines)
+    parent = lines.index(next(line for line in lines if line.startswith("budget tenant acme ")))
+    assert "window resets" in lines[parent]
+    assert any(line.split() == ["total", "tokens", "840", "/", "50000", "0"] for line in lines[parent:])
+    writer = next(line for line in lines if line.startswith("writer"))
+    report = run.report()["writer"]
+    assert writer.split() == ["writer", str(report["allocated"]), str(report["consumed"]), str(report["remaining"])]
+    assert next(line for line in lines if line.startswith("critic")).split() == ["critic", "-", "140", "-"]
+
+
+def test_ledger_exports_round_trip_and_filter(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    run = _spend(url)
+    code, text = _cli("--store", url, "ledger", "tenant acme", "--format", "jsonl")
+    assert code == 0
+    assert [e.to_dict() for e in read_jsonl(io.StringIO(text))] == [e.to_dict() for e in run.ledger.history()]
+    code, text = _cli("--store", url, "ledger", "tenant acme", 'report "42"', "--kind", "llm", "--format", "csv")
+    assert [(e.agent, e.usage.total_tokens) for e in read_csv(io.StringIO(text))] == [("writer", 700), ("critic", 140)]
+    code, text = _cli("--store", url, "ledger", "tenant acme", "--agent", "critic", "--last", "1")
+    rows = text.splitlines()
+    assert len(rows) == 2 and rows[1].split()[3:6] == ["tool", "critic", "search"]
+
+
+def test_errors_are_one_line_and_a_nonzero_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    _spend(url)
+    assert _cli("--store", url, "report", "no such budget")[0] == 1
+    assert "no budget 'no such budget'" in capsys.readouterr().err
+    assert _cli("--store", "memory://", "report", "x")[0] == 2
+    assert "memory://" in capsys.readouterr().err
+    assert _cli("--store", "sqlite:///", "report", "x")[0] == 1
+
+
+@pytest.mark.redis
+def test_the_command_reads_redis_from_another_process(redis_url: str, key_prefix: str) -> None:
+    from budgetary.core.stores.redis import RedisStore
+
+    run = _spend(RedisStore(redis_url, key_prefix=key_prefix))
+    done = subprocess.run(
+        [sys.executable, "-m", "budgetary", "--store", redis_url, "--key-prefix", key_prefix, "ledger",
+         "tenant acme", 'report "42"', "--format", "jsonl"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [e.id for e in run.ledger.history()]
