@@ -447,7 +447,9 @@ class Engine:
             moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
             for level in levels:
                 _add(level.held, req)
-            state.hold(req)
+            if (u := state.unit) is not None:  # `state.hold(req)`, inlined: every call passes here
+                held = state.held[u] + req[u]
+                state.held[u] = held if held <= MAX_INT else MAX_INT
             expires = now + ttl
             self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
             if expires < self.next_expiry:
@@ -484,7 +486,9 @@ class Engine:
                 amounts = hold.amounts
                 for level in levels:  # the usual case: the same levels hold and spend
                     _move(level.held, level.spent, amounts, actual)
-                state.unhold(amounts)
+                if (u := state.unit) is not None:  # `state.unhold(amounts)`, inlined
+                    left = state.held[u] - amounts[u]
+                    state.held[u] = left if left > 0 else 0
                 _add(state.spent, actual)
             else:
                 if hold is not None:

@@ -139,7 +139,9 @@ class Reservation:
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
             estimated=estimated, cost_known=cost_known, usage=usage,
         )  # fmt: skip
-        return self._settled(outcome, usage)
+        if outcome.events or budget._guards is not None:
+            return self._settled(outcome, usage)
+        return outcome.entry  # type: ignore[return-value]  # a settle always writes its entry
 
     async def _asettle(
         self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
@@ -266,18 +268,13 @@ class _LLMCall:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        r = self._closing()
-        if r is None:
-            return
+        r = self._reservation
+        if r is None or r._done:
+            return  # settled in the block (or never reserved); settling took it off the keeper
         if exc_type is None:
             r.charge_estimate()  # the caller forgot to settle: charge what was held
         else:
             r.release(f"call failed: {exc_type.__name__}")
-
-    def _closing(self) -> Reservation | None:
-        """The reservation if leaving the block must still settle or release it (which stops its renewal)."""
-        r = self._reservation
-        return None if r is None or r._done else r
 
     async def __aenter__(self) -> Reservation:
         budget = self._budget
@@ -296,8 +293,8 @@ class _LLMCall:
         if not is_async_store(budget._store):
             await off_loop(budget._store, self.__exit__, exc_type, exc, tb)
             return
-        r = self._closing()
-        if r is None:
+        r = self._reservation
+        if r is None or r._done:
             return
         if exc_type is None:
             await r._asettle(r.estimate, r.model, estimated=True, actual_cost=r._req[COST])
@@ -389,6 +386,7 @@ class Budget:
         self._contracts: dict[str | None, AgentContract] = {}
         self._hold_prefix = uuid.uuid4().hex[:12] + ":"
         self._hold_seq = itertools.count(1)
+        self._metas: dict[tuple[str, str | None, str | None], Meta] = {}
 
         if parent is None:
             self._path: tuple[str, ...] = (name,)
@@ -631,7 +629,13 @@ class Budget:
             out = max_output_tokens
         else:
             out = coerce_count(max_output_tokens, "max_output_tokens")
-        meta = Meta(run_id or self.run_id, model, location)
+        # Calls of one run repeat a few (model, location) pairs: reuse their Meta.
+        key = (run_id or self.run_id, model, location)
+        meta = self._metas.get(key)
+        if meta is None:
+            if len(self._metas) >= 256:
+                self._metas.clear()
+            meta = self._metas[key] = Meta(*key)
         if self._guards is not None:
             host = self._guards.check_before_llm(agent, prompt)
             if not host.allowed:
@@ -651,7 +655,9 @@ class Budget:
                     agent=agent,
                 )
                 return [], meta, rates, exact, deny
-        req = [prompt, out, sat(prompt + out), 0 if rates is None else rates.worst_case_nanos(prompt, out), 1, 0, 0, 0]
+        total = prompt + out
+        req = [prompt, out, total if total <= MAX_INT else MAX_INT,
+               0 if rates is None else rates.worst_case_nanos(prompt, out), 1, 0, 0, 0]  # fmt: skip
         return req, meta, rates, exact, None
 
     @staticmethod
