@@ -290,6 +290,52 @@ def test_renewed_lease_survives_and_expired_one_cannot_renew(open_store: Opener,
     assert budget.snapshot().llm_calls == 1
 
 
+def test_leases_fall_due_one_by_one_after_an_earlier_hold_settled(open_store: Opener, clock: FakeClock) -> None:
+    # A store may track only a lower bound of the next expiry (Redis does): a settled hold's
+    # expiry must neither hide the later leases nor release them early.
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=open_store(), clock=clock, lease_ttl=10)
+    first = budget.reserve(prompt_tokens=1, max_output_tokens=1)  # due at +10
+    clock.advance(2)
+    budget.reserve(prompt_tokens=2, max_output_tokens=1)  # due at +12
+    clock.advance(2)
+    budget.reserve(prompt_tokens=3, max_output_tokens=1)  # due at +14
+    first.settle(_usage(1, 1))
+    clock.advance(7)
+    assert budget.snapshot().held_llm_calls == 2
+    clock.advance(2)
+    assert budget.snapshot().held_llm_calls == 1
+    clock.advance(2)
+    assert budget.snapshot().held_llm_calls == 0
+    assert [e.usage.input_tokens for e in budget.ledger.history(kind="release") if e.usage] == [2, 3]
+
+
+def test_leases_due_together_are_released_oldest_first(open_store: Opener, clock: FakeClock) -> None:
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=open_store(), clock=clock, lease_ttl=10)
+    budget.reserve(prompt_tokens=1, max_output_tokens=1)
+    clock.advance(1)
+    budget.reserve(prompt_tokens=2, max_output_tokens=1)
+    clock.advance(30)
+    assert budget.check().allowed
+    assert budget.snapshot().held_llm_calls == 0
+    assert [e.usage.input_tokens for e in budget.ledger.history(kind="release") if e.usage] == [1, 2]
+
+
+def test_a_settle_that_fires_soft_limits_frees_its_hold_at_every_level(open_store: Opener) -> None:
+    tenant = Budget(Limits(max_total_tokens=1_000, warn_at=(0.2,)), name="t", store=open_store())
+    run = Budget(Limits(max_total_tokens=400, warn_at=(0.5,)), name="r", parent=tenant)
+    run.agent("w", max_tokens=300)
+    reservation = run.reserve("w", prompt_tokens=100, max_output_tokens=100)
+    assert (run.snapshot().held_tokens, tenant.snapshot().held_tokens) == (200, 200)
+    entry = reservation.settle(_usage(150, 100))
+    assert entry.usage is not None and entry.usage.total_tokens == 250
+    assert (run.snapshot().held_tokens, tenant.snapshot().held_tokens) == (0, 0)
+    assert (run.snapshot().total_tokens, tenant.snapshot().total_tokens) == (250, 250)
+    assert len(run.ledger.history(kind="soft_limit")) == 3  # the run, the tenant and the agent's allocation
+    run.reserve("w", prompt_tokens=10, max_output_tokens=10).settle(_usage(10, 10))  # nothing new fires
+    assert len(run.ledger.history(kind="soft_limit")) == 3
+    assert run.snapshot().total_tokens == 270
+
+
 def test_parent_levels_are_charged_and_named_in_refusals(open_store: Opener) -> None:
     day = Budget(Limits(max_total_tokens=1_000), name="day", store=open_store())
     tenant = Budget(Limits(max_total_tokens=10_000), name="tenant", parent=day)

@@ -4,12 +4,12 @@ Every operation is one call of one Lua program (``_lua/budget.lua``, the
 engine's rules ported to Lua), so check-and-hold is atomic and takes one
 round trip: an ``FCALL`` of a Redis Function, or ``EVALSHA`` on servers
 without Functions. A budget family (a root budget and every budget under it)
-keeps its state in five keys that share a Cluster hash tag derived from the
-root's name: ``<prefix>{<tag>}:levels`` (a hash of level states), ``:holds``
-and ``:holdz`` (leases and their expiry index), ``:ledger`` (a list, trimmed
-to ``ledger_max_len``) and ``:seq``. Budget and agent names only travel as
-call arguments and hash fields, never as key names or Lua source, so no
-name can reach another budget's keys.
+keeps its state in three keys that share a Cluster hash tag derived from the
+root's name: ``<prefix>{<tag>}:levels`` (a hash of level states and the
+family's ledger id and earliest lease expiry), ``:holds`` (leases) and
+``:ledger`` (a list, trimmed to ``ledger_max_len``). Budget and agent names
+only travel as call arguments and hash fields, never as key names or Lua
+source, so no name can reach another budget's keys.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from budgetary.core._engine import (
     _usage_of,
     user_value,
 )
-from budgetary.core._units import COST, nanos_to_usd
+from budgetary.core._units import COST, LLM, nanos_to_usd
 from budgetary.core.contract import AgentContract
 from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent, UsageError
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
@@ -55,12 +55,13 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStore"]
 
-_SUFFIXES = ("levels", "holds", "holdz", "ledger", "seq")
+_SUFFIXES = ("levels", "holds", "ledger")
 # One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # A vector (8 integer counters) as one argument: 8 little-endian doubles, what the script keeps
 # (Lua numbers are doubles: exact to 2^53, and 2^63-1, the saturation value, stays the largest).
 _vector = struct.Struct("<8d").pack
+_HELD = -6  # where a reserve request's amounts are, counted from its end (see `_reserve_request`)
 _CACHE_MAX = 4096  # entries per per-store cache of encoded arguments (chains, ledger metadata)
 _ALLOWED = Outcome()
 """The common reserve outcome, shared (outcomes are never mutated)."""
@@ -131,6 +132,15 @@ def mapped_errors(url: str, what: str) -> Iterator[None]:
         yield
     except backend_errors() as exc:
         raise StoreError(f"Redis store {url} failed ({what}): {type(exc).__name__}: {exc}") from exc
+
+
+def _bulk(args: list[Any]) -> bytes:
+    """Arguments as RESP bulk strings (the body of a command, without its array header)."""
+    out = []
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 def _safe_url(url: str) -> str:
@@ -224,15 +234,24 @@ class RedisStore:
         self._script = None if self._client is None else self._client.register_script(self._program.script)
         self._ascript: Any = None if self._aclient is None else self._aclient.register_script(self._program.script)
         self._functions = True
-        self._maxlen = str(ledger_max_len)
+        self._response_error = redis.ResponseError
+        # See `_fcall`: the pool of a client this store opened, and the packed start of an FCALL
+        # per family (keyed by its first key).
+        self._pool: Any = self._client.connection_pool if self._from_url is not None else None
+        self._packed: dict[str | bytes, bytes] = {}
+        # Arguments go out as bytes where they can be prepared once: redis-py passes bytes through
+        # and encodes every str on every call (a visible share of a call's client-side time).
+        self._maxlen = str(ledger_max_len).encode()
         self._keys: dict[str, list[str]] = {}
         # Per (chain, agent): the family's keys and the leading arguments of every chain operation.
-        self._heads: dict[tuple[tuple[str, ...], str | None], tuple[list[str], list[Any]]] = {}
-        # Per (run_id, model, location): those fields as JSON object members.
+        self._heads: dict[tuple[tuple[str, ...], str | None], tuple[list[bytes], list[bytes]]] = {}
+        # Per (run_id, model, location): those fields as JSON object members, and as an object.
         self._metas: dict[tuple[str | None, str | None, str | None], str] = {}
-        # Hold ids carry no family; remember where each hold this process made lives. (Single dict
-        # operations are atomic, so threads need no lock here.)
-        self._hold_keys: dict[str, list[str]] = {}
+        self._meta_objects: dict[tuple[str | None, str | None, str | None], bytes] = {}
+        # Hold ids carry no family; remember where each hold this process made lives, for which
+        # chain and agent, and its amounts as sent (a settle passes them back, so the script need
+        # not read the hold). Single dict operations are atomic, so threads need no lock here.
+        self._hold_keys: dict[str, tuple[list[bytes], tuple[str, ...], str | None, bytes]] = {}
         # An asyncio-only store cannot run the setup calls `Budget` makes synchronously
         # (`ensure_budget`, `ensure_agent`): they wait here for the first async operation.
         self._setup: list[tuple[list[str], list[str], str]] = []
@@ -248,7 +267,7 @@ class RedisStore:
             self._keys[key] = keys
         return keys
 
-    def _head(self, chain: tuple[str, ...], agent: str | None) -> tuple[list[str], list[Any]]:
+    def _head(self, chain: tuple[str, ...], agent: str | None) -> tuple[list[bytes], list[bytes]]:
         """The keys of ``chain``'s family and the arguments every chain operation starts with."""
         head = self._heads.get((chain, agent))
         if head is None:
@@ -256,8 +275,8 @@ class RedisStore:
                 self._heads.clear()
             akey = agent_key(agent)
             head = self._heads[(chain, agent)] = (
-                self._family_keys(chain[0]),
-                [_dumps([list(chain), akey]), akey, str(len(chain)), *chain],
+                [k.encode() for k in self._family_keys(chain[0])],
+                [v.encode() for v in (_dumps([list(chain), akey]), akey, str(len(chain)), *chain)],
             )
         return head
 
@@ -271,7 +290,17 @@ class RedisStore:
             text = self._metas[key] = _dumps({"run_id": run_id, "model": model, "location": location})[1:-1]
         return text
 
-    def _call(self, keys: list[str], argv: list[Any]) -> str:
+    def _meta_object(self, run_id: str | None, model: str | None, location: str | None) -> bytes:
+        """`_meta` as a JSON object, encoded."""
+        key = (run_id, model, location)
+        obj = self._meta_objects.get(key)
+        if obj is None:
+            if len(self._meta_objects) >= _CACHE_MAX:
+                self._meta_objects.clear()
+            obj = self._meta_objects[key] = ("{" + self._meta(run_id, model, location) + "}").encode()
+        return obj
+
+    def _call(self, keys: list[Any], argv: list[Any]) -> str:
         """One call of the Lua program with the sync client; the reply as text."""
         client = self._client
         if client is None:
@@ -280,20 +309,58 @@ class RedisStore:
             raw = self._invoke(keys, argv)
         return raw if type(raw) is str else raw.decode()
 
-    def _invoke(self, keys: list[str], argv: list[Any]) -> Any:
+    def _fcall(self, keys: list[Any], argv: list[Any]) -> Any:
+        """One FCALL with the sync client.
+
+        A client the store opened from a URL gets the command as bytes packed here (the function
+        name, key count and keys once per family) on a connection from its pool: redis-py's
+        generic path encodes and packs every argument and wraps the call in its retry and
+        observability machinery, which cost about 12 us a call (a quarter of a loopback round
+        trip) where `benchmarks/stores.py` ran. Without that retry a connection that fails during
+        the call fails it with `StoreError` instead of sending it again, which for a reserve or
+        settle that may already have run is the safe outcome (the pool still replaces a
+        connection the server closed while it was idle). A client passed in keeps its own
+        configuration, retries included: it gets a plain ``fcall``.
+        """
+        pool = self._pool
+        if pool is None:
+            return self._client.fcall(self._program.name, len(keys), *keys, *argv)
+        head = self._packed.get(keys[0])
+        if head is None:
+            if len(self._packed) >= _CACHE_MAX:
+                self._packed.clear()
+            head = self._packed[keys[0]] = _bulk(["FCALL", self._program.name, str(len(keys)), *keys])
+        parts = [b"*%d\r\n" % (3 + len(keys) + len(argv)), head]
+        for arg in argv:
+            if type(arg) is str:
+                arg = arg.encode()
+            parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(parts)])
+            return conn.read_response()
+        except self._response_error:
+            raise  # the whole error reply was read: the connection is still in step
+        except BaseException:
+            conn.disconnect()  # a reply may be half read: the connection must not be reused
+            raise
+        finally:
+            pool.release(conn)
+
+    def _invoke(self, keys: list[Any], argv: list[Any]) -> Any:
         """FCALL, loading the library first if the server lacks it, or EVALSHA on servers without Functions."""
         import redis
 
         if self._functions:
             try:
-                return self._client.fcall(self._program.name, len(keys), *keys, *argv)
+                return self._fcall(keys, argv)
             except redis.ResponseError as exc:
                 if fallback(exc) is None:
                     raise
                 try:
                     if fallback(exc) == "load":
                         self._client.function_load(self._program.library, replace=True)
-                        return self._client.fcall(self._program.name, len(keys), *keys, *argv)
+                        return self._fcall(keys, argv)
                 except redis.ResponseError as again:
                     if fallback(again) != "eval":
                         raise
@@ -301,7 +368,7 @@ class RedisStore:
         assert self._script is not None
         return self._script(keys=keys, args=argv)
 
-    async def _acall(self, keys: list[str], argv: list[Any]) -> str:
+    async def _acall(self, keys: list[Any], argv: list[Any]) -> str:
         """One call of the Lua program with the asyncio client, on the running loop; the reply as text."""
         client = self._async_client()
         if self._setup:
@@ -310,7 +377,7 @@ class RedisStore:
             raw = await self._ainvoke(client, keys, argv)
         return raw if type(raw) is str else raw.decode()
 
-    async def _ainvoke(self, client: Any, keys: list[str], argv: list[Any]) -> Any:
+    async def _ainvoke(self, client: Any, keys: list[Any], argv: list[Any]) -> Any:
         """`_invoke` with the asyncio client."""
         import redis
 
@@ -354,7 +421,7 @@ class RedisStore:
                     await self._ainvoke(client, keys, argv)
                 self._setup.pop(0)
 
-    def _bridge(self, keys: list[str], argv: list[Any]) -> str:
+    def _bridge(self, keys: list[Any], argv: list[Any]) -> str:
         """A sync call on an asyncio-only store: run it on the client's loop from another thread, or refuse."""
         loop = self._aloop
         try:
@@ -382,28 +449,33 @@ class RedisStore:
     def _reserve_request(
         self, chain: tuple[str, ...], agent: str | None, req: Vector, gate: bool, hold_id: str, ttl: float,
         now: float, meta: Meta, quiet: bool,
-    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+    ) -> tuple[list[Any], list[Any]]:  # fmt: skip
         keys, head = self._head(chain, agent)
-        x = "{" + self._meta(meta.run_id, meta.model, meta.location) + "}"
+        x = self._meta_object(meta.run_id, meta.model, meta.location)
+        # A gated call holds only its llm_calls slot (the script does the same; the settle sends
+        # back exactly what was held).
+        held = _vector(0, 0, 0, 0, req[LLM], 0, 0, 0) if gate else _vector(*req)
         return keys, [
-            "reserve", repr(float(now)), self._maxlen, *head, _vector(*req), "1" if gate else "0", hold_id,
-            repr(float(ttl)), "1" if quiet else "0", x,
+            "reserve", repr(float(now)), self._maxlen, *head, held, b"1" if gate else b"0", hold_id,
+            repr(float(ttl)), b"1" if quiet else b"0", x,
         ]  # fmt: skip
 
-    def _reserve_reply(self, raw: str, chain: tuple[str, ...], agent: str | None, hold_id: str) -> Outcome:
+    def _reserve_reply(
+        self, raw: str, keys: list[bytes], held: bytes, chain: tuple[str, ...], agent: str | None, hold_id: str
+    ) -> Outcome:
         if raw[0] == "A":
-            self._hold_keys[hold_id] = self._family_keys(chain[0])
+            self._hold_keys[hold_id] = (keys, chain, agent, held)
             return _ALLOWED if raw == "A0" else Outcome(decision=ALLOW, moved=int(raw[1:]))
         result = _json(raw, agent)
         decision = _decision(result["d"], agent)
         if decision.allowed:
-            self._hold_keys[hold_id] = self._family_keys(chain[0])
+            self._hold_keys[hold_id] = (keys, chain, agent, held)
         return Outcome(decision=decision, moved=int(result.get("mv", 0)))
 
     def _settle_request(
         self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, now: float,
         meta: Meta, estimated: bool, cost_known: bool, usage: Usage | None,
-    ) -> tuple[list[str], list[str], Usage, bool]:  # fmt: skip
+    ) -> tuple[list[Any], list[Any], Usage, bool]:  # fmt: skip
         shown = usage if usage is not None else _usage_of(actual, cost_known)
         cost = shown.cost_usd
         # The ledger record: what `_entry` reads back. An unpriced usage with a known cost keeps
@@ -418,7 +490,11 @@ class RedisStore:
             f'{priced},"e":{"true" if estimated else "false"}}}'
         )
         keys, head = self._head(chain, agent)
-        argv = ["settle", repr(float(now)), self._maxlen, *head, hold_id or "", _vector(*actual), x]
+        hold = self._hold_keys.get(hold_id) if hold_id else None
+        # The hold's amounts when this store made it for the same chain and agent, else "" (the
+        # script reads the hold).
+        held = hold[3] if hold is not None and hold[1] == chain and hold[2] == agent else b""
+        argv = ["settle", repr(float(now)), self._maxlen, *head, hold_id or "", held, _vector(*actual), x]
         return keys, argv, shown, cost is None and cost_known
 
     def _settle_reply(
@@ -445,16 +521,16 @@ class RedisStore:
             fields["cost_usd"] = shown.cost_usd if cost_known else None
         return Outcome(events=events, moved=int(moved), entry=LedgerEntry._fast(fields))
 
-    def _release_request(self, hold_id: str, now: float, reason: str) -> tuple[list[str], list[Any]] | None:
-        keys = self._hold_keys.pop(hold_id, None)
-        if keys is None:
+    def _release_request(self, hold_id: str, now: float, reason: str) -> tuple[list[Any], list[Any]] | None:
+        hold = self._hold_keys.pop(hold_id, None)
+        if hold is None:
             return None
-        return keys, ["release", repr(float(now)), self._maxlen, hold_id, reason]
+        return hold[0], ["release", repr(float(now)), self._maxlen, hold_id, reason]
 
     def _note_request(
         self, chain: tuple[str, ...], agent: str | None, kind: str, now: float, meta: Meta,
         decision: Decision | None, reason: str | None,
-    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+    ) -> tuple[list[Any], list[Any]]:  # fmt: skip
         x = _dumps({
             "model": meta.model, "resource": None if decision is None else decision.resource,
             "reason": reason if reason is not None else None if decision is None else decision.reason,
@@ -463,11 +539,11 @@ class RedisStore:
         keys, head = self._head(chain, agent)
         return keys, ["note", repr(float(now)), self._maxlen, *head, kind, x]
 
-    def _figures_request(self, chain: tuple[str, ...], now: float) -> tuple[list[str], list[Any]]:
+    def _figures_request(self, chain: tuple[str, ...], now: float) -> tuple[list[Any], list[Any]]:
         keys, head = self._head(chain, None)
         return keys, ["figures", repr(float(now)), self._maxlen, *head]
 
-    def _chain_op(self, op: str, chain: tuple[str, ...], agent: str | None, now: float, *rest: str) -> Any:
+    def _chain_op(self, op: str, chain: tuple[str, ...], agent: str | None, now: float, *rest: str | bytes) -> Any:
         keys, head = self._head(chain, agent)
         return _json(self._call(keys, [op, repr(float(now)), self._maxlen, *head, *rest]), agent)
 
@@ -508,8 +584,8 @@ class RedisStore:
         self, chain: tuple[str, ...], agent: str | None, req: Vector, *, gate: bool, hold_id: str, ttl: float,
         now: float, meta: Meta, quiet: bool = False,
     ) -> Outcome:  # fmt: skip
-        raw = self._call(*self._reserve_request(chain, agent, req, gate, hold_id, ttl, now, meta, quiet))
-        return self._reserve_reply(raw, chain, agent, hold_id)
+        keys, argv = self._reserve_request(chain, agent, req, gate, hold_id, ttl, now, meta, quiet)
+        return self._reserve_reply(self._call(keys, argv), keys, argv[_HELD], chain, agent, hold_id)
 
     def settle(
         self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,
@@ -527,29 +603,29 @@ class RedisStore:
         return request is not None and bool(_json(self._call(*request), None)["ok"])
 
     def renew(self, hold_id: str, ttl: float, now: float) -> bool:
-        keys = self._hold_keys.get(hold_id)
-        if keys is None:
+        hold = self._hold_keys.get(hold_id)
+        if hold is None:
             return False
-        return bool(_json(self._call(keys, ["renew", repr(float(now)), self._maxlen, hold_id, repr(float(ttl))]),
+        return bool(_json(self._call(hold[0], ["renew", repr(float(now)), self._maxlen, hold_id, repr(float(ttl))]),
                           None)["ok"])  # fmt: skip
 
     def held_amounts(self, hold_id: str) -> Vector | None:
-        keys = self._hold_keys.get(hold_id)
-        if keys is None:
+        hold = self._hold_keys.get(hold_id)
+        if hold is None:
             return None
-        held = _json(self._call(keys, ["held", "0.0", self._maxlen, hold_id]), None).get("m")
+        held = _json(self._call(hold[0], ["held", "0.0", self._maxlen, hold_id]), None).get("m")
         return None if held is None else [int(v) for v in held]
 
     def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
-        x = "{" + self._meta(meta.run_id, meta.model, meta.location) + "}"
+        x = self._meta_object(meta.run_id, meta.model, meta.location)
         return _decision(self._chain_op("begin_agent", chain, agent, now, x)["d"], agent)
 
     def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
-        x = "{" + self._meta(meta.run_id, None, tool) + "}"
+        x = self._meta_object(meta.run_id, None, tool)
         return _decision(self._chain_op("count_tool", chain, agent, now, x)["d"], agent)
 
     def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int:
-        x = "{" + self._meta(meta.run_id, meta.model, meta.location) + "}"
+        x = self._meta_object(meta.run_id, meta.model, meta.location)
         return int(self._chain_op("reallocate", chain, agent, now, str(shortfall), x)["mv"])
 
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
@@ -579,7 +655,7 @@ class RedisStore:
                 "opened with a redis:// URL or a sync redis.Redis client"
             )
         with mapped_errors(self.url, "entries"):
-            records = self._client.lrange(self._family_keys(scope)[3], 0, -1)
+            records = self._client.lrange(self._family_keys(scope)[2], 0, -1)
         out = []
         for raw in records:
             entry = _entry(json.loads(raw))
@@ -594,8 +670,8 @@ class RedisStore:
         now: float, meta: Meta, quiet: bool = False,
     ) -> Outcome:  # fmt: skip
         """`reserve`, awaited on the running loop."""
-        raw = await self._acall(*self._reserve_request(chain, agent, req, gate, hold_id, ttl, now, meta, quiet))
-        return self._reserve_reply(raw, chain, agent, hold_id)
+        keys, argv = self._reserve_request(chain, agent, req, gate, hold_id, ttl, now, meta, quiet)
+        return self._reserve_reply(await self._acall(keys, argv), keys, argv[_HELD], chain, agent, hold_id)
 
     async def asettle(
         self, chain: tuple[str, ...], agent: str | None, hold_id: str | None, actual: Vector, *, now: float,

@@ -2,12 +2,12 @@
 -- every operation on one budget family is one atomic script call, one round trip.
 --
 -- KEYS (all share the family's hash tag, so they live in one Redis Cluster slot):
---   1 levels  HASH  "c" .. level key -> the level's configuration and other rarely changing
---                   state (MessagePack); "h" .. level key -> its counters (packed doubles)
---   2 holds   HASH  hold id   -> hold (MessagePack)
---   3 holdz   ZSET  hold id scored by its lease expiry
---   4 ledger  LIST  ledger records (JSON), oldest first, trimmed to ARGV[3]
---   5 seq     STRING last ledger entry id
+--   1 levels  HASH  "x" -> the family's own counters (packed doubles: the last ledger entry id,
+--                   and a lower bound of its holds' lease expiries); "c" .. level key -> the
+--                   level's configuration and other rarely changing state (MessagePack);
+--                   "h" .. level key -> its counters (packed doubles)
+--   2 holds   HASH  hold id -> hold (packed doubles and two JSON strings, see `hold_pack`)
+--   3 ledger  LIST  ledger records (JSON), oldest first, trimmed to ARGV[3]
 -- ARGV: 1 operation, 2 now (seconds, Python repr), 3 ledger max length (0 = unbounded), then
 --       the operation's arguments as plain strings (see `args` and each `ops.*`).
 -- Names (budgets, agents, holds) only ever travel as data inside ARGV and documents.
@@ -22,12 +22,27 @@
 -- and counters saturate at 2^63-1 like the Python engine's. What Python reads (replies,
 -- ledger records, `figures`) is JSON with integers as decimal strings, in the documents of
 -- stores/_codec.py, or for the two hot replies a short string (see `ops.reserve`/`ops.settle`).
+--
+-- Where a call's time went (perf on redis-server 7.0): the Lua VM, the garbage collector
+-- (which Redis also steps every 50 calls), interning strings (Redis's Lua hashes every byte of
+-- every string it makes), allocating tables, and each `redis.call`. So the hot operations
+-- allocate little and call Redis few times: a chain's levels and the family record come in one
+-- HMGET and every changed field goes back in one HSET; the ledger id is a field of the family
+-- record, not an INCR; expired holds are looked for only once `now` reaches the family's
+-- earliest lease expiry (like Engine.next_expiry), not with a ZRANGEBYSCORE per call; the
+-- common reserve and settle build no level or agent tables (`fast_*`); counter vectors and
+-- argument tables are reused (`v8`, `args`). reserve: HMGET, HSET (hold), HSET (counters);
+-- settle: HMGET, HDEL (hold), HSET, RPUSH.
 
 -- Per-call state: set by `dispatch` at the start of every call (a Redis Function's upvalues
 -- outlive the call, so nothing may carry over from the previous one, except `CFG`, whose
--- entries are pure functions of their keys).
-local LEVELS, HOLDS, HOLDZ, LEDGER, SEQ
+-- entries are pure functions of their keys, and scratch tables that every call overwrites
+-- before it reads them: `POOL`, `A`/`CHAIN`, `FC`/`FH`/`FS`/`FD`, `XF`, `pending`).
+local LEVELS, HOLDS, LEDGER
 local now_s, now, maxlen
+-- The family record ("x"): last ledger entry id, a lower bound of the holds' lease expiries
+-- (+inf: no hold), and whether this call changed them. `fam_seq` is nil until loaded.
+local fam_seq, fam_exp, fam_dirty
 
 -- Library functions as locals (upvalues): a global lookup per use is a measurable share of a
 -- call. A Function library may not read these globals while it loads, so `dispatch` fills the
@@ -72,6 +87,23 @@ local function strs(v)
 end
 
 local function zeros() return {0, 0, 0, 0, 0, 0, 0, 0} end
+
+-- Counter vectors unpacked from stored values and arguments, reused from call to call (fewer
+-- tables to allocate and sweep): `dispatch` rewinds the pool, so a vector from `v8` must not
+-- outlive its call. Nothing keeps one: stored values and replies are built from their numbers.
+local POOL, npool = {}, 0
+
+local function v8(a, b, c, d, e, f, g, h)
+  npool = npool + 1
+  local t = POOL[npool]
+  if t then
+    t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8] = a, b, c, d, e, f, g, h
+  else
+    t = {a, b, c, d, e, f, g, h}
+    POOL[npool] = t
+  end
+  return t
+end
 
 local function copy(t)
   local out = {}
@@ -156,22 +188,40 @@ local function cfg_of(raw)
   return cfg
 end
 
--- Per-call state: levels loaded by this call, by key and in load order.
+-- Per-call state: levels loaded by this call, by key and in load order (emptied by `dispatch`).
 local cache, loaded = {}, {}
+
+local F2 = "<dd"
+local INF = 1 / 0
+
+local function family_from(raw)
+  if raw then fam_seq, fam_exp = sunpack(F2, raw) else fam_seq, fam_exp = 0, INF end
+end
+
+-- The family record, read once per call (a chain operation gets it with its levels).
+local function family()
+  if not fam_seq then family_from(redis.call("HGET", LEVELS, "x")) end
+end
+
+-- A level from its two stored fields (nil when it does not exist), cached for this call.
+local function make_level(key, craw, hraw)
+  if not craw then return nil end
+  local cfg = cfg_of(craw)
+  local hot = hraw or srep("\0", LEVEL_BYTES + AGENT_BYTES * #cfg.ag)
+  local s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 = sunpack(F16, hot)
+  -- Every field a call may set is in the constructor: adding one later would resize the table.
+  local lv = setmetatable({hot = hot, st = {}, spent = v8(s1, s2, s3, s4, s5, s6, s7, s8),
+                           held = v8(h1, h2, h3, h4, h5, h6, h7, h8), dirty = false, cdirty = false}, cfg.meta)
+  cache[key] = lv
+  loaded[#loaded + 1] = lv
+  return lv
+end
 
 local function load_level(key)
   local lv = cache[key]
   if lv then return lv end
   local r = redis.call("HMGET", LEVELS, "c" .. key, "h" .. key)
-  if not r[1] then return nil end
-  local cfg = cfg_of(r[1])
-  local hot = r[2] or srep("\0", LEVEL_BYTES + AGENT_BYTES * #cfg.ag)
-  local s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 = sunpack(F16, hot)
-  lv = setmetatable({hot = hot, st = {}, spent = {s1, s2, s3, s4, s5, s6, s7, s8},
-                     held = {h1, h2, h3, h4, h5, h6, h7, h8}}, cfg.meta)
-  cache[key] = lv
-  loaded[#loaded + 1] = lv
-  return lv
+  return make_level(key, r[1], r[2])
 end
 
 -- An operation marks what it changed: counters (`touch`) or configuration (`ctouch`); only
@@ -198,7 +248,7 @@ local function agent_of(lv, akey)
   if not i then return nil end
   local al, s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 =
     sunpack(F17, lv.hot, LEVEL_BYTES + 1 + AGENT_BYTES * (i - 1))
-  st = setmetatable({al = al, s = {s1, s2, s3, s4, s5, s6, s7, s8}, h = {h1, h2, h3, h4, h5, h6, h7, h8}},
+  st = setmetatable({al = al, s = v8(s1, s2, s3, s4, s5, s6, s7, s8), h = v8(h1, h2, h3, h4, h5, h6, h7, h8)},
                     lv.ag[i].meta)
   lv.st[akey] = st
   return st
@@ -236,8 +286,22 @@ local function cfg_pack(lv)
   })
 end
 
+-- Every string a call makes costs a hash of all its bytes (Redis's Lua interns strings and
+-- hashes every byte) and garbage to sweep, so the common shapes are packed in one `spack`.
+local F33 = "<ddddddddddddddddddddddddddddddddd"  -- 16 + 17 doubles: a level with one agent
+
 local function hot_pack(lv)
   local s, h = lv.spent, lv.held
+  local ag = lv.ag
+  if #ag == 0 then return spack(F16, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5],
+                                h[6], h[7], h[8]) end
+  local st = #ag == 1 and lv.st[ag[1].k]
+  if st then
+    local as, ah = st.s, st.h
+    return spack(F33, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8],
+                 st.al, as[1], as[2], as[3], as[4], as[5], as[6], as[7], as[8], ah[1], ah[2], ah[3], ah[4], ah[5], ah[6],
+                 ah[7], ah[8])
+  end
   local parts = {spack(F16, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5], h[6],
                        h[7], h[8])}
   for i, c in ipairs(lv.ag) do
@@ -285,29 +349,42 @@ end
 
 -- -- ledger ------------------------------------------------------------------------------
 
-local pending = {}
+local pending, npending = {}, 0
+-- Fields (name, value, name, value ...) the fast paths wrote, for `save`'s HSET.
+local XF, nxf = {}, 0
 
 -- A ledger record: `sj` is the JSON of {chain, agent key} and `x` a JSON object, both written
 -- by Python, so the common record is built by concatenation; `f` holds the kind's own fields.
 local function entry(run, sj, kind, x, f)
-  local seq = redis.call("INCR", SEQ)
-  local rec = '{"i":' .. istr(seq) .. ',"t":"' .. now_s .. '","b":' .. run.name_j .. ',"s":' .. sj .. ',"k":"'
-    .. kind .. '","x":' .. x
-  if f then rec = rec .. ',"f":' .. jencode(f) end
-  pending[#pending + 1] = rec .. "}"
+  family()
+  local seq = fam_seq + 1
+  fam_seq, fam_dirty = seq, true
+  local tail = "}"
+  if f then tail = ',"f":' .. jencode(f) .. "}" end
+  npending = npending + 1
+  pending[npending] = '{"i":' .. istr(seq) .. ',"t":"' .. now_s .. '","b":' .. run.name_j .. ',"s":' .. sj
+    .. ',"k":"' .. kind .. '","x":' .. x .. tail
   return seq
 end
 
+-- Every changed field of the levels hash in one HSET, then the ledger records in one RPUSH.
 local function save()
-  for _, lv in ipairs(loaded) do
-    if lv.cdirty then
-      redis.call("HSET", LEVELS, "c" .. lv.key, cfg_pack(lv), "h" .. lv.key, hot_pack(lv))
-    elseif lv.dirty then
-      redis.call("HSET", LEVELS, "h" .. lv.key, hot_pack(lv))
+  local fields, n = {}, 0
+  for i = 1, #loaded do
+    local lv = loaded[i]
+    if lv.dirty then
+      if lv.cdirty then
+        fields[n + 1], fields[n + 2], n = "c" .. lv.key, cfg_pack(lv), n + 2
+      end
+      fields[n + 1], fields[n + 2], n = "h" .. lv.key, hot_pack(lv), n + 2
     end
   end
-  if #pending > 0 then
-    local len = redis.call("RPUSH", LEDGER, unpack(pending))
+  for i = 1, nxf do fields[n + i] = XF[i] end
+  n = n + nxf
+  if fam_dirty then fields[n + 1], fields[n + 2], n = "x", spack(F2, fam_seq, fam_exp), n + 2 end
+  if n > 0 then redis.call("HSET", LEVELS, unpack(fields, 1, n)) end
+  if npending > 0 then
+    local len = redis.call("RPUSH", LEDGER, unpack(pending, 1, npending))
     if maxlen > 0 and len > maxlen then redis.call("LTRIM", LEDGER, -maxlen, -1) end
   end
 end
@@ -316,8 +393,10 @@ end
 
 -- A hold as stored: its expiry and amounts (9 doubles), then the JSON of {chain, agent key}
 -- and its ledger meta (a JSON object), separated by a newline (JSON text has no raw newline).
+local HOLD_FMT = "<dddddddddc0c0c0"  -- in one pack: no intermediate string to intern
+
 local function hold_pack(expires, m, sj, x)
-  return spack(F9, expires, m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8]) .. sj .. "\n" .. x
+  return spack(HOLD_FMT, expires, m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], sj, "\n", x)
 end
 
 local function hold_of(raw)
@@ -326,22 +405,12 @@ local function hold_of(raw)
   return {e = e, m = {m1, m2, m3, m4, m5, m6, m7, m8}, j = ssub(raw, HOLD_BYTES + 1, cut - 1), x = ssub(raw, cut + 1)}
 end
 
--- Take a hold off its levels and agent. `a` is the calling operation's arguments: a hold made
--- for the same chain and agent (the usual settle) needs no decoding of its scope.
-local function drop_hold(id, h, a)
-  redis.call("HDEL", HOLDS, id)
-  redis.call("ZREM", HOLDZ, id)
-  local chain, akey
-  if a and a.sj == h.j then
-    chain, akey = a.chain, a.agent
-  else
-    local scope = jdecode(h.j)
-    chain, akey = arr(scope[1]), scope[2]
-  end
-  local amounts = h.m
+-- Take a hold's amounts off the levels of `chain` and off agent `akey` of the first one (the
+-- caller deletes the hold itself). Returns that first level.
+local function unhold(chain, akey, amounts)
   local first = nil
-  for i, key in ipairs(chain) do
-    local lv = load_level(key)
+  for i = 1, #chain do
+    local lv = load_level(chain[i])
     if lv then
       touch(lv)
       sub(lv.held, amounts)
@@ -355,34 +424,89 @@ local function drop_hold(id, h, a)
   return first
 end
 
+-- Delete a stored hold and take it off its levels and agent. `a` is the calling operation's
+-- arguments: a hold made for the same chain and agent needs no decoding of its scope.
+local function drop_hold(id, h, a)
+  redis.call("HDEL", HOLDS, id)
+  local chain, akey
+  if a and a.sj == h.j then
+    chain, akey = a.chain, a.agent
+  else
+    local scope = jdecode(h.j)
+    chain, akey = arr(scope[1]), scope[2]
+  end
+  return unhold(chain, akey, h.m)
+end
+
 local function release_entry(first, h, reason)
   if first then entry(first, h.j, "release", h.x, {m = strs(h.m), r = reason}) end
 end
 
--- Release every hold whose lease ran out (its worker died), like Engine.expire.
+local function due_first(p, q)
+  if p[1] ~= q[1] then return p[1] < q[1] end
+  return bytes_lt(p[2], q[2])
+end
+
+-- Release every hold whose lease ran out (its worker died), like Engine.expire. Only when `now`
+-- has reached the family's earliest expiry: a lower bound, lowered by every new or renewed
+-- lease and made exact by each scan, so a settled hold costs nothing here but a later scan.
 local function expire()
-  local ids = redis.call("ZRANGEBYSCORE", HOLDZ, "-inf", now_s)
-  for _, id in ipairs(ids) do
-    local raw = redis.call("HGET", HOLDS, id)
-    if raw then
-      local h = hold_of(raw)
-      release_entry(drop_hold(id, h), h, "lease expired")
-    else
-      redis.call("ZREM", HOLDZ, id)
+  family()
+  if now < fam_exp then return end
+  local all = redis.call("HGETALL", HOLDS)
+  local due, nearest = {}, INF
+  for i = 1, #all, 2 do
+    local e = sunpack("<d", all[i + 1])
+    if e <= now then
+      due[#due + 1] = {e, all[i], all[i + 1]}
+    elseif e < nearest then
+      nearest = e
     end
   end
+  -- Oldest lease first, ties by id (byte-wise): the order of the ledger's release records.
+  table.sort(due, due_first)
+  for _, d in ipairs(due) do
+    local h = hold_of(d[3])
+    release_entry(drop_hold(d[2], h), h, "lease expired")
+  end
+  fam_exp, fam_dirty = nearest, true
 end
 
 -- -- rules -------------------------------------------------------------------------------
 
-local function chain_levels(chain)
-  expire()
+-- The chain's levels (nil and the first missing key if one does not exist), the family record
+-- with them in one HMGET; expired holds are released first, windows rolled over.
+local function fetch(chain)
+  local n = #chain
+  local r
+  if n == 1 then
+    r = redis.call("HMGET", LEVELS, "x", "c" .. chain[1], "h" .. chain[1])
+  else
+    local fields = {"x"}
+    for i = 1, n do
+      local key = chain[i]
+      fields[2 * i], fields[2 * i + 1] = "c" .. key, "h" .. key
+    end
+    r = redis.call("HMGET", LEVELS, unpack(fields, 1, 2 * n + 1))
+  end
+  if not fam_seq then family_from(r[1]) end
+  return r
+end
+
+-- `r`: the chain's fields as `fetch` returned them, if the caller has them already.
+local function chain_levels(chain, r)
+  local n = #chain
+  r = r or fetch(chain)
   local levels = {}
-  for i, key in ipairs(chain) do
-    local lv = load_level(key)
-    if not lv then return nil, key end
+  for i = 1, n do
+    local key = chain[i]
+    levels[i] = cache[key] or make_level(key, r[2 * i], r[2 * i + 1]) or false
+  end
+  expire()
+  for i = 1, n do
+    local lv = levels[i]
+    if not lv then return nil, chain[i] end
     if lv.window and now >= lv.ws + lv.window then roll_window(lv) end
-    levels[i] = lv
   end
   return levels
 end
@@ -436,8 +560,11 @@ local function soft(levels, st)
   return out
 end
 
+-- Shared results, never mutated: the common decision and the empty plan.
+local ALLOWED, NOPLAN = {t = "allow"}, {}
+
 local function plan(run, akey, st, shortfall)
-  if shortfall <= 0 then return {} end
+  if shortfall <= 0 then return NOPLAN end
   local donors = {}
   for _, s in ipairs(agents_of(run)) do
     if s.u ~= nil and s.u == st.u and s.k ~= akey then
@@ -497,7 +624,7 @@ local function evaluate(levels, st, req, gate)
       end
     end
   end
-  local pl = {}
+  local pl = NOPLAN
   local run = levels[1]
   if st.u then
     local u = st.u
@@ -530,7 +657,7 @@ local function evaluate(levels, st, req, gate)
       end
     end
   end
-  return soft(levels, st) or {t = "allow"}, pl
+  return soft(levels, st) or ALLOWED, pl
 end
 
 local function fire(levels, sj, akey, st, x)
@@ -577,6 +704,128 @@ local function cover_overrun(run, sj, akey, st, x)
   return apply_plan(run, sj, st, pl, x)
 end
 
+
+-- -- the common reserve and settle -------------------------------------------------------
+
+-- Most calls are a reserve that fits with no soft limit near, or a settle that fires nothing
+-- and needs no reallocation. These decide that from the stored values and the cached
+-- configurations, with no level or agent tables, and write the counters back directly. Any
+-- other case (a lease to expire, a window to roll, a refusal, a soft limit, a plan, a missing
+-- level or agent) returns before writing anything, except a settle's HDEL of its hold, whose
+-- result it hands on, and the general path runs instead on the same HMGET reply: the fast
+-- paths are an exact subset of it.
+
+-- Per chain level: configuration, stored counters, spent and held (scratch, like `POOL`).
+local FC, FH, FS, FD = {}, {}, {}, {}
+
+local function fast_load(chain, r)
+  if now >= fam_exp then return false end
+  for i = 1, #chain do
+    local craw, hot = r[2 * i], r[2 * i + 1]
+    if not (craw and hot) then return false end
+    local cfg = cfg_of(craw)
+    if (cfg.window and now >= cfg.ws + cfg.window) or #hot ~= LEVEL_BYTES + AGENT_BYTES * #cfg.ag then
+      return false
+    end
+    local s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 = sunpack(F16, hot)
+    FC[i], FH[i], FS[i], FD[i] = cfg, hot, v8(s1, s2, s3, s4, s5, s6, s7, s8), v8(h1, h2, h3, h4, h5, h6, h7, h8)
+  end
+  return true
+end
+
+-- Agent `akey` of the first level: its index, contract, allocation, spent and held; or nil.
+local function fast_agent(akey)
+  local cfg = FC[1]
+  local i = cfg.ai[akey]
+  if not i then return nil end
+  local al, s1, s2, s3, s4, s5, s6, s7, s8, h1, h2, h3, h4, h5, h6, h7, h8 =
+    sunpack(F17, FH[1], LEVEL_BYTES + 1 + AGENT_BYTES * (i - 1))
+  return i, cfg.ag[i], al, v8(s1, s2, s3, s4, s5, s6, s7, s8), v8(h1, h2, h3, h4, h5, h6, h7, h8)
+end
+
+-- Level i's counters for `save`, with agent `ai`'s (when given) replaced.
+local function fast_write(key, i, ai, al, as, ah)
+  local s, h, hot = FS[i], FD[i], FH[i]
+  local nag = #FC[i].ag
+  local blob
+  if ai and nag == 1 then
+    blob = spack(F33, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8],
+                 al, as[1], as[2], as[3], as[4], as[5], as[6], as[7], as[8], ah[1], ah[2], ah[3], ah[4], ah[5], ah[6],
+                 ah[7], ah[8])
+  else
+    blob = spack(F16, s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8])
+    if ai then
+      local off = LEVEL_BYTES + 1 + AGENT_BYTES * (ai - 1)
+      blob = blob .. ssub(hot, LEVEL_BYTES + 1, off - 1)
+        .. spack(F17, al, as[1], as[2], as[3], as[4], as[5], as[6], as[7], as[8], ah[1], ah[2], ah[3], ah[4], ah[5],
+                 ah[6], ah[7], ah[8]) .. ssub(hot, off + AGENT_BYTES)
+    elseif nag > 0 then
+      blob = blob .. ssub(hot, LEVEL_BYTES + 1)
+    end
+  end
+  XF[nxf + 1], XF[nxf + 2], nxf = "h" .. key, blob, nxf + 2
+end
+
+-- `evaluate` (not gated) would allow `req` with no soft limit and no plan.
+local function fast_fits(n, req, c, al, as, ah)
+  for i = 1, n do
+    local cfg, sp, hd = FC[i], FS[i], FD[i]
+    local spend, count, soft = cfg.spend, cfg.count, cfg.soft
+    for j = 1, #spend do
+      local d, lim = spend[j][1], spend[j][2]
+      local x = sp[d]
+      if x >= lim or x + hd[d] + req[d] > lim then return false end
+    end
+    for j = 1, #count do
+      local d, lim = count[j][1], count[j][2]
+      if req[d] ~= 0 and sp[d] + hd[d] + req[d] > lim then return false end
+    end
+    for j = 1, #soft do
+      local e = soft[j]
+      local x = sp[e[1]]
+      if e[3] <= x and x < e[2] then return false end
+    end
+  end
+  local u = c.u
+  if u then
+    if as[u] + ah[u] + req[u] > al then return false end
+    local w = FC[1].warn[1]
+    if w and al > 0 then
+      local ratio = as[u] / al
+      if w <= ratio and ratio < 1 then return false end
+    end
+  end
+  if c.th and c.cn and not (c.cn < c.th) then return false end
+  return true
+end
+
+-- After a settle's counters: `cover_overrun` would plan nothing and `fire` would fire nothing.
+local function fast_quiet(n, akey, c, al, as, ah)
+  local u = c.u
+  if u and as[u] + ah[u] - al > 0 then return false end
+  for i = 1, n do
+    local cfg, sp = FC[i], FS[i]
+    local soft, warn = cfg.soft, cfg.warn
+    for j = 1, #soft do
+      local d, lim = soft[j][1], soft[j][2]
+      local x = sp[d]
+      if x >= soft[j][3] then
+        for k = 1, #warn do
+          if x >= warn[k] * lim and not cfg.fired[tostring(d - 1) .. "|" .. cfg.warn_s[k]] then return false end
+        end
+      end
+    end
+  end
+  if u and al > 0 then
+    local run = FC[1]
+    local warn = run.warn
+    for k = 1, #warn do
+      if as[u] >= warn[k] * al and not run.fired["a|" .. akey .. "|" .. run.warn_s[k]] then return false end
+    end
+  end
+  return true
+end
+
 -- -- operations --------------------------------------------------------------------------
 
 local ops = {}
@@ -584,23 +833,27 @@ local ops = {}
 -- The arguments every chain operation starts with: ARGV[4] the JSON of {chain, agent key}
 -- (copied into ledger records as it is), [5] the agent key, [6] the chain's length n and
 -- [7 .. 6+n] the chain (the budget's level key first, then its ancestors'). Returns the
--- arguments and the index of the operation's first own argument.
+-- arguments and the index of the operation's first own argument. Both tables are reused from
+-- call to call (every field is set here) and must not outlive the call.
+local A, CHAIN = {sj = false, agent = false, chain = false}, {}
+
 local function args(argv)
   local n = tonumber(argv[6])
-  local chain = {}
-  for i = 1, n do chain[i] = argv[6 + i] end
-  return {sj = argv[4], agent = argv[5], chain = chain}, 7 + n
+  for i = #CHAIN, n + 1, -1 do CHAIN[i] = nil end
+  for i = 1, n do CHAIN[i] = argv[6 + i] end
+  A.sj, A.agent, A.chain = argv[4], argv[5], CHAIN
+  return A, 7 + n
 end
 
 -- 8 integers, packed as little-endian doubles by Python.
 local function vector(bin)
-  local v1, v2, v3, v4, v5, v6, v7, v8 = sunpack(F8, bin)
-  return {v1, v2, v3, v4, v5, v6, v7, v8}
+  local a, b, c, d, e, f, g, h = sunpack(F8, bin)
+  return v8(a, b, c, d, e, f, g, h)
 end
 
 -- Resolve the chain and the agent, or say why not (the Python side raises).
-local function begin(a)
-  local levels, missing = chain_levels(a.chain)
+local function begin(a, r)
+  local levels, missing = chain_levels(a.chain, r)
   if not levels then return nil, nil, {err = "level", key = missing} end
   local st = get_agent(levels[1], a.agent)
   if not st then return nil, nil, {err = "agent", n = levels[1].name} end
@@ -614,7 +867,6 @@ function ops.check(argv)
   local req = zeros()
   req[LLM] = 1
   local decision = evaluate(levels, st, req, true)
-  save()
   return {d = decision}
 end
 
@@ -623,16 +875,31 @@ end
 -- Reply: "A" .. moved when allowed without a soft limit (the common case), else JSON.
 function ops.reserve(argv)
   local a, p = args(argv)
-  local levels, st, err = begin(a)
+  local chain = a.chain
+  local r = fetch(chain)
+  local gate, id, x = argv[p + 1] == "1", argv[p + 2], argv[p + 5]
+  if not gate and fast_load(chain, r) then
+    local ai, c, al, as, ah = fast_agent(a.agent)
+    local req = vector(argv[p])
+    local n = #chain
+    if ai and fast_fits(n, req, c, al, as, ah) then
+      for i = 1, n do add(FD[i], req) end
+      add(ah, req)
+      for i = 1, n do fast_write(chain[i], i, i == 1 and ai or nil, al, as, ah) end
+      local expires = now + tonumber(argv[p + 3])
+      redis.call("HSET", HOLDS, id, hold_pack(expires, req, a.sj, x))
+      if expires < fam_exp then fam_exp, fam_dirty = expires, true end
+      return "A0"
+    end
+  end
+  local levels, st, err = begin(a, r)
   if err then return err end
   local run = levels[1]
   local req = vector(argv[p])
-  local gate, id, x = argv[p + 1] == "1", argv[p + 2], argv[p + 5]
   if gate then req = {0, 0, 0, 0, req[LLM], 0, 0, 0} end
   local decision, pl = evaluate(levels, st, req, gate)
   if decision.t == "deny" then
     if argv[p + 4] ~= "1" then entry(run, a.sj, "deny", x, {e = decision}) end
-    save()
     return {d = decision}
   end
   local moved = apply_plan(run, a.sj, st, pl, x)
@@ -643,26 +910,62 @@ function ops.reserve(argv)
   add(st.h, req)
   local expires = now + tonumber(argv[p + 3])
   redis.call("HSET", HOLDS, id, hold_pack(expires, req, a.sj, x))
-  redis.call("ZADD", HOLDZ, fstr(expires), id)
-  save()
-  if decision.t == "allow" then return "A" .. istr(moved) end
+  if expires < fam_exp then fam_exp, fam_dirty = expires, true end
+  if decision.t == "allow" then
+    if moved == 0 then return "A0" end
+    return "A" .. istr(moved)
+  end
   return {d = decision, mv = istr(moved)}
 end
 
--- ARGV after the chain: hold id ("" for none), what the call consumed (`vector`), the
--- ledger record's fields (JSON object). Reply: "S<entry id> <moved> <run name>" when no soft
--- limit fired (the common case), else JSON.
+-- ARGV after the chain: hold id ("" for none), the hold's amounts (`vector`, or "" when the
+-- caller does not know them), what the call consumed (`vector`), the ledger record's fields
+-- (JSON object). Reply: "S<entry id> <moved> <run name>" when no soft limit fired (the common
+-- case), else JSON.
 function ops.settle(argv)
   local a, p = args(argv)
-  local levels, st, err = begin(a)
+  local chain = a.chain
+  local r = fetch(chain)
+  local id, held, x = argv[p], argv[p + 1], argv[p + 3]
+  local dropped = nil  -- whether the fast path found (and deleted) the hold, once it has tried
+  if (id == "" or held ~= "") and fast_load(chain, r) then
+    local ai, c, al, as, ah = fast_agent(a.agent)
+    if ai then
+      local n = #chain
+      if id ~= "" then
+        dropped = redis.call("HDEL", HOLDS, id) == 1
+        if dropped then
+          local m = vector(held)
+          for i = 1, n do sub(FD[i], m) end
+          sub(ah, m)
+        end
+      end
+      local actual = vector(argv[p + 2])
+      for i = 1, n do add(FS[i], actual) end
+      add(as, actual)
+      if fast_quiet(n, a.agent, c, al, as, ah) then
+        for i = 1, n do fast_write(chain[i], i, i == 1 and ai or nil, al, as, ah) end
+        local run = FC[1]
+        return "S" .. istr(entry(run, a.sj, "llm", x)) .. " 0 " .. run.name
+      end
+    end
+  end
+  local levels, st, err = begin(a, r)
   if err then return err end
   local run = levels[1]
-  local id, x = argv[p], argv[p + 2]
-  if id ~= "" then
-    local raw = redis.call("HGET", HOLDS, id)
-    if raw then drop_hold(id, hold_of(raw), a) end
+  if dropped ~= nil then
+    if dropped then unhold(chain, a.agent, vector(held)) end
+  elseif id ~= "" then
+    if held ~= "" then
+      -- The caller made this hold for this chain and agent and sent its amounts (they never
+      -- change), so the hold need not be read: HDEL says whether it still existed.
+      if redis.call("HDEL", HOLDS, id) == 1 then unhold(a.chain, a.agent, vector(held)) end
+    else
+      local raw = redis.call("HGET", HOLDS, id)
+      if raw then drop_hold(id, hold_of(raw), a) end
+    end
   end
-  local actual = vector(argv[p + 1])
+  local actual = vector(argv[p + 2])
   for _, lv in ipairs(levels) do
     touch(lv)
     add(lv.spent, actual)
@@ -671,7 +974,6 @@ function ops.settle(argv)
   local seq = entry(run, a.sj, "llm", x)
   local moved = cover_overrun(run, a.sj, a.agent, st, x)
   local events = fire(levels, a.sj, a.agent, st, x)
-  save()
   if #events == 0 then return "S" .. istr(seq) .. " " .. istr(moved) .. " " .. run.name end
   return {id = istr(seq), rn = run.name, mv = istr(moved), ev = events}
 end
@@ -681,13 +983,9 @@ function ops.release(argv)
   expire()
   local id = argv[4]
   local raw = redis.call("HGET", HOLDS, id)
-  if not raw then
-    save()
-    return {ok = false}
-  end
+  if not raw then return {ok = false} end
   local h = hold_of(raw)
   release_entry(drop_hold(id, h), h, argv[5])
-  save()
   return {ok = true}
 end
 
@@ -698,7 +996,8 @@ function ops.renew(argv)
   if not raw then return {ok = false} end
   local expires = now + tonumber(argv[5])
   redis.call("HSET", HOLDS, id, spack("<d", expires) .. ssub(raw, 9))
-  redis.call("ZADD", HOLDZ, fstr(expires), id)
+  family()
+  if expires < fam_exp then fam_exp, fam_dirty = expires, true end
   return {ok = true}
 end
 
@@ -727,7 +1026,6 @@ function ops.begin_agent(argv)
   local decision, pl = evaluate(levels, st, req, true)
   if decision.t == "deny" then
     entry(run, a.sj, "deny", x, {e = decision})
-    save()
     return {d = decision}
   end
   apply_plan(run, a.sj, st, pl, x)
@@ -737,7 +1035,6 @@ function ops.begin_agent(argv)
   end
   st.s[AGENTS] = st.s[AGENTS] + 1
   entry(run, a.sj, "agent_start", x)
-  save()
   return {d = decision}
 end
 
@@ -753,7 +1050,6 @@ function ops.count_tool(argv)
     if lim and lv.spent[TOOL] + 1 > lim then
       local decision = deny_lim(lv, TOOL, lim, lv.spent[TOOL], 1, "would pass")
       entry(run, a.sj, "deny", x, {e = decision})
-      save()
       return {d = decision}
     end
   end
@@ -763,8 +1059,7 @@ function ops.count_tool(argv)
   end
   st.s[TOOL] = st.s[TOOL] + 1
   entry(run, a.sj, "tool", x)
-  local decision = soft(levels, st) or {t = "allow"}
-  save()
+  local decision = soft(levels, st) or ALLOWED
   return {d = decision}
 end
 
@@ -778,7 +1073,6 @@ function ops.reallocate(argv)
   if st.u and shortfall > 0 then
     moved = apply_plan(levels[1], a.sj, st, plan(levels[1], a.agent, st, shortfall), argv[p + 1])
   end
-  save()
   return {mv = istr(moved)}
 end
 
@@ -789,7 +1083,6 @@ function ops.set_confidence(argv)
   if err then return err end
   ctouch(levels[1])
   st.c_s, st.cn = argv[p], tonumber(argv[p])
-  save()
   return {}
 end
 
@@ -813,7 +1106,6 @@ function ops.top_up(argv)
     end
   end
   lv.fired = keep
-  save()
   return {}
 end
 
@@ -825,7 +1117,6 @@ function ops.note(argv)
   local kind = argv[p]
   if not string.match(kind, "^[a-z_]+$") then return redis.error_reply("budgetary: bad entry kind") end
   entry(levels[1], a.sj, kind, argv[p + 1])
-  save()
   return {}
 end
 
@@ -833,7 +1124,6 @@ function ops.figures(argv)
   local a = args(argv)
   local levels, missing = chain_levels(a.chain)
   if not levels then return {err = "level", key = missing} end
-  save()
   local out = {}
   for i, lv in ipairs(levels) do out[i] = level_doc(lv) end
   return {lv = out}
@@ -863,7 +1153,6 @@ function ops.ensure_budget(argv)
   end
   lv.window = window
   refresh(lv)
-  save()
   return {}
 end
 
@@ -887,7 +1176,6 @@ function ops.ensure_agent(argv)
   end
   ctouch(lv)
   st.p, st.mr, st.th_s, st.th = tonumber(argv[6]), tonumber(argv[9]), argv[10], tonumber(argv[10])
-  save()
   return {}
 end
 
@@ -898,14 +1186,20 @@ local function dispatch(keys, argv)
     tonumber, tostring, type, pairs, ipairs, unpack, setmetatable, rawget, spack, sunpack, mpack, munpack,
       jencode, jdecode, sformat, ssub, sfind, srep = globals()
   end
-  LEVELS, HOLDS, HOLDZ, LEDGER, SEQ = keys[1], keys[2], keys[3], keys[4], keys[5]
+  LEVELS, HOLDS, LEDGER = keys[1], keys[2], keys[3]
+  fam_seq, fam_exp, fam_dirty = nil, nil, false
   now_s = argv[2]
   now = tonumber(now_s)
   maxlen = tonumber(argv[3])
-  cache, loaded, pending = {}, {}, {}
+  for i = #loaded, 1, -1 do
+    cache[loaded[i].key], loaded[i] = nil, nil
+  end
+  npending, npool, nxf = 0, 0, 0
   local fn = ops[argv[1]]
   if not fn then return redis.error_reply("budgetary: unknown operation " .. tostring(argv[1])) end
   local reply = fn(argv)
+  -- Every operation's changes are written here, once, whatever it replies.
+  save()
   if type(reply) == "string" then return reply end
   return jencode(reply)
 end
