@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         else:
             _ledger(store, args.budget, args, out)
     except KeyError:
-        print(f"budgetary: no budget {'/'.join(args.budget)!r} in {store.url}", file=sys.stderr)
+        print(f"budgetary: no budget {'/'.join(args.budget)!r} in {store.url} (a child budget is named by its "
+              "path, outermost first: tenant-acme report-42)", file=sys.stderr)  # fmt: skip
         return 1
     except BudgetError as exc:
         print(f"budgetary: {exc}", file=sys.stderr)
