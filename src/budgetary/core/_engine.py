@@ -147,6 +147,8 @@ class Meta:
 
 
 Sink = Callable[[LedgerEntry], None]
+_new_entry = object.__new__
+_set_attr = object.__setattr__
 _NO_EVENTS: tuple[SoftLimit, ...] = ()
 _NO_PLAN: list[tuple[str | None, int]] = []  # shared and never mutated: plans are built fresh
 
@@ -192,7 +194,8 @@ class Engine:
         """Number a new ledger entry (every field but ``id`` given) and hand it to the sink."""
         self.seq += 1
         fields["id"] = self.seq
-        entry = LedgerEntry._fast(fields)
+        entry = _new_entry(LedgerEntry)  # `LedgerEntry._fast(fields)`, inlined (one entry per call)
+        _set_attr(entry, "__dict__", fields)
         self._sink(entry)
         return entry
 
@@ -332,6 +335,13 @@ class Engine:
             for d, limit in level.count_checks:
                 if req[d] and spent_v[d] + held_v[d] + req[d] > limit:
                     return _deny(level, agent, d, limit, spent_v[d] + held_v[d], req[d], "would pass"), []
+        for level in levels:
+            if level.warm:
+                break
+        else:  # no level near a soft limit: only the agent's own allocation could be
+            run = levels[0]
+            if u is None or not run.warn_at or state.spent[u] < run.warn_at[0] * state.allocated:
+                return ALLOW, plan
         return self._soft(levels, agent, state) or ALLOW, plan
 
     def _plan(self, run: Level, agent: str | None, state: AgentState, shortfall: int) -> list[tuple[str | None, int]]:
@@ -481,8 +491,8 @@ class Engine:
             run = levels[0]
             hold = self.holds.get(hold_id) if hold_id is not None else None
             if hold is not None:
-                del self.holds[hold.id]
-            if hold is not None and hold.agent == agent and hold.chain == chain:
+                del self.holds[hold.id]  # not pop(): a store's holds mapping may track deletions
+            if hold is not None and hold.agent == agent and (hold.chain is chain or hold.chain == chain):
                 amounts = hold.amounts
                 for level in levels:  # the usual case: the same levels hold and spend
                     _move(level.held, level.spent, amounts, actual)
@@ -667,7 +677,21 @@ def _move(held: Vector, spent: Vector, amounts: Vector, actual: Vector) -> None:
         t6 - a6 if t6 > a6 else 0,
         t7 - a7 if t7 > a7 else 0,
     )
-    _add(spent, actual)
+    # `_add(spent, actual)`, inlined: this runs for every level of every settled call.
+    a0, a1, a2, a3, a4, a5, a6, a7 = actual
+    t0, t1, t2, t3, t4, t5, t6, t7 = spent
+    t0 += a0
+    t1 += a1
+    t2 += a2
+    t3 += a3
+    t4 += a4
+    t5 += a5
+    t6 += a6
+    t7 += a7
+    if (t0 | t1 | t2 | t3 | t4 | t5 | t6 | t7) > MAX_INT:
+        spent[:] = [min(v, MAX_INT) for v in (t0, t1, t2, t3, t4, t5, t6, t7)]
+    else:
+        spent[:] = (t0, t1, t2, t3, t4, t5, t6, t7)
 
 
 def _sub(target: Vector, amounts: Vector) -> None:

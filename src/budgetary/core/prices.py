@@ -116,15 +116,16 @@ class _ModelRates:
 
     def cost_nanos(self, usage: Usage) -> int:
         r = self.base if not self.tiers else self.at(usage.input_tokens)
-        uncached = usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens
-        plain_output = usage.output_tokens - usage.reasoning_tokens
+        read, write, reasoning = usage.cache_read_tokens, usage.cache_write_tokens, usage.reasoning_tokens
+        if not (read or write or reasoning):  # most calls: plain input and output
+            return -(-(r.request + usage.input_tokens * r.input + usage.output_tokens * r.output) // _FEMTO_PER_NANO)
         femto = (
             r.request
-            + uncached * r.input
-            + usage.cache_read_tokens * r.cache_read
-            + usage.cache_write_tokens * r.cache_write
-            + plain_output * r.output
-            + usage.reasoning_tokens * r.reasoning
+            + (usage.input_tokens - read - write) * r.input
+            + read * r.cache_read
+            + write * r.cache_write
+            + (usage.output_tokens - reasoning) * r.output
+            + reasoning * r.reasoning
         )
         return -(-femto // _FEMTO_PER_NANO)
 
