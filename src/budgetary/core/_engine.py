@@ -677,21 +677,7 @@ def _move(held: Vector, spent: Vector, amounts: Vector, actual: Vector) -> None:
         t6 - a6 if t6 > a6 else 0,
         t7 - a7 if t7 > a7 else 0,
     )
-    # `_add(spent, actual)`, inlined: this runs for every level of every settled call.
-    a0, a1, a2, a3, a4, a5, a6, a7 = actual
-    t0, t1, t2, t3, t4, t5, t6, t7 = spent
-    t0 += a0
-    t1 += a1
-    t2 += a2
-    t3 += a3
-    t4 += a4
-    t5 += a5
-    t6 += a6
-    t7 += a7
-    if (t0 | t1 | t2 | t3 | t4 | t5 | t6 | t7) > MAX_INT:
-        spent[:] = [min(v, MAX_INT) for v in (t0, t1, t2, t3, t4, t5, t6, t7)]
-    else:
-        spent[:] = (t0, t1, t2, t3, t4, t5, t6, t7)
+    _add(spent, actual)
 
 
 def _sub(target: Vector, amounts: Vector) -> None:
