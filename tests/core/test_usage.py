@@ -582,3 +582,16 @@ def test_with_cost_sets_the_cost_and_keeps_the_tokens():
 def test_with_cost_refuses_bad_decimals(bad):
     with pytest.raises(UsageError, match=re.escape("cost_usd must be")):
         Usage(input_tokens=1).with_cost(bad)
+
+
+def test_replace_recomputes_the_total_and_copies_keep_every_field():
+    import copy
+    import dataclasses
+    import pickle
+
+    usage = Usage(input_tokens=10, output_tokens=5, cache_read_tokens=3, cost_usd=Decimal("0.1"))
+    changed = dataclasses.replace(usage, output_tokens=7)
+    assert (changed.total_tokens, changed.cache_read_tokens, changed.cost_usd) == (17, 3, Decimal("0.1"))
+    assert pickle.loads(pickle.dumps(usage)) == usage == copy.deepcopy(usage)
+    with pytest.raises(UsageError):
+        dataclasses.replace(usage, reasoning_tokens=9)  # more reasoning than output: validated again

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -99,7 +99,7 @@ class Usage:
     """Part of ``output_tokens`` spent on hidden reasoning."""
     cost_usd: Decimal | None = None
     """Exact cost in USD, or ``None`` when not known (yet)."""
-    total_tokens: int = 0
+    total_tokens: int = field(default=0, init=False)  # computed: `dataclasses.replace` recomputes it
     """Always ``input_tokens + output_tokens`` (saturated); passing another value is an error."""
 
     # A hand-written __init__: the generated one of a frozen dataclass sets each field through
