@@ -508,8 +508,10 @@ class Engine:
                 _add(state.spent, actual)
             fields: dict[str, Any] = {
                 "time": now, "budget": run.name, "scopes": chain, "agent": agent, "kind": "llm", "model": meta.model,
-                "estimated": estimated, "run_id": meta.run_id, "location": meta.location,
+                "run_id": meta.run_id, "location": meta.location,
             }  # fmt: skip
+            if estimated:  # else the class default (False): ten keys fit the dict without a resize
+                fields["estimated"] = True
             if usage is None:
                 usage = _usage_of(actual, cost_known)
             if cost_known and usage.cost_usd is None:
