@@ -63,8 +63,8 @@ def message_texts(messages: Any) -> list[str]:
         return []
     if isinstance(messages, str):
         return [messages]
-    if isinstance(messages, Mapping) or hasattr(messages, "content"):
-        messages = [messages]
+    if type(messages) is not list and (isinstance(messages, Mapping) or hasattr(messages, "content")):
+        messages = [messages]  # one message
     texts: list[str] = []
     for message in messages:
         if isinstance(message, str):
