@@ -467,3 +467,13 @@ def test_a_slow_middleware_call_keeps_its_hold_past_the_lease():
     assert sampler.seen[0] > 50
     assert budget.ledger.history(kind="release") == []
     assert budget.snapshot().llm_calls == 1 and budget.snapshot().held_tokens == 0
+
+
+def test_garbage_usage_from_the_provider_charges_the_estimate_flagged(caplog):
+    budget = Budget(Limits(max_total_tokens=100_000))
+    model = make_model(usage={"input_tokens": -5, "output_tokens": 3, "total_tokens": -2}, max_tokens=40)
+    reply = model.invoke("hello", config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert reply.content  # the user's run is not crashed by the provider's report
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.estimated and entry.usage.output_tokens == 40  # the hold: prompt bound + max_tokens
+    assert "unreadable usage" in caplog.text

@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from budgetary.core.budget import Budget, Reservation
+from budgetary.core.errors import UsageError
 from budgetary.core.guard import SoftLimit
 from budgetary.core.usage import Usage
 
@@ -321,7 +322,10 @@ def _reported_usage(response: Any) -> tuple[Usage | dict[str, Any] | None, str |
     if metadata:
         if metadata.get("total_cost") == 0:  # LangChain's only marker of an LLM-cache hit
             return None, model, True
-        return metadata, model, False
+        try:
+            return Usage.from_langchain(metadata), model, False  # its shape is known: no detection
+        except UsageError:
+            return metadata, model, False  # the lenient settle logs it and charges the estimate
     token_usage = llm_output.get("token_usage") or llm_output.get("usage")
     return (token_usage or None), model, False
 
