@@ -26,20 +26,13 @@ class _LeaseKeeper:
     def __init__(self) -> None:
         # Plain dict operations are atomic under the GIL; the hot path takes no lock.
         self.live: dict[str, Reservation] = {}
-        """Open ``llm_call`` blocks by hold id; callers add and remove them directly (hot path)."""
+        """Live reservations by hold id (open ``llm_call`` blocks, `Reservation.keep_alive`); callers add
+        and remove them directly (hot path), then `poke` if their lease is shorter than ``ttl_floor``."""
         self.ttl_floor = float("inf")
         """Leases shorter than this need `poke` after being added (the keeper would sleep too long)."""
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
-
-    def track(self, reservation: Reservation) -> None:
-        self.live[reservation.hold_id] = reservation
-        if reservation.ttl < self.ttl_floor:
-            self.poke()
-
-    def untrack(self, reservation: Reservation) -> None:
-        self.live.pop(reservation.hold_id, None)
 
     def poke(self) -> None:
         """Start the keeper, or wake it to re-plan after a shorter lease was added."""

@@ -227,7 +227,9 @@ class Reservation:
         a dead worker's holds expire. Returns the reservation.
         """
         if not self._done:
-            keeper.track(self)
+            keeper.live[self.hold_id] = self
+            if self._budget.lease_ttl < keeper.ttl_floor:
+                keeper.poke()
         return self
 
     def renew(self) -> bool:
@@ -259,7 +261,7 @@ class _LLMCall:
     def __enter__(self) -> Reservation:
         budget = self._budget
         self._reservation = reservation = budget._reserve(*self._args)
-        # The call is live while the block runs: the keeper renews its lease (`keeper.track`, inlined).
+        # The call is live while the block runs: the keeper renews its lease (`keep_alive`, inlined).
         keeper.live[reservation.hold_id] = reservation
         if budget.lease_ttl < keeper.ttl_floor:
             keeper.poke()
