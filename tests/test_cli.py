@@ -84,3 +84,8 @@ def test_the_command_reads_redis_from_another_process(redis_url: str, key_prefix
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [e.id for e in run.ledger.history()]
+
+
+def test_a_key_prefix_needs_a_redis_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("--store", f"sqlite:///{tmp_path / 'b.db'}", "--key-prefix", "x:", "report", "a")[0] == 1
+    assert "--key-prefix applies to Redis stores only" in capsys.readouterr().err

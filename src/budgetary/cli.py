@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from budgetary.core.budget import agent_report, figures_snapshot
-from budgetary.core.errors import BudgetError
+from budgetary.core.errors import BudgetError, ConfigurationError
 from budgetary.core.ledger import Ledger, LedgerEntry, csv_text, jsonl_text
 from budgetary.core.snapshot import Snapshot
 from budgetary.core.stores import Store, open_store
@@ -33,7 +33,7 @@ __all__ = ["main"]
 def _open(url: str, key_prefix: str | None) -> Store:
     if key_prefix is not None:
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise SystemExit("budgetary: --key-prefix applies to Redis stores only")
+            raise ConfigurationError("--key-prefix applies to Redis stores only")
         from budgetary.core.stores.redis import RedisStore
 
         return RedisStore(url, key_prefix=key_prefix)
@@ -92,10 +92,9 @@ def _report(store: Store, path: Sequence[str], out: TextIO) -> None:
     agents = agent_report(store.agents(chain[0], now))
     if agents:
         out.write("\n")
-        table = [["agent", "allocated", "consumed", "remaining"]]
-        for name, row in agents.items():
-            table.append([name, *("-" if row[k] is None else str(row[k]) for k in ("allocated", "consumed",
-                                                                                     "remaining"))])  # fmt: skip
+        columns = ("allocated", "consumed", "remaining")
+        table = [["agent", *columns]]
+        table += [[name, *("-" if row[c] is None else str(row[c]) for c in columns)] for name, row in agents.items()]
         _rows(table, out)
 
 
