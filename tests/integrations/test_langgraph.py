@@ -360,6 +360,27 @@ def test_budget_node_decorates_sync_and_async_nodes_keeping_their_signature():
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "writer"]
 
 
+def test_budget_node_takes_the_budget_positionally_as_a_decorator_or_a_call():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=5))
+
+    @budget_node(budget, agent="planner")
+    def plan(state: Research) -> dict:
+        return {"notes": [model.invoke("plan").content]}
+
+    def write(state: Research) -> dict:
+        return {"notes": [model.invoke("write").content]}
+
+    builder = StateGraph(Research)
+    builder.add_node("plan", plan)
+    builder.add_node("write", budget_node(write, budget, agent="writer"))
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "write")
+    builder.compile().invoke({"topic": "x"})
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "writer"]
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["planner", "writer"]
+
+
 def test_a_graph_error_handler_catches_a_denial():
     """Documented: a graph-level error handler receives the denial and the run completes."""
     model = fake()

@@ -463,12 +463,15 @@ def budget_node(
 
     Example:
         ```python
-        @budget_node(budget=budget, agent="writer", on_exhausted="skip")
+        @budget_node(budget=budget, agent="writer", on_exhausted="skip")   # or @budget_node(budget, ...)
         def write(state: State) -> dict: ...
 
         builder.add_node("write", write)
+        builder.add_node("review", budget_node(review, budget, agent="critic"))
         ```
     """
+    if isinstance(fn, Budget) and budget is None:  # @budget_node(budget, agent=...)
+        fn, budget = None, fn
     if budget is None:
         raise ConfigurationError("budget_node needs a budget")
     if fn is None:
