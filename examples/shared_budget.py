@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 from budgetary import Budget, BudgetExceeded, Limits, Price
+from budgetary.cli import main as cli_main
 
 PRICES = {"fake-model": Price(input_mtok="0.15", output_mtok="0.60")}
 
@@ -102,6 +103,10 @@ def main() -> None:
     refusals = run.ledger.history(kind="deny")
     if refusals:
         print("first refusal:", refusals[0].reason)
+    # Any host can read the same figures with the `budgetary` command (here run in-process).
+    argv = ["--store", url, *(["--key-prefix", prefix] if url.startswith("redis") else [])]
+    print(f"\n$ budgetary {' '.join(argv)} report tenant-acme nightly-report")
+    cli_main([*argv, "report", "tenant-acme", "nightly-report"])
     tenant.store.close()
     if url.startswith("redis"):
         import redis
