@@ -246,8 +246,7 @@ class RedisStore:
         # Per (chain, agent): the family's keys and the leading arguments of every chain operation.
         self._heads: dict[tuple[tuple[str, ...], str | None], tuple[list[bytes], list[bytes]]] = {}
         # Per (run_id, model, location): those fields as JSON object members, and as an object.
-        self._metas: dict[tuple[str | None, str | None, str | None], str] = {}
-        self._meta_objects: dict[tuple[str | None, str | None, str | None], bytes] = {}
+        self._metas: dict[tuple[str | None, str | None, str | None], tuple[str, bytes]] = {}
         # Hold ids carry no family; remember where each hold this process made lives, for which
         # chain and agent, and its amounts as sent (a settle passes them back, so the script need
         # not read the hold). Single dict operations are atomic, so threads need no lock here.
@@ -280,25 +279,16 @@ class RedisStore:
             )
         return head
 
-    def _meta(self, run_id: str | None, model: str | None, location: str | None) -> str:
-        """``run_id``, ``model`` and ``location`` as JSON object members (no braces)."""
+    def _meta(self, run_id: str | None, model: str | None, location: str | None) -> tuple[str, bytes]:
+        """These fields as JSON object members (no braces), and as an encoded JSON object."""
         key = (run_id, model, location)
-        text = self._metas.get(key)
-        if text is None:
+        meta = self._metas.get(key)
+        if meta is None:
             if len(self._metas) >= _CACHE_MAX:
                 self._metas.clear()
-            text = self._metas[key] = _dumps({"run_id": run_id, "model": model, "location": location})[1:-1]
-        return text
-
-    def _meta_object(self, run_id: str | None, model: str | None, location: str | None) -> bytes:
-        """`_meta` as a JSON object, encoded."""
-        key = (run_id, model, location)
-        obj = self._meta_objects.get(key)
-        if obj is None:
-            if len(self._meta_objects) >= _CACHE_MAX:
-                self._meta_objects.clear()
-            obj = self._meta_objects[key] = ("{" + self._meta(run_id, model, location) + "}").encode()
-        return obj
+            members = _dumps({"run_id": run_id, "model": model, "location": location})[1:-1]
+            meta = self._metas[key] = (members, ("{" + members + "}").encode())
+        return meta
 
     def _call(self, keys: list[Any], argv: list[Any]) -> str:
         """One call of the Lua program with the sync client; the reply as text."""
@@ -451,7 +441,7 @@ class RedisStore:
         now: float, meta: Meta, quiet: bool,
     ) -> tuple[list[Any], list[Any]]:  # fmt: skip
         keys, head = self._head(chain, agent)
-        x = self._meta_object(meta.run_id, meta.model, meta.location)
+        x = self._meta(meta.run_id, meta.model, meta.location)[1]
         # A gated call holds only its llm_calls slot (the script does the same; the settle sends
         # back exactly what was held).
         held = _vector(0, 0, 0, 0, req[LLM], 0, 0, 0) if gate else _vector(*req)
@@ -485,7 +475,7 @@ class RedisStore:
         else:
             priced = f',"n":{actual[COST]}' if cost_known else ',"z":true'
         x = (
-            f'{{{self._meta(meta.run_id, meta.model, meta.location)},"u":[{shown.input_tokens},'
+            f'{{{self._meta(meta.run_id, meta.model, meta.location)[0]},"u":[{shown.input_tokens},'
             f"{shown.output_tokens},{shown.cache_read_tokens},{shown.cache_write_tokens},{shown.reasoning_tokens}]"
             f'{priced},"e":{"true" if estimated else "false"}}}'
         )
@@ -617,15 +607,15 @@ class RedisStore:
         return None if held is None else [int(v) for v in held]
 
     def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
-        x = self._meta_object(meta.run_id, meta.model, meta.location)
+        x = self._meta(meta.run_id, meta.model, meta.location)[1]
         return _decision(self._chain_op("begin_agent", chain, agent, now, x)["d"], agent)
 
     def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
-        x = self._meta_object(meta.run_id, None, tool)
+        x = self._meta(meta.run_id, None, tool)[1]
         return _decision(self._chain_op("count_tool", chain, agent, now, x)["d"], agent)
 
     def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int:
-        x = self._meta_object(meta.run_id, meta.model, meta.location)
+        x = self._meta(meta.run_id, meta.model, meta.location)[1]
         return int(self._chain_op("reallocate", chain, agent, now, str(shortfall), x)["mv"])
 
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
