@@ -282,10 +282,7 @@ class _LLMCall:
         budget = self._budget
         if not is_async_store(budget._store):
             return await off_loop(budget._store, self.__enter__)
-        self._reservation = reservation = await budget._areserve(*self._args)
-        keeper.live[reservation.hold_id] = reservation
-        if budget.lease_ttl < keeper.ttl_floor:
-            keeper.poke()
+        self._reservation = reservation = (await budget._areserve(*self._args)).keep_alive()
         return reservation
 
     async def __aexit__(
