@@ -89,3 +89,28 @@ def test_the_command_reads_redis_from_another_process(redis_url: str, key_prefix
 def test_a_key_prefix_needs_a_redis_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli("--store", f"sqlite:///{tmp_path / 'b.db'}", "--key-prefix", "x:", "report", "a")[0] == 1
     assert "--key-prefix applies to Redis stores only" in capsys.readouterr().err
+
+
+def test_top_up_raises_the_named_budgets_limits_and_nothing_else(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    run = _spend(url)
+    code, text = _cli("--store", url, "top-up", "tenant acme", 'report "42"', "--llm-calls", "2")
+    assert code == 0 and any(line.split() == ["LLM", "calls", "2", "/", "5", "0"] for line in text.splitlines())
+    assert run.snapshot().limits.max_llm_calls == 5  # the application sees the raised limit
+    assert run.snapshot().parent.limits.max_total_tokens == 50_000  # the parent is untouched
+    code, _ = _cli("--store", url, "top-up", "tenant acme", "--total-tokens", "1000", "--cost-usd", "0.5")
+    assert code == 0
+    day = run.snapshot().parent
+    assert day.limits.max_total_tokens == 51_000 and str(day.limits.max_cost_usd) == "5.5"
+
+
+def test_top_up_refuses_bad_amounts_and_unknown_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    run = _spend(url)
+    assert _cli("--store", url, "top-up", "tenant acme")[0] == 1
+    assert "needs an amount" in capsys.readouterr().err
+    assert _cli("--store", url, "top-up", "tenant acme", "--total-tokens", "1000", "--llm-calls", "-1")[0] == 1
+    assert "llm_calls must be >= 0" in capsys.readouterr().err
+    assert run.snapshot().parent.limits.max_total_tokens == 50_000  # nothing applied from a refused top-up
+    assert _cli("--store", url, "top-up", "elsewhere", "--llm-calls", "1")[0] == 1
+    assert _cli("--store", url, "report", "elsewhere")[0] == 1  # and it was not created

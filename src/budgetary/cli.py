@@ -1,13 +1,15 @@
-"""``budgetary``: read a shared budget from any host (its figures, its agents, its ledger).
+"""``budgetary``: a shared budget from any host: its figures, its agents, its ledger, a top-up.
 
 Examples:
     budgetary --store redis://cache:6379/0 report tenant-acme report-42
     budgetary --store sqlite:////var/lib/myapp/budget.db ledger tenant-acme --kind deny --last 20
     BUDGETARY_STORE=redis://cache:6379/0 budgetary ledger tenant-acme --format csv > ledger.csv
+    budgetary --store redis://cache:6379/0 top-up tenant-acme report-42 --total-tokens 5000 --cost-usd 0.5
 
 A budget is named by its path, outermost first: ``tenant-acme report-42`` is the budget
-``report-42`` whose parent is ``tenant-acme``. The CLI only reads; it never creates a
-budget or changes its limits.
+``report-42`` whose parent is ``tenant-acme``. The CLI never creates a budget; only
+``top-up`` changes one (it raises its limits, as `Budget.top_up` does, for example so that a
+run paused by a LangGraph interrupt can be resumed with ``Command(resume={})``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from budgetary.core.budget import agent_report, figures_snapshot
+from budgetary.core._units import DIMENSIONS
+from budgetary.core.budget import agent_report, figures_snapshot, top_up_vector
 from budgetary.core.errors import BudgetError, ConfigurationError
 from budgetary.core.ledger import Ledger, LedgerEntry, csv_text, jsonl_text
 from budgetary.core.snapshot import Snapshot
@@ -113,6 +116,17 @@ def _ledger(store: Store, path: Sequence[str], args: argparse.Namespace, out: Te
               + [_entry_row(e) for e in entries], out)  # fmt: skip
 
 
+def _top_up(store: Store, path: Sequence[str], args: argparse.Namespace, out: TextIO) -> None:
+    amounts = {name: getattr(args, name) for name in DIMENSIONS if getattr(args, name) is not None}
+    if not amounts:
+        raise ConfigurationError("top-up needs an amount, e.g. --total-tokens 5000 or --cost-usd 0.5")
+    vector = top_up_vector(amounts)  # checks every amount before anything changes
+    chain = _chain(path)
+    store.figures(chain, time.time())  # an unknown budget fails here: top-up never creates one
+    store.top_up(chain[0], vector, time.time())
+    _report(store, path, out)
+
+
 def _entry_row(e: LedgerEntry) -> list[str]:
     when = datetime.fromtimestamp(e.time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     tokens = "" if e.usage is None else str(e.usage.total_tokens)
@@ -139,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     ledger.add_argument("--kind", help="only entries of this kind (llm, tool, deny, skip, release, ...)")
     ledger.add_argument("--last", type=int, help="only the last N entries")
     ledger.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+    top_up = commands.add_parser("top-up", help="raise the budget's limits by these amounts, then report")
+    top_up.add_argument("budget", nargs="+", help="the budget's path, outermost first (tenant run)")
+    for name in DIMENSIONS:
+        top_up.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N", help=f"add N to max_{name}")
     return parser
 
 
@@ -161,8 +179,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "report":
             _report(store, args.budget, out)
-        else:
+        elif args.command == "ledger":
             _ledger(store, args.budget, args, out)
+        else:
+            _top_up(store, args.budget, args, out)
+    except BrokenPipeError:  # `budgetary ledger ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyError:
         print(f"budgetary: no budget {'/'.join(args.budget)!r} in {store.url} (a child budget is named by its "
               "path, outermost first: tenant-acme report-42)", file=sys.stderr)  # fmt: skip

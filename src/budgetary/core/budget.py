@@ -730,17 +730,7 @@ class Budget:
 
     def top_up(self, **amounts: int | Decimal | float | str) -> None:
         """Raise this budget's limits by ``amounts`` (``total_tokens=10_000, cost_usd=1, llm_calls=5``)."""
-        vector = zeros()
-        for resource, amount in amounts.items():
-            if resource not in DIMENSIONS:
-                raise ConfigurationError(f"cannot top up {resource!r}; known resources: {', '.join(DIMENSIONS)}")
-            index = DIMENSIONS.index(resource)
-            if index == COST:
-                cost = coerce_cost(amount, resource)
-                vector[index] = usd_to_nanos(cost) if cost is not None else 0
-            else:
-                vector[index] = coerce_count(amount, resource)
-        self._store.top_up(self._key, vector, self._clock())
+        self._store.top_up(self._key, top_up_vector(amounts), self._clock())
 
     def skip(
         self, agent: str | None = None, reason: str = "", *, resource: str | None = None,
@@ -923,6 +913,21 @@ def _request(prompt: int, out: int, rates: Any) -> Vector:
 
 def _string_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
     return [v for v in (*args, *kwargs.values()) if isinstance(v, str)]
+
+
+def top_up_vector(amounts: Mapping[str, int | Decimal | float | str]) -> Vector:
+    """`Budget.top_up` keywords as store units (what the CLI sends without a `Budget`)."""
+    vector = zeros()
+    for resource, amount in amounts.items():
+        if resource not in DIMENSIONS:
+            raise ConfigurationError(f"cannot top up {resource!r}; known resources: {', '.join(DIMENSIONS)}")
+        index = DIMENSIONS.index(resource)
+        if index == COST:
+            cost = coerce_cost(amount, resource)
+            vector[index] = usd_to_nanos(cost) if cost is not None else 0
+        else:
+            vector[index] = coerce_count(amount, resource)
+    return vector
 
 
 def agent_report(agents: Mapping[str | None, Any]) -> dict[str, dict[str, Any]]:
