@@ -100,6 +100,25 @@ def test_interrupt_resumes_with_a_top_up_applied_once():
     assert model.calls.count == 4
 
 
+def test_an_interrupted_run_resumes_after_a_top_up_from_the_command_line(tmp_path):
+    import io
+
+    from budgetary.cli import main as cli
+
+    model = fake()
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    budget = Budget(Limits(max_total_tokens=230), name="research-4", store=url)
+    app = govern_graph(research_builder(model), budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "run-4"}}
+    (pending,) = app.invoke({"topic": "otters"}, config)["__interrupt__"]
+    assert pending.value["node"] == "writer"
+    # An operator raises the budget from another process; the run continues with an empty resume.
+    assert cli(["--store", url, "top-up", "research-4", "--total-tokens", "500"], out=io.StringIO()) == 0
+    done = app.invoke(Command(resume={}), config)
+    assert [n.split(":")[0] for n in done["notes"]] == ["planner", "researcher", "writer", "critic"]
+    assert budget.snapshot().limits.max_total_tokens == 730 and model.calls.count == 4
+
+
 def test_interrupt_without_a_checkpointer_is_refused_up_front():
     with pytest.raises(ValueError, match="checkpointer"):
         govern_graph(research_builder(fake()), Budget(), on_exhausted="interrupt")
