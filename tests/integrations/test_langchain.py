@@ -477,3 +477,24 @@ def test_garbage_usage_from_the_provider_charges_the_estimate_flagged(caplog):
     (entry,) = budget.ledger.history(kind="llm")
     assert entry.estimated and entry.usage.output_tokens == 40  # the hold: prompt bound + max_tokens
     assert "unreadable usage" in caplog.text
+
+
+def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_loses_it_with_its_lease():
+    async def scenario() -> tuple[int, int, int, list[str]]:
+        budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=1.0)
+        handler = BudgetCallbackHandler(budget)
+        config = {"callbacks": [handler]}
+        slow = asyncio.create_task(make_model(delay=2.5, max_tokens=50).ainvoke("think", config=config))
+        doomed = asyncio.create_task(make_model(delay=30, max_tokens=500).ainvoke("x", config=config))
+        await asyncio.sleep(0.2)
+        doomed.cancel()  # as LangGraph cancels a branch when a sibling fails: LangChain reports nothing
+        await asyncio.sleep(1.8)
+        held_midway = budget.snapshot().held_tokens  # the live call's hold only: the cancelled one expired
+        await slow
+        reasons = [e.reason for e in budget.ledger.history(kind="release")]
+        return held_midway, budget.snapshot().held_tokens, budget.snapshot().llm_calls, reasons
+
+    held_midway, held_after, calls, reasons = asyncio.run(scenario())
+    assert 50 < held_midway < 500  # the slow call's prompt bound + 50; none of the cancelled one's 500
+    assert (held_after, calls) == (0, 1)
+    assert reasons == ["lease expired"]

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from asyncio import _get_running_loop, current_task
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from decimal import Decimal
@@ -62,8 +63,8 @@ class Reservation:
     """
 
     __slots__ = (
-        "_budget", "_done", "_rates", "_renewed_at", "_req", "agent", "decision", "events", "hold_id", "meta",
-        "model", "provider",
+        "_budget", "_done", "_rates", "_renewed_at", "_req", "_task", "agent", "decision", "events", "hold_id",
+        "meta", "model", "provider",
     )  # fmt: skip
 
     def __init__(
@@ -224,9 +225,12 @@ class Reservation:
 
         For owners that cannot renew it while the call runs (``llm_call`` blocks and the
         framework adapters use it): a call that outlasts ``lease_ttl`` keeps its hold, and only
-        a dead worker's holds expire. Returns the reservation.
+        a dead worker's holds expire. Called from a coroutine, the renewal also stops when its
+        task ends: a call cancelled without a word (a LangGraph branch cancelled because a
+        sibling failed) then loses its hold when its lease runs out. Returns the reservation.
         """
         if not self._done:
+            self._task = current_task() if _get_running_loop() is not None else None
             keeper.live[self.hold_id] = self
             if self._budget.lease_ttl < keeper.ttl_floor:
                 keeper.poke()
