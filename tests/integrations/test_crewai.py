@@ -277,3 +277,19 @@ def test_a_slow_call_keeps_its_hold_past_the_lease():
     assert seen[0] > 20  # two leases in, the call still held its prompt and output reserve
     assert budget.ledger.history(kind="release") == []
     assert budget.snapshot().total_tokens == 120 and budget.snapshot().held_tokens == 0
+
+
+def test_calls_that_raise_give_their_holds_back():
+    from budgetary.core._lease import keeper
+
+    fake = llm(error=RuntimeError("provider down"))
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    govern_crew(crew, budget)
+    with pytest.raises(Exception, match="provider down"):
+        crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count >= 1  # CrewAI may retry the failing call before giving up
+    released = budget.ledger.history(kind="release")
+    assert len(released) == fake.calls.count  # every attempt's hold, none left renewed forever
+    assert budget.snapshot().held_tokens == 0 and budget.snapshot().llm_calls == 0
+    assert not [r for r in keeper.live.values() if r._budget is budget]  # nothing renewed any more

@@ -105,6 +105,8 @@ class _Run:
     nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
     """Soft limits to tell on the next call: per agent for its allocation, under None for the run's limits."""
     blocked_tools: dict[int, str] = field(default_factory=dict)  # thread id -> refusal reason
+    open_calls: dict[str, Reservation] = field(default_factory=dict)
+    """Holds of calls in flight (hold id -> reservation): released if the crew ends without their answer."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def role_for(self, agent: Any, task: Any) -> str | None:
@@ -161,6 +163,9 @@ def _execution_end(ctx: Any) -> None:
     run = _run.get()
     if run is not None:
         _restore_all(run)
+        for reservation in list(run.open_calls.values()):  # calls that raised: no after-hook ran
+            reservation.release("the crew ended before the call answered")
+        run.open_calls.clear()
     _run.set(None)
 
 
@@ -253,6 +258,10 @@ def _before_llm(ctx: Any) -> None:
     run = _run.get()
     if run is None or isinstance(getattr(ctx, "llm", None), _SkipLLM):
         return None
+    previous = _call.get()
+    if previous is not None and not previous.done:  # the last call in this thread raised: no after-hook ran
+        previous.release("the call failed before it answered")
+        run.open_calls.pop(previous.hold_id, None)
     try:
         gov = run.gov
         agent = gov.agent(run.role_for(ctx.agent, ctx.task))
@@ -273,13 +282,18 @@ def _before_llm(ctx: Any) -> None:
         logger.exception("budget check failed; refusing the call")
         raise HookAborted(f"budget check failed: {exc!r}", source="budgetary") from exc
     _call.set(reservation)
+    run.open_calls[reservation.hold_id] = reservation
     return None
 
 
 def _after_llm(ctx: Any) -> None:
     reservation = _call.get()
-    if reservation is not None and not reservation.done:
-        reservation.charge_estimate()  # the provider reported no usage for this call
+    if reservation is not None:
+        if not reservation.done:
+            reservation.charge_estimate()  # the provider reported no usage for this call
+        run = _run.get()
+        if run is not None:
+            run.open_calls.pop(reservation.hold_id, None)
     _call.set(None)
     return None
 
