@@ -231,6 +231,27 @@ def test_the_same_budget_attached_twice_charges_each_call_once():
     assert budget.snapshot().llm_calls == 1 and budget.snapshot().total_tokens == 150
 
 
+def test_two_handlers_of_one_budget_across_threads_charge_each_call_once_and_leave_nothing_behind():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from budgetary.integrations.langchain import _claims_of
+
+    model = make_model()
+    budget = Budget()
+    budget.agent("writer")
+    explicit = BudgetCallbackHandler(budget, agent="writer")  # outranks the scope's handler
+
+    def call(i: int) -> None:
+        with budget_scope(budget):
+            make_chain(model).invoke({"question": f"q{i}"}, config={"callbacks": [explicit]})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(call, range(48)))
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == 48 == model.calls.count and {e.agent for e in entries} == {"writer"}
+    assert budget.snapshot().held_tokens == 0 and not _claims_of(budget)
+
+
 def test_budget_scope_governs_runs_without_config_and_sync_and_async():
     model = make_model()
     budget = Budget(Limits(max_llm_calls=2))

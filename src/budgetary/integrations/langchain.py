@@ -183,11 +183,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release holds of LLM runs cancelled with their parent (they get no end or error event)."""
         claims = self._claims
-        with _claims_lock:
-            orphans = [rid for rid, c in claims.items() if c.parent == run_id and c.handler is self]
-            popped = [claims.pop(rid) for rid in orphans]
-        for claim in popped:
-            if claim.reservation is not None:
+        # A snapshot (one atomic copy): other threads add and remove claims without the lock.
+        orphans = [rid for rid, c in list(claims.items()) if c.parent == run_id and c.handler is self]
+        for rid in orphans:
+            claim = claims.pop(rid, None)  # None: the run ended meanwhile and settled itself
+            if claim is not None and claim.reservation is not None:
                 claim.reservation.release(f"cancelled with its parent run ({type(error).__name__})")
 
     # -- tools ---------------------------------------------------------------------------
@@ -201,11 +201,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         # a count cannot be taken back), and the claim lasts until the tool ends.
         if self._stands_aside():
             return
-        claims = self._claims
-        with _claims_lock:
-            if run_id in claims:
-                return
-            claims[run_id] = _Claim(self, parent_run_id)
+        claim = _Claim(self, parent_run_id)
+        if self._claims.setdefault(run_id, claim) is not claim:  # atomic: first handler wins
+            return
         agent = self._agent_for(metadata)
         name = kwargs.get("name") or (serialized or {}).get("name") or "tool"
         decision = self.budget.check_tool(agent, str(name))
@@ -272,7 +270,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Claim ``run_id`` for this handler unless a handler of the same budget with a higher rank has it."""
         claims = self._claims
         claim = _Claim(self, parent_run_id)
-        with _claims_lock:
+        if claims.setdefault(run_id, claim) is claim:  # atomic: the usual case, one handler per budget
+            return claim
+        with _claims_lock:  # another handler of this budget saw the run first: the higher rank keeps it
             current = claims.get(run_id)
             if current is not None and current.rank >= self.rank:
                 return None
@@ -286,12 +286,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return claim if claim is not None and claim.handler is self else None
 
     def _release_claim(self, run_id: UUID) -> _Claim | None:
-        claims = self._claims
-        with _claims_lock:
-            claim = claims.get(run_id)
-            if claim is None or claim.handler is not self:
-                return None
-            return claims.pop(run_id)
+        claim = self._claims.get(run_id)
+        if claim is None or claim.handler is not self:
+            return None
+        return self._claims.pop(run_id, None)  # atomic: None if a parent's chain error took it meanwhile
 
     def _soft_events(self, events: Sequence[SoftLimit]) -> None:
         for event in events:
