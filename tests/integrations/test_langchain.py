@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from decimal import Decimal
 from typing import Any
 
@@ -450,27 +449,21 @@ def test_middleware_and_handler_together_charge_once():
 # -- a call longer than the lease keeps its hold ------------------------------------------------
 
 
-def _held_midway(budget: Budget, after: float) -> threading.Thread:
+def _held_midway(budget: Budget, after: float) -> tuple[threading.Timer, list[int]]:
     """Sample the budget's held tokens from another thread ``after`` seconds from now."""
-
-    def sample() -> None:
-        time.sleep(after)
-        seen.append(budget.snapshot().held_tokens)
-
     seen: list[int] = []
-    thread = threading.Thread(target=sample)
-    thread.seen = seen  # type: ignore[attr-defined]
-    thread.start()
-    return thread
+    timer = threading.Timer(after, lambda: seen.append(budget.snapshot().held_tokens))
+    timer.start()
+    return timer, seen
 
 
 def test_a_slow_call_keeps_its_hold_past_the_lease():
     budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=1.0)
     model = make_model(delay=2.5, max_tokens=50)
-    sampler = _held_midway(budget, 2.0)
+    sampler, seen = _held_midway(budget, 2.0)
     model.invoke("a long think", config={"callbacks": [BudgetCallbackHandler(budget)]})
     sampler.join()
-    assert sampler.seen[0] > 50  # two leases in, the call still held its prompt and output reserve
+    assert seen[0] > 50  # two leases in, the call still held its prompt and output reserve
     assert budget.ledger.history(kind="release") == []
     assert budget.snapshot().total_tokens == 150 and budget.snapshot().held_tokens == 0
 
@@ -482,10 +475,10 @@ def test_a_slow_middleware_call_keeps_its_hold_past_the_lease():
     model = make_model(responses=[AIMessage("Otters float.")], delay=2.5, max_tokens=50)
     budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=1.0)
     agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget)])
-    sampler = _held_midway(budget, 2.0)
+    sampler, seen = _held_midway(budget, 2.0)
     agent.invoke({"messages": [("user", "q")]})
     sampler.join()
-    assert sampler.seen[0] > 50
+    assert seen[0] > 50
     assert budget.ledger.history(kind="release") == []
     assert budget.snapshot().llm_calls == 1 and budget.snapshot().held_tokens == 0
 

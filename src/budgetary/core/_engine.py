@@ -147,8 +147,6 @@ class Meta:
 
 
 Sink = Callable[[LedgerEntry], None]
-_new_entry = object.__new__
-_set_attr = object.__setattr__
 _NO_EVENTS: tuple[SoftLimit, ...] = ()
 _NO_PLAN: list[tuple[str | None, int]] = []  # shared and never mutated: plans are built fresh
 
@@ -194,8 +192,7 @@ class Engine:
         """Number a new ledger entry (every field but ``id`` given) and hand it to the sink."""
         self.seq += 1
         fields["id"] = self.seq
-        entry = _new_entry(LedgerEntry)  # `LedgerEntry._fast(fields)`, inlined (one entry per call)
-        _set_attr(entry, "__dict__", fields)
+        entry = LedgerEntry._fast(fields)
         self._sink(entry)
         return entry
 
@@ -457,9 +454,7 @@ class Engine:
             moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
             for level in levels:
                 _add(level.held, req)
-            if (u := state.unit) is not None:  # `state.hold(req)`, inlined: every call passes here
-                held = state.held[u] + req[u]
-                state.held[u] = held if held <= MAX_INT else MAX_INT
+            state.hold(req)
             expires = now + ttl
             self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
             if expires < self.next_expiry:
@@ -496,9 +491,7 @@ class Engine:
                 amounts = hold.amounts
                 for level in levels:  # the usual case: the same levels hold and spend
                     _move(level.held, level.spent, amounts, actual)
-                if (u := state.unit) is not None:  # `state.unhold(amounts)`, inlined
-                    left = state.held[u] - amounts[u]
-                    state.held[u] = left if left > 0 else 0
+                state.unhold(amounts)
                 _add(state.spent, actual)
             else:
                 if hold is not None:

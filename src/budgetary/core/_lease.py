@@ -53,7 +53,7 @@ class _LeaseKeeper:
             interval = max(min((r.ttl for r in live), default=60.0) / 3, 0.05)
             self.ttl_floor = interval * 3
             for reservation in live:
-                task = getattr(reservation, "_task", None)  # set by keep_alive in a coroutine
+                task = reservation._task  # set by keep_alive when called from a coroutine
                 if task is not None and task.done():  # cancelled or finished without settling
                     self.live.pop(reservation.hold_id, None)  # its lease now runs out
                     continue

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from budgetary.core._engine import UNPRICED, Meta, Outcome, Vector, user_value, zeros
 from budgetary.core._lease import keeper
-from budgetary.core._units import COST, DIMENSIONS, IN, LLM, MAX_INT, OUT, TOTAL, nanos_to_usd, sat, usd_to_nanos
+from budgetary.core._units import COST, DIMENSIONS, IN, LLM, MAX_INT, OUT, TOTAL, nanos_to_usd, usd_to_nanos
 from budgetary.core.contract import AgentContract
 from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError
 from budgetary.core.estimator import count_tokens, estimate_text_tokens, upper_bound
@@ -85,6 +85,7 @@ class Reservation:
         """Soft-limit crossings the settle caused (each fires once per threshold and scope)."""
         self._done = False
         self._renewed_at = renewed_at  # when the hold was taken (reserve has just read the clock)
+        self._task: Any = None  # the asyncio task that `keep_alive` was called from, if any
 
     @property
     def done(self) -> bool:
@@ -160,8 +161,7 @@ class Reservation:
         """Close the reservation and say what the store charges: (counters, meta, whether the cost is known)."""
         if self._done:
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
-        self._done = True
-        keeper.live.pop(self.hold_id, None)
+        self._close()
         budget = self._budget
         unpriced = usage.cost_usd is None
         if actual_cost:
@@ -186,8 +186,7 @@ class Reservation:
         assert entry is not None
         if outcome.events:
             self.events = tuple(outcome.events)
-            budget._after(outcome, self.agent, entry.usage or usage)
-        elif budget._guards is not None:
+        if outcome.events or budget._guards is not None:
             budget._after(outcome, self.agent, entry.usage or usage)
         return entry
 
@@ -195,13 +194,11 @@ class Reservation:
         """Give the hold back without charging (the call failed before the provider billed it)."""
         if self._done:
             return
-        self._done = True
-        keeper.live.pop(self.hold_id, None)
         budget = self._budget
         if budget.charge_failed_calls:
-            self._done = False
             self.charge_estimate()
             return
+        self._close()
         budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
 
     async def arelease(self, reason: str = "call failed") -> None:
@@ -212,13 +209,16 @@ class Reservation:
             return
         if self._done:
             return
-        self._done = True
-        keeper.live.pop(self.hold_id, None)
         if budget.charge_failed_calls:
-            self._done = False
             await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
             return
+        self._close()
         await cast(AsyncStore, budget._store).arelease(self.hold_id, now=budget._clock(), reason=reason)
+
+    def _close(self) -> None:
+        """Mark the reservation closed (settled or released) and stop renewing its lease."""
+        self._done = True
+        keeper.live.pop(self.hold_id, None)
 
     def keep_alive(self) -> Reservation:
         """Renew the hold in the background until this reservation is settled or released.
@@ -263,12 +263,8 @@ class _LLMCall:
         self._reservation: Reservation | None = None
 
     def __enter__(self) -> Reservation:
-        budget = self._budget
-        self._reservation = reservation = budget._reserve(*self._args)
-        # The call is live while the block runs: the keeper renews its lease (`keep_alive`, inlined).
-        keeper.live[reservation.hold_id] = reservation
-        if budget.lease_ttl < keeper.ttl_floor:
-            keeper.poke()
+        # The call is live while the block runs: the keeper renews its lease.
+        self._reservation = reservation = self._budget._reserve(*self._args).keep_alive()
         return reservation
 
     def __exit__(
@@ -564,19 +560,13 @@ class Budget:
         now = self._clock()
         outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
                                 now=now, meta=meta, quiet=not exact)  # fmt: skip
-        decision = outcome.decision
-        if not decision.allowed and not exact:
-            exact_req = self._exact_request(decision, messages, model, req, rates)
-            if exact_req is not None:
-                req = exact_req
-                outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
-                                        now=now, meta=meta)  # fmt: skip
-                decision = outcome.decision
-            else:
-                store.record_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
-        if not decision.allowed:
-            raise self._exceeded(decision, agent)
-        return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
+        if not outcome.decision.allowed and not exact:
+            req = self._exact_request(outcome.decision, messages, model, req, rates)
+            outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                    now=now, meta=meta)  # fmt: skip
+        if not outcome.decision.allowed:
+            raise self._exceeded(outcome.decision, agent)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, outcome.decision, rates, now)
 
     async def _areserve(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
@@ -594,19 +584,13 @@ class Budget:
         now = self._clock()
         outcome = await store.areserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
                                        now=now, meta=meta, quiet=not exact)  # fmt: skip
-        decision = outcome.decision
-        if not decision.allowed and not exact:
-            exact_req = self._exact_request(decision, messages, model, req, rates)
-            if exact_req is not None:
-                req = exact_req
-                outcome = await store.areserve(chain, agent, req, gate=self._gate, hold_id=hold_id,
-                                               ttl=self.lease_ttl, now=now, meta=meta)  # fmt: skip
-                decision = outcome.decision
-            else:
-                await store.arecord_entry(chain, agent, "deny", now=now, meta=meta, decision=decision)
-        if not decision.allowed:
-            raise await self._aexceeded(decision, agent)
-        return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
+        if not outcome.decision.allowed and not exact:
+            req = self._exact_request(outcome.decision, messages, model, req, rates)
+            outcome = await store.areserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
+                                           now=now, meta=meta)  # fmt: skip
+        if not outcome.decision.allowed:
+            raise await self._aexceeded(outcome.decision, agent)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, outcome.decision, rates, now)
 
     def _reserve_request(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
@@ -658,20 +642,18 @@ class Budget:
                     agent=agent,
                 )
                 return [], meta, rates, exact, deny
-        total = prompt + out
-        req = [prompt, out, total if total <= MAX_INT else MAX_INT,
-               0 if rates is None else rates.worst_case_nanos(prompt, out), 1, 0, 0, 0]  # fmt: skip
-        return req, meta, rates, exact, None
+        return _request(prompt, out, rates), meta, rates, exact, None
 
     @staticmethod
-    def _exact_request(decision: Decision, messages: Any, model: str | None, req: Vector, rates: Any) -> Vector | None:
-        """The request with an exact (tiktoken) prompt count, or None if it would not ask for less.
+    def _exact_request(decision: Decision, messages: Any, model: str | None, req: Vector, rates: Any) -> Vector:
+        """What to ask for again after the cheap byte bound was refused (quietly).
 
-        Used after the cheap byte bound was refused on a prompt-sized resource.
+        With the exact (tiktoken) prompt count when the refused resource depends on the prompt;
+        otherwise the same request, whose refusal this time goes to the ledger.
         """
-        prompt = req[IN]
-        exact_prompt = count_tokens(messages, model) if decision.resource in _INPUT_SENSITIVE else prompt
-        return _request(exact_prompt, req[OUT], rates) if exact_prompt < prompt else None
+        if decision.resource not in _INPUT_SENSITIVE:
+            return req
+        return _request(min(count_tokens(messages, model), req[IN]), req[OUT], rates)
 
     def llm_call(
         self,
@@ -911,8 +893,9 @@ def _config_count(value: Any, name: str) -> int:
 
 
 def _request(prompt: int, out: int, rates: Any) -> Vector:
+    total = prompt + out
     cost = rates.worst_case_nanos(prompt, out) if rates is not None else 0
-    return [prompt, out, sat(prompt + out), cost, 1, 0, 0, 0]
+    return [prompt, out, total if total <= MAX_INT else MAX_INT, cost, 1, 0, 0, 0]
 
 
 def _string_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:

@@ -161,19 +161,12 @@ class Usage:
         )
 
     def with_cost(self, cost_usd: Decimal | None) -> Usage:
-        """A copy with ``cost_usd`` set (no re-validation: the token fields are already valid)."""
-        if not (type(cost_usd) is Decimal and cost_usd.is_finite() and cost_usd >= 0):
-            cost_usd = coerce_cost(cost_usd)
-        # Every call settles through here: slot setters skip both __init__ and the frozen __setattr__.
-        copy = object.__new__(Usage)
-        _SET_INPUT(copy, self.input_tokens)
-        _SET_OUTPUT(copy, self.output_tokens)
-        _SET_CACHE_READ(copy, self.cache_read_tokens)
-        _SET_CACHE_WRITE(copy, self.cache_write_tokens)
-        _SET_REASONING(copy, self.reasoning_tokens)
-        _SET_TOTAL(copy, self.total_tokens)
-        _SET_COST(copy, cost_usd)
-        return copy
+        """A copy with ``cost_usd`` set."""
+        return Usage(
+            input_tokens=self.input_tokens, output_tokens=self.output_tokens,
+            cache_read_tokens=self.cache_read_tokens, cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens, cost_usd=cost_usd,
+        )  # fmt: skip
 
     # -- normalisers -------------------------------------------------------------------
 

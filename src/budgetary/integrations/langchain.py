@@ -281,10 +281,6 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             current.reservation.release("re-attributed to a more specific handler")
         return claim
 
-    def _claim(self, run_id: UUID) -> _Claim | None:
-        claim = self._claims.get(run_id)
-        return claim if claim is not None and claim.handler is self else None
-
     def _release_claim(self, run_id: UUID) -> _Claim | None:
         claim = self._claims.get(run_id)
         if claim is None or claim.handler is not self:

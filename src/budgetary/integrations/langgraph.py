@@ -67,9 +67,6 @@ SKIPPED_KEY = "budget_skipped"
 _AGENT_MODEL_NODES = frozenset({"model", "agent"})
 """The LLM nodes of LangChain's ``create_agent`` and LangGraph's ``create_react_agent``."""
 
-NODE_RANK = 2
-"""A node's handler outranks a user's own handler of the same budget: the node's agent is charged."""
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -120,7 +117,7 @@ class _Governor:
 
     def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
         """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
-        handler = BudgetCallbackHandler(self.budget, agent, rank=NODE_RANK)
+        handler = BudgetCallbackHandler(self.budget, agent)  # it owns the node's calls: see `own`
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = [handler]
