@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import re
+import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -177,3 +180,99 @@ def test_servers_without_functions_get_the_same_program_by_evalsha(redis_url: st
     assert not budget.check().allowed
     assert budget.snapshot().total_tokens == 4
     store.close()
+
+
+def _connections(redis_url: str, name: str) -> list[int]:
+    """Ids of the server's connections whose client name is ``name``."""
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        return [c["id"] for c in admin.client_list() if c["name"] == name]
+    finally:
+        admin.close()
+
+
+def _named(redis_url: str) -> tuple[str, str]:
+    name = f"budgetary-test-{uuid.uuid4().hex[:8]}"
+    return f"{redis_url}{'&' if '?' in redis_url else '?'}client_name={name}", name
+
+
+@pytest.mark.redis
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_the_next_call(
+    redis_url: str, key_prefix: str
+) -> None:
+    url, name = _named(redis_url)
+    store = RedisStore(url, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=store)
+    budget.record(None, {"input_tokens": 1, "output_tokens": 1})
+    before = _connections(redis_url, name)
+    assert before
+    admin = redis.Redis.from_url(redis_url)
+    for client_id in before:  # an idle timeout, a failover, or CLIENT KILL: the server drops us
+        admin.client_kill_filter(_id=client_id)
+    admin.close()
+    budget.reserve(prompt_tokens=1, max_output_tokens=1).settle({"input_tokens": 1, "output_tokens": 1})
+    assert budget.snapshot().llm_calls == 2
+    assert not set(_connections(redis_url, name)) & set(before)
+    store.close()
+
+
+@pytest.mark.redis
+def test_threads_calling_at_once_each_get_whole_replies(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=1_000), name="b", store=store)
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(50):
+            budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = budget.snapshot()
+    assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (400, 1_600, 0)
+    store.close()
+
+
+@pytest.mark.redis
+def test_a_forked_child_does_not_share_its_parents_connection(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=1_000), name="b", store=store)
+    budget.record(None, {"input_tokens": 1, "output_tokens": 1})  # the parent's connection is open
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+
+    def child() -> None:  # the same store object, inherited
+        for _ in range(100):
+            budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})
+        done.put(True)
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    for _ in range(100):
+        budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})
+    assert done.get(timeout=60) is True
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    snap = budget.snapshot()
+    assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (201, 802, 0)
+    store.close()
+
+
+@pytest.mark.redis
+def test_close_closes_every_threads_connection(redis_url: str, key_prefix: str) -> None:
+    url, name = _named(redis_url)
+    store = RedisStore(url, key_prefix=key_prefix)
+    budget = Budget(Limits(), name="b", store=store)
+    threads = [threading.Thread(target=budget.record, args=(None, {"input_tokens": 1, "output_tokens": 1}))
+               for _ in range(3)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _connections(redis_url, name)
+    store.close()
+    assert _connections(redis_url, name) == []

@@ -17,7 +17,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import select
 import struct
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -143,6 +147,70 @@ def _bulk(args: list[Any]) -> bytes:
     return b"".join(out)
 
 
+# Bumped in a forked child: a connection made before the fork shares its socket with the parent.
+_forks = 0
+
+
+def _after_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _ThreadConnections:
+    """One connection per thread for the store's own FCALLs, made from a redis-py pool's settings.
+
+    Taking a connection from the pool and giving it back costs a lock, a readiness probe of
+    three system calls and the pool's observability hooks on every command: about 6 us where
+    `benchmarks/stores.py` ran, a tenth of a loopback round trip. A thread keeps its connection
+    instead and probes it with one non-blocking poll, which, like the pool's probe, finds a
+    connection the server closed while it was idle (or one with bytes pending, out of step)
+    and replaces it before anything is sent. A thread's connection closes when the thread ends.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._local = threading.local()
+        self._open: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        entry = getattr(self._local, "entry", None)
+        # The socket is compared too: after `close` its descriptor number may belong to another file.
+        if entry is not None and entry[3] == _forks and entry[0]._sock is entry[1] and not entry[2].poll(0):
+            return entry[0]
+        return self._connect(entry)
+
+    def _connect(self, entry: tuple[Any, Any, Any, int] | None) -> Any:
+        if entry is not None:
+            self.drop()
+        pool = self._pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        conn.connect()
+        poller = select.poll()
+        poller.register(conn._sock, select.POLLIN)
+        self._local.entry = (conn, conn._sock, poller, _forks)
+        with self._lock:
+            self._open.add(conn)
+        return conn
+
+    def drop(self) -> None:
+        """Close this thread's connection (its state is unknown after a failed call)."""
+        entry = getattr(self._local, "entry", None)
+        self._local.entry = None
+        if entry is not None:
+            entry[0].disconnect()
+
+    def close(self) -> None:
+        """Close every thread's connection; a thread that calls again gets a new one."""
+        with self._lock:
+            conns = list(self._open)
+        for conn in conns:
+            conn.disconnect()
+
+
 def _safe_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -235,9 +303,9 @@ class RedisStore:
         self._ascript: Any = None if self._aclient is None else self._aclient.register_script(self._program.script)
         self._functions = True
         self._response_error = redis.ResponseError
-        # See `_fcall`: the pool of a client this store opened, and the packed start of an FCALL
-        # per family (keyed by its first key).
-        self._pool: Any = self._client.connection_pool if self._from_url is not None else None
+        # See `_fcall`: connections for a client this store opened, and the packed start of an
+        # FCALL per family (keyed by its first key).
+        self._conns = _ThreadConnections(self._client.connection_pool) if self._from_url is not None else None
         self._packed: dict[str | bytes, bytes] = {}
         # Arguments go out as bytes where they can be prepared once: redis-py passes bytes through
         # and encodes every str on every call (a visible share of a call's client-side time).
@@ -303,17 +371,17 @@ class RedisStore:
         """One FCALL with the sync client.
 
         A client the store opened from a URL gets the command as bytes packed here (the function
-        name, key count and keys once per family) on a connection from its pool: redis-py's
-        generic path encodes and packs every argument and wraps the call in its retry and
-        observability machinery, which cost about 12 us a call (a quarter of a loopback round
-        trip) where `benchmarks/stores.py` ran. Without that retry a connection that fails during
-        the call fails it with `StoreError` instead of sending it again, which for a reserve or
-        settle that may already have run is the safe outcome (the pool still replaces a
-        connection the server closed while it was idle). A client passed in keeps its own
-        configuration, retries included: it gets a plain ``fcall``.
+        name, key count and keys once per family) on this thread's own connection (see
+        `_ThreadConnections`): redis-py's generic path encodes and packs every argument and
+        wraps the call in its pool, retry and observability machinery, which cost about 12 us a
+        call (a quarter of a loopback round trip) where `benchmarks/stores.py` ran. Without that
+        retry a connection that fails during the call fails it with `StoreError` instead of
+        sending it again, which for a reserve or settle that may already have run is the safe
+        outcome. A client passed in keeps its own configuration, retries included: it gets a
+        plain ``fcall``.
         """
-        pool = self._pool
-        if pool is None:
+        conns = self._conns
+        if conns is None:
             return self._client.fcall(self._program.name, len(keys), *keys, *argv)
         head = self._packed.get(keys[0])
         if head is None:
@@ -325,17 +393,15 @@ class RedisStore:
             if type(arg) is str:
                 arg = arg.encode()
             parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-        conn = pool.get_connection()
+        conn = conns.get()
         try:
             conn.send_packed_command([b"".join(parts)])
             return conn.read_response()
         except self._response_error:
             raise  # the whole error reply was read: the connection is still in step
         except BaseException:
-            conn.disconnect()  # a reply may be half read: the connection must not be reused
+            conns.drop()  # a reply may be half read: the connection must not be reused
             raise
-        finally:
-            pool.release(conn)
 
     def _invoke(self, keys: list[Any], argv: list[Any]) -> Any:
         """FCALL, loading the library first if the server lacks it, or EVALSHA on servers without Functions."""
@@ -699,6 +765,8 @@ class RedisStore:
                 await client.aclose()
 
     def close(self) -> None:
+        if self._conns is not None:
+            self._conns.close()
         if self._owns_client and self._client is not None:
             with mapped_errors(self.url, "close"):
                 self._client.close()
