@@ -271,3 +271,30 @@ async def test_each_async_operation_maps_errors(
     }
     with pytest.raises(StoreError, match=re.escape(f"failed ({op[1:]}): ConnectionError: gone")):
         await calls[op]()
+
+
+@pytest.mark.redis
+async def test_a_call_cancelled_while_it_waits_for_its_reply_does_not_leave_the_reply_for_the_next(
+    redis_url: str, key_prefix: str, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("the store's asyncio client runs on asyncio")
+    async with RedisStore(redis_url, key_prefix=key_prefix) as store:
+        budget = Budget(Limits(max_total_tokens=10**9), name="b", store=store)
+        await budget.areserve(prompt_tokens=1, max_output_tokens=1)  # the asyncio client is open
+        for steps in range(40):  # cancel at every point of the call: before the send, after it, ...
+            task = asyncio.ensure_future(budget.areserve(prompt_tokens=1, max_output_tokens=1))
+            for _ in range(steps % 8):
+                await asyncio.sleep(0)
+            if steps >= 8:
+                await asyncio.sleep(0.00005 * (steps - 8))
+            task.cancel()
+            try:
+                (await task).release("not needed")
+            except asyncio.CancelledError:
+                pass
+        for _ in range(20):  # every later reply answers its own call
+            reservation = await budget.areserve(prompt_tokens=3, max_output_tokens=2)
+            await reservation.asettle(_usage(3, 1))
+        snap = budget.snapshot()
+        assert (snap.llm_calls, snap.total_tokens) == (20, 80)

@@ -383,6 +383,19 @@ class RedisStore:
         conns = self._conns
         if conns is None:
             return self._client.fcall(self._program.name, len(keys), *keys, *argv)
+        command = self._packed_fcall(keys, argv)
+        conn = conns.get()
+        try:
+            conn.send_packed_command([command])
+            return conn.read_response()
+        except self._response_error:
+            raise  # the whole error reply was read: the connection is still in step
+        except BaseException:
+            conns.drop()  # a reply may be half read: the connection must not be reused
+            raise
+
+    def _packed_fcall(self, keys: list[Any], argv: list[Any]) -> bytes:
+        """The FCALL as bytes on the wire (the function name, key count and keys packed once per family)."""
         head = self._packed.get(keys[0])
         if head is None:
             if len(self._packed) >= _CACHE_MAX:
@@ -393,15 +406,7 @@ class RedisStore:
             if type(arg) is str:
                 arg = arg.encode()
             parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-        conn = conns.get()
-        try:
-            conn.send_packed_command([b"".join(parts)])
-            return conn.read_response()
-        except self._response_error:
-            raise  # the whole error reply was read: the connection is still in step
-        except BaseException:
-            conns.drop()  # a reply may be half read: the connection must not be reused
-            raise
+        return b"".join(parts)
 
     def _invoke(self, keys: list[Any], argv: list[Any]) -> Any:
         """FCALL, loading the library first if the server lacks it, or EVALSHA on servers without Functions."""
@@ -439,19 +444,37 @@ class RedisStore:
 
         if self._functions:
             try:
-                return await client.fcall(self._program.name, len(keys), *keys, *argv)
+                return await self._afcall(client, keys, argv)
             except redis.ResponseError as exc:
                 if fallback(exc) is None:
                     raise
                 try:
                     if fallback(exc) == "load":
                         await client.function_load(self._program.library, replace=True)
-                        return await client.fcall(self._program.name, len(keys), *keys, *argv)
+                        return await self._afcall(client, keys, argv)
                 except redis.ResponseError as again:
                     if fallback(again) != "eval":
                         raise
                 self._functions = False
         return await self._ascript(keys=keys, args=argv)
+
+    async def _afcall(self, client: Any, keys: list[Any], argv: list[Any]) -> Any:
+        """`_fcall` with the asyncio client: a client the store opened gets the command packed here."""
+        if self._from_url is None:
+            return await client.fcall(self._program.name, len(keys), *keys, *argv)
+        command = self._packed_fcall(keys, argv)
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(command)
+            return await conn.read_response()
+        except self._response_error:
+            raise
+        except BaseException:  # cancelled or failed mid-call: a reply may be half read
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     def _async_client(self) -> Any:
         """The asyncio client for the running loop (a URL store opens one per loop, lazily)."""
