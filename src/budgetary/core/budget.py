@@ -737,6 +737,13 @@ class Budget:
         """This budget's figures now (and its parents', under ``.parent``)."""
         return self._snapshot_of(self._store.figures(self._chain, self._clock()))
 
+    async def asnapshot(self) -> Snapshot:
+        """`snapshot` for async code: never blocks the event loop (and works on an asyncio-only store)."""
+        store = self._store
+        if not is_async_store(store):
+            return await off_loop(store, self.snapshot)
+        return self._snapshot_of(await cast(AsyncStore, store).afigures(self._chain, self._clock()))
+
     def _snapshot_of(self, figures: list[Any]) -> Snapshot:
         limits: list[Limits] = []
         node: Budget | None = self
@@ -753,6 +760,13 @@ class Budget:
         an overrun nobody covered.
         """
         return agent_report(self._store.agents(self._key, self._clock()))
+
+    async def areport(self) -> dict[str, dict[str, Any]]:
+        """`report` for async code: never blocks the event loop (and works on an asyncio-only store)."""
+        store = self._store
+        if not is_async_store(store):
+            return await off_loop(store, self.report)
+        return agent_report(await cast(AsyncStore, store).aagents(self._key, self._clock()))
 
     # -- governing plain functions -----------------------------------------------------
 

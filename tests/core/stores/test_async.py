@@ -106,3 +106,21 @@ async def test_a_slow_store_does_not_stall_other_tasks(sqlite_store: SQLiteStore
         during = len(ticks)
         tg.cancel_scope.cancel()
     assert during >= 5  # the ticker kept running while the store blocked for 0.3 s
+
+
+async def test_async_snapshot_and_report_match_the_sync_ones(open_store: Opener, anyio_backend: str) -> None:
+    budget = Budget(Limits(max_total_tokens=1_000), name="a", store=open_store())
+    budget.agent("writer", max_tokens=400)
+    budget.agent("helper")
+    call = await budget.areserve("writer", prompt_tokens=100, max_output_tokens=50)
+    await budget.areserve("helper", prompt_tokens=5, max_output_tokens=5)  # still held
+    await call.asettle({"input_tokens": 90, "output_tokens": 20})
+    snap = await budget.asnapshot()
+    assert (snap.total_tokens, snap.held_tokens, snap.llm_calls) == (110, 10, 1)
+    assert snap == budget.snapshot()
+    report = await budget.areport()
+    assert report == {
+        "writer": {"allocated": 400, "consumed": 110, "remaining": 290},
+        "helper": {"allocated": None, "consumed": 0, "remaining": None},
+    }
+    assert report == budget.report()

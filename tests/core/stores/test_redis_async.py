@@ -298,3 +298,22 @@ async def test_a_call_cancelled_while_it_waits_for_its_reply_does_not_leave_the_
             await reservation.asettle(_usage(3, 1))
         snap = budget.snapshot()
         assert (snap.llm_calls, snap.total_tokens) == (20, 80)
+
+
+@pytest.mark.redis
+async def test_an_asyncio_only_store_reads_its_figures_with_the_async_api(
+    redis_url: str, key_prefix: str, async_client: Any, anyio_backend: str
+) -> None:
+    store = RedisStore(async_client, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=store)
+    budget.agent("writer", max_tokens=100)
+    async with budget.llm_call("writer", prompt_tokens=3, max_output_tokens=2) as call:
+        await call.asettle(_usage(3, 1))
+    with pytest.raises(UsageError, match="async API"):
+        budget.snapshot()
+    snap = await budget.asnapshot()
+    assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (1, 4, 0)
+    assert await budget.areport() == {"writer": {"allocated": 100, "consumed": 4, "remaining": 96}}
+    reader = RedisStore(redis_url, key_prefix=key_prefix)  # the sync view of the same state
+    assert Budget(Limits(max_llm_calls=5), name="b", store=reader).snapshot() == snap
+    reader.close()

@@ -184,6 +184,9 @@ class AsyncStore(Protocol):
     async def afigures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
         """`Store.figures`, awaited."""
 
+    async def aagents(self, key: str, now: float) -> dict[str | None, AgentState]:
+        """`Store.agents`, awaited."""
+
 
 def is_async_store(store: object) -> bool:
     """Whether ``store`` has the `AsyncStore` twins (a class attribute check: cheaper than a Protocol isinstance)."""

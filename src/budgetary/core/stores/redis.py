@@ -724,8 +724,7 @@ class RedisStore:
         return _figures(_json(self._call(*self._figures_request(chain, now)), None))
 
     def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
-        result = _json(self._call(*self._figures_request((key,), now)), None)
-        return level_from_doc(_items(result["lv"])[0]).agents
+        return _agents(_json(self._call(*self._figures_request((key,), now)), None))
 
     def entries(self, scope: str) -> list[LedgerEntry]:
         if self._client is None:
@@ -779,6 +778,10 @@ class RedisStore:
     async def afigures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
         """`figures`, awaited on the running loop."""
         return _figures(_json(await self._acall(*self._figures_request(chain, now)), None))
+
+    async def aagents(self, key: str, now: float) -> dict[str | None, AgentState]:
+        """`agents`, awaited on the running loop."""
+        return _agents(_json(await self._acall(*self._figures_request((key,), now)), None))
 
     async def aclose(self) -> None:
         """Close the asyncio client the store opened (a client passed in is left open)."""
@@ -884,6 +887,11 @@ def _figures(result: dict[str, Any]) -> list[LevelFigures]:
         LevelFigures(lv.key, lv.name, lv.limits, lv.spent, lv.held, lv.window_start, lv.window)
         for lv in (level_from_doc(doc) for doc in _items(result["lv"]))
     ]
+
+
+def _agents(result: dict[str, Any]) -> dict[str | None, AgentState]:
+    """The agents of the one level a figures request asked for."""
+    return level_from_doc(_items(result["lv"])[0]).agents
 
 
 def _llm_usage(x: dict[str, Any]) -> tuple[Usage, Decimal | None]:
