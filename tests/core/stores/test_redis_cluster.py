@@ -1,0 +1,112 @@
+"""The Redis store on a real Redis Cluster: each budget family's keys in one slot, parents in one call.
+
+Needs a cluster node in BUDGETARY_REDIS_CLUSTER_URL (`.ci/run` starts a three-node cluster and sets it,
+with BUDGETARY_REQUIRE_REDIS_CLUSTER=1 so that these tests fail there instead of skipping).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("redis")
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
+from budgetary import Budget, BudgetExceeded, Limits
+from budgetary.core.stores.redis import RedisStore
+
+pytestmark = [pytest.mark.redis, pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")]
+
+CLUSTER_URL = os.environ.get("BUDGETARY_REDIS_CLUSTER_URL")
+REQUIRE_CLUSTER = os.environ.get("BUDGETARY_REQUIRE_REDIS_CLUSTER") == "1"
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    """A sync RedisCluster client; skips (fails under BUDGETARY_REQUIRE_REDIS_CLUSTER=1) without a cluster."""
+    reason = None
+    if not CLUSTER_URL:
+        reason = "BUDGETARY_REDIS_CLUSTER_URL is not set (a Redis Cluster node URL; .ci/run starts a cluster)"
+    else:
+        try:
+            client = RedisCluster.from_url(CLUSTER_URL, socket_connect_timeout=1)
+            client.ping()
+        except Exception as exc:
+            reason = f"no Redis Cluster at {CLUSTER_URL} ({exc!r})"
+    if reason is not None:
+        if REQUIRE_CLUSTER:
+            pytest.fail(f"BUDGETARY_REQUIRE_REDIS_CLUSTER=1 but {reason}")
+        pytest.skip(reason)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(cluster: Any) -> Iterator[str]:
+    """A fresh key prefix; its keys are deleted from every node afterwards."""
+    value = f"budgetary-test:{uuid.uuid4().hex[:10]}:"
+    yield value
+    for key in cluster.scan_iter(match=value + "*"):
+        cluster.delete(key)
+
+
+def test_families_keep_to_one_slot_each_and_parents_are_charged_in_one_call(cluster: Any, prefix: str) -> None:
+    store = RedisStore(cluster, key_prefix=prefix)
+    names = ["day", "tenant-1", 'x"{y}\n', "{day}"]  # different slots, hostile names
+    for name in names:
+        day = Budget(Limits(max_llm_calls=100, window="1d"), name=name, store=store)
+        tenant = Budget(Limits(max_total_tokens=1_000), name=name + "/tenant", parent=day)
+        run = Budget(Limits(max_llm_calls=2), name=name + "/run", parent=tenant)
+        run.agent("writer", max_tokens=500)
+        with run.llm_call("writer", prompt_tokens=30, max_output_tokens=20) as call:
+            call.settle({"input_tokens": 30, "output_tokens": 10})
+        run.reserve("writer", prompt_tokens=5, max_output_tokens=5).release("tool failed")
+        run.record("writer", {"input_tokens": 1, "output_tokens": 1})
+        with pytest.raises(BudgetExceeded) as info:
+            run.reserve("writer", prompt_tokens=1, max_output_tokens=1)
+        assert info.value.resource == "llm_calls"
+        assert [s.llm_calls for s in (run.snapshot(), tenant.snapshot(), day.snapshot())] == [2, 2, 2]
+        assert tenant.snapshot().total_tokens == 42
+        assert run.report() == {"writer": {"allocated": 500, "consumed": 42, "remaining": 458}}
+        assert [e.kind for e in run.ledger.history()] == ["llm", "release", "llm", "soft_limit", "deny"]
+    keys = [k.decode() for k in cluster.scan_iter(match=prefix + "*")]
+    slots: dict[str, set[int]] = {}
+    for key in keys:
+        tag = key[len(prefix) :].split("}", 1)[0]
+        slots.setdefault(tag, set()).add(cluster.keyslot(key))
+    assert len(slots) == len(names)  # one family per root budget
+    assert all(len(s) == 1 for s in slots.values())
+    assert len({next(iter(s)) for s in slots.values()}) > 1  # and the families are spread over slots
+    store.close()
+
+
+@pytest.fixture
+async def async_cluster(cluster: Any) -> AsyncIterator[Any]:
+    assert CLUSTER_URL is not None
+    client = AsyncRedisCluster.from_url(CLUSTER_URL)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_asyncio_cluster_client_serves_the_async_api(
+    async_cluster: Any, cluster: Any, prefix: str, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("redis.asyncio runs on asyncio")
+    store = RedisStore(async_cluster, key_prefix=prefix)
+    tenant = Budget(Limits(max_total_tokens=100), name="tenant", store=store)
+    run = Budget(Limits(), name="run", parent=tenant)
+    async with run.llm_call(prompt_tokens=30, max_output_tokens=20) as call:
+        await call.asettle({"input_tokens": 30, "output_tokens": 10})
+    with pytest.raises(BudgetExceeded) as info:
+        await run.areserve(prompt_tokens=50, max_output_tokens=20)
+    assert (info.value.budget, info.value.resource) == ("tenant", "total_tokens")
+    assert (await run.asnapshot()).total_tokens == 40
+    reader = RedisStore(cluster, key_prefix=prefix)  # the same state through the sync client
+    assert Budget(Limits(max_total_tokens=100), name="tenant", store=reader).snapshot().total_tokens == 40
