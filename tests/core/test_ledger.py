@@ -145,3 +145,28 @@ def test_an_llm_entry_prices_its_usage_and_behaves_like_a_plain_entry(tmp_path):
     assert unpriced.cost_usd is None and unpriced.usage == Usage(input_tokens=5)
     plain = LedgerEntry(id=1, time=0.0, budget="b", agent=None, kind="skip")
     assert plain.usage is None and plain.cost_usd is None
+
+
+def test_a_bounded_memory_ledger_keeps_the_newest_entries_and_exact_counters() -> None:
+    from budgetary.core.stores import MemoryStore
+
+    budget = Budget(Limits(max_total_tokens=1_000), name="daily", store=MemoryStore(ledger_max_len=5))
+    budget.agent("worker", max_tokens=800)
+    for i in range(12):
+        with budget.llm_call("worker", model=MODEL, prompt_tokens=10, max_output_tokens=10) as call:
+            call.settle({"input_tokens": 10, "output_tokens": i})
+    history = budget.ledger.history()
+    assert [e.id for e in history] == [8, 9, 10, 11, 12]
+    assert [e.usage.output_tokens for e in history if e.usage] == [7, 8, 9, 10, 11]
+    assert budget.snapshot().total_tokens == 120 + sum(range(12))  # counters are never trimmed
+    assert budget.report()["worker"]["consumed"] == 120 + sum(range(12))
+    assert len(read_jsonl(io.StringIO(budget.ledger.to_jsonl()))) == 5
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "10"])
+def test_a_memory_ledger_bound_must_be_a_count(bad: object) -> None:
+    from budgetary import ConfigurationError
+    from budgetary.core.stores import MemoryStore
+
+    with pytest.raises(ConfigurationError, match="ledger_max_len must be an int >= 0"):
+        MemoryStore(ledger_max_len=bad)  # type: ignore[arg-type]

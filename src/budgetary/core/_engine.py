@@ -10,6 +10,7 @@ counts calls whose model had no price.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -168,12 +169,15 @@ _ALLOWED = Outcome()
 class Engine:
     """State plus the rules. Stores own one (memory) or build one per transaction (SQLite)."""
 
-    def __init__(self, sink: Sink | None = None, guard: AbstractContextManager[Any] | None = None) -> None:
+    def __init__(
+        self, sink: Sink | None = None, guard: AbstractContextManager[Any] | None = None, ledger_max_len: int = 0
+    ) -> None:
         self.guard: AbstractContextManager[Any] = guard if guard is not None else threading.RLock()
         """Taken by `reserve` and `settle`, so a store can expose them without a wrapper of its own."""
         self.levels: dict[str, Level] = {}
         self.holds: dict[str, Hold] = {}
-        self.entries: list[LedgerEntry] = []
+        self.entries: deque[LedgerEntry] = deque(maxlen=ledger_max_len or None)
+        """The ledger when no ``sink`` is given: the newest ``ledger_max_len`` entries (0: all)."""
         self.seq = 0
         self.next_expiry = float("inf")
         self._sink = sink if sink is not None else self.entries.append

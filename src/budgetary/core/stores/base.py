@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from budgetary.core._engine import AgentState, Engine, Meta, Outcome, Vector
 from budgetary.core.contract import AgentContract
+from budgetary.core.errors import ConfigurationError
 from budgetary.core.guard import Decision
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
@@ -186,6 +187,13 @@ class AsyncStore(Protocol):
 
     async def aagents(self, key: str, now: float) -> dict[str | None, AgentState]:
         """`Store.agents`, awaited."""
+
+
+def ledger_max_len(value: Any, store: str) -> int:
+    """A store's ``ledger_max_len`` argument, checked: an int >= 0 (0 keeps every entry)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{store} ledger_max_len must be an int >= 0, got {value!r}")
+    return value
 
 
 def is_async_store(store: object) -> bool:

@@ -8,6 +8,7 @@ from types import TracebackType
 from budgetary.core._engine import Engine
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.stores.base import EngineStore
+from budgetary.core.stores.base import ledger_max_len as _checked
 
 __all__ = ["MemoryStore"]
 
@@ -20,18 +21,24 @@ class MemoryStore(EngineStore):
     both simpler and faster than ordered per-key locks. Operations never block
     on I/O, so calling them from asyncio code is safe.
 
+    The ledger keeps every entry (about 2 KB each) unless ``ledger_max_len`` bounds it to the
+    newest entries; counters, snapshots and reports stay exact either way. Bound it in a
+    long-lived process that keeps one budget for many calls (a server's daily budget).
+
     Example:
         ```python
         store = MemoryStore()
         run = Budget(Limits(max_llm_calls=10), store=store)
+        daily = Budget(Limits(max_cost_usd=50, window="1d"), store=MemoryStore(ledger_max_len=100_000))
         ```
     """
 
     url = "memory://"
 
-    def __init__(self) -> None:
+    def __init__(self, *, ledger_max_len: int = 0) -> None:
+        self.ledger_max_len = _checked(ledger_max_len, "MemoryStore")
         self._lock = threading.RLock()
-        self._engine = Engine(guard=self._lock)
+        self._engine = Engine(guard=self._lock, ledger_max_len=self.ledger_max_len)
         self._locked = _Locked(self._lock, self._engine)
         # The two operations every LLM call makes go straight to the engine, which takes the
         # lock itself: a wrapper here would cost as much as the engine work it guards.
