@@ -250,7 +250,7 @@ def test_a_forked_child_does_not_share_its_parents_connection(redis_url: str, ke
             budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})
         done.put(True)
 
-    proc = ctx.Process(target=child)
+    proc = ctx.Process(target=child, daemon=True)
     proc.start()
     for _ in range(100):
         budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})

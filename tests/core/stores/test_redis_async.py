@@ -15,7 +15,7 @@ redis = pytest.importorskip("redis")
 import redis.asyncio as aioredis  # noqa: E402
 from redis import exceptions as redis_exceptions  # noqa: E402
 
-from budgetary import Budget, BudgetExceeded, Limits, Price, StoreError, UsageError  # noqa: E402
+from budgetary import Budget, BudgetExceeded, Limits, Price, StoreError  # noqa: E402
 from budgetary.core.stores.base import is_async_store  # noqa: E402
 from budgetary.core.stores.redis import RedisStore  # noqa: E402
 from tests.conftest import FakeClock  # noqa: E402
@@ -200,23 +200,41 @@ async def test_concurrent_tasks_never_pass_a_cap(
 
 
 @pytest.mark.redis
-async def test_sync_calls_on_an_asyncio_only_store_say_what_to_do(
+async def test_sync_calls_on_an_asyncio_only_store_work_from_the_loop_and_from_threads(
     key_prefix: str, async_client: Any, anyio_backend: str
 ) -> None:
-    budget = Budget(Limits(), name="b", store=RedisStore(async_client, key_prefix=key_prefix))
-    message = "has only a redis.asyncio client, so it cannot serve the sync call 'figures': use the async API"
-    with pytest.raises(UsageError, match=re.escape(message)):
-        budget.snapshot()
-    with pytest.raises(UsageError, match=re.escape("give the store a redis:// URL or a sync redis.Redis client")):
-        budget.reserve(prompt_tokens=1, max_output_tokens=1)
-    await budget.areserve(prompt_tokens=1, max_output_tokens=1)
-    # From another thread (a sync callback in a thread pool, the lease keeper) the call runs on the loop.
-    snap = await asyncio.to_thread(budget.snapshot)
-    assert snap.held_tokens == 2
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=RedisStore(async_client, key_prefix=key_prefix))
+    budget.agent("writer", max_tokens=100)  # setup waits for the first call, sync or async
+    assert budget.snapshot().llm_calls == 0  # a sync call from the loop's own thread
+    budget.reserve("writer", prompt_tokens=3, max_output_tokens=2).settle(_usage(3, 1))
+    held = await budget.areserve("writer", prompt_tokens=1, max_output_tokens=1)
+    snap = await asyncio.to_thread(budget.snapshot)  # and from another thread
+    assert (snap.llm_calls, snap.total_tokens, snap.held_tokens) == (1, 4, 2)
+    assert budget.report() == {"writer": {"allocated": 100, "consumed": 4, "remaining": 96}}
+    await held.asettle(_usage(1, 1))
+    assert [e.kind for e in budget.ledger.history()] == ["llm", "llm"]
+    assert budget.snapshot() == await budget.asnapshot()
 
 
 @pytest.mark.redis
-async def test_the_lease_keeper_renews_through_the_loop(key_prefix: str, async_client: Any, anyio_backend: str) -> None:
+async def test_sync_setup_then_async_calls_share_one_state(
+    redis_url: str, key_prefix: str, async_client: Any, anyio_backend: str
+) -> None:
+    store = RedisStore(async_client, key_prefix=key_prefix)
+    budget = Budget(Limits(max_total_tokens=100), name="b", store=store)
+    assert budget.check().allowed  # the sync path makes the waiting setup calls
+    assert not store._setup
+    async with budget.llm_call(prompt_tokens=30, max_output_tokens=20) as call:
+        await call.asettle(_usage(30, 10))
+    reader = RedisStore(redis_url, key_prefix=key_prefix)
+    assert Budget(Limits(max_total_tokens=100), name="b", store=reader).snapshot().total_tokens == 40
+    reader.close()
+    store.close()  # closes the store's copy of the client, not the caller's client
+    assert await async_client.ping()
+
+
+@pytest.mark.redis
+async def test_the_lease_keeper_renews_from_its_thread(key_prefix: str, async_client: Any, anyio_backend: str) -> None:
     store = RedisStore(async_client, key_prefix=key_prefix)
     budget = Budget(Limits(), name="b", store=store)
     async with budget.llm_call(prompt_tokens=1, max_output_tokens=1) as call:
@@ -309,11 +327,35 @@ async def test_an_asyncio_only_store_reads_its_figures_with_the_async_api(
     budget.agent("writer", max_tokens=100)
     async with budget.llm_call("writer", prompt_tokens=3, max_output_tokens=2) as call:
         await call.asettle(_usage(3, 1))
-    with pytest.raises(UsageError, match="async API"):
-        budget.snapshot()
     snap = await budget.asnapshot()
     assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (1, 4, 0)
     assert await budget.areport() == {"writer": {"allocated": 100, "consumed": 4, "remaining": 96}}
     reader = RedisStore(redis_url, key_prefix=key_prefix)  # the sync view of the same state
     assert Budget(Limits(max_llm_calls=5), name="b", store=reader).snapshot() == snap
     reader.close()
+
+
+@pytest.mark.redis
+def test_sync_calls_on_an_asyncio_only_store_work_in_a_forked_child(redis_url: str, key_prefix: str) -> None:
+    import multiprocessing
+
+    store = RedisStore(aioredis.Redis.from_url(redis_url), key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=100), name="b", store=store)
+    budget.record(None, _usage(1, 1))  # the private loop and the client's copy exist in the parent
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+
+    def child() -> None:  # inherits the store, the loop object, but not the loop's thread
+        for _ in range(10):
+            budget.reserve(prompt_tokens=3, max_output_tokens=2).settle(_usage(3, 1))
+        done.put(budget.snapshot().llm_calls)
+
+    proc = ctx.Process(target=child, daemon=True)
+    proc.start()
+    for _ in range(10):
+        budget.reserve(prompt_tokens=3, max_output_tokens=2).settle(_usage(3, 1))
+    assert done.get(timeout=30) >= 11
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
+    assert budget.snapshot().llm_calls == 21
+    store.close()

@@ -17,7 +17,7 @@ pytest.importorskip("redis")
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
-from budgetary import Budget, BudgetExceeded, Limits
+from budgetary import Budget, BudgetExceeded, Limits, UsageError
 from budgetary.core.stores.redis import RedisStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")]
@@ -108,5 +108,7 @@ async def test_an_asyncio_cluster_client_serves_the_async_api(
         await run.areserve(prompt_tokens=50, max_output_tokens=20)
     assert (info.value.budget, info.value.resource) == ("tenant", "total_tokens")
     assert (await run.asnapshot()).total_tokens == 40
+    with pytest.raises(UsageError, match=r"only a redis\.asyncio\.RedisCluster client"):
+        run.snapshot()  # no pool to copy for sync calls: the message says what to use instead
     reader = RedisStore(cluster, key_prefix=prefix)  # the same state through the sync client
     assert Budget(Limits(max_total_tokens=100), name="tenant", store=reader).snapshot().total_tokens == 40

@@ -22,13 +22,13 @@ import select
 import struct
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from decimal import Decimal
 from importlib import resources
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from budgetary.core._engine import (
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 __all__ = ["RedisStore"]
+
+T = TypeVar("T")
 
 _SUFFIXES = ("levels", "holds", "ledger")
 # One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
@@ -212,6 +214,35 @@ class _ThreadConnections:
             conn.disconnect()
 
 
+class _PrivateLoop:
+    """An event loop in a daemon thread, shared by every store that serves sync calls over asyncio.
+
+    A store built on a caller's ``redis.asyncio`` client answers sync calls (`Budget.snapshot`,
+    the setup `Budget(...)` makes, the lease keeper's renewals) with a copy of that client running
+    here: the caller's own loop may be the very thread that is waiting, so it cannot serve them.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._forks = -1
+        self._lock = threading.Lock()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the private loop and wait for its result in this thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self._running()).result()
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._forks != _forks:  # a forked child has the loop but not its thread
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="budgetary-redis-sync", daemon=True).start()
+                self._loop, self._forks = loop, _forks
+            return self._loop
+
+
+_private_loop = _PrivateLoop()
+
+
 def _safe_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -247,8 +278,10 @@ class RedisStore:
         url: A ``redis://``/``rediss://``/``unix://`` URL (the store opens a sync client, and an
             asyncio client on first async use), a ``redis.Redis``/``redis.RedisCluster`` client, or a
             ``redis.asyncio.Redis``/``redis.asyncio.RedisCluster`` client. A client passed in is not
-            closed by the store. With an asyncio client only, use the async API (`Budget.areserve`,
-            ``async with budget.llm_call(...)``, `Reservation.asettle`); see `RedisStore` docs.
+            closed by the store. With an asyncio client only, the async API (`Budget.areserve`,
+            ``async with budget.llm_call(...)``, `Reservation.asettle`, `Budget.asnapshot`) runs on
+            your loop, and sync calls are made by a copy of the client on a private loop (see
+            `_bridge`; not for ``redis.asyncio.RedisCluster``, whose sync calls raise `UsageError`).
         key_prefix: Prepended to every key; must not contain ``{`` or ``}`` (they would change the
             Cluster hash tag).
         ledger_max_len: Ledger entries kept per budget family, newest last (0 keeps all).
@@ -319,10 +352,12 @@ class RedisStore:
         # chain and agent, and its amounts as sent (a settle passes them back, so the script need
         # not read the hold). Single dict operations are atomic, so threads need no lock here.
         self._hold_keys: dict[str, tuple[list[bytes], tuple[str, ...], str | None, bytes]] = {}
-        # An asyncio-only store cannot run the setup calls `Budget` makes synchronously
-        # (`ensure_budget`, `ensure_agent`): they wait here for the first async operation.
+        # On an asyncio-only store the setup calls `Budget` makes synchronously (`ensure_budget`,
+        # `ensure_agent`) wait here for the first call, async or sync, which makes them first.
         self._setup: list[tuple[list[str], list[str], str]] = []
         self._setup_lock: asyncio.Lock | None = None
+        # A store built on an asyncio client serves sync calls with a copy of it (see `_bridge`).
+        self._twin: tuple[Any, int] | None = None
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -456,7 +491,8 @@ class RedisStore:
                     if fallback(again) != "eval":
                         raise
                 self._functions = False
-        return await self._ascript(keys=keys, args=argv)
+        script = self._ascript if client is self._aclient else client.register_script(self._program.script)
+        return await script(keys=keys, args=argv)
 
     async def _afcall(self, client: Any, keys: list[Any], argv: list[Any]) -> Any:
         """`_fcall` with the asyncio client: a client the store opened gets the command packed here."""
@@ -493,29 +529,46 @@ class RedisStore:
         if self._setup_lock is None:
             self._setup_lock = asyncio.Lock()
         async with self._setup_lock:
-            client = self._aclient
-            while self._setup:
-                keys, argv, what = self._setup[0]
-                with mapped_errors(self.url, what):
-                    await self._ainvoke(client, keys, argv)
-                self._setup.pop(0)
+            await self._drain_setup(self._aclient)
+
+    async def _drain_setup(self, client: Any) -> None:
+        """Make the setup calls that waited for a connection (each is idempotent: running one twice is harmless)."""
+        for item in list(self._setup):
+            keys, argv, what = item
+            with mapped_errors(self.url, what):
+                await self._ainvoke(client, keys, argv)
+            if item in self._setup:  # the other path (async or sync) may have made it meanwhile
+                self._setup.remove(item)
 
     def _bridge(self, keys: list[Any], argv: list[Any]) -> str:
-        """A sync call on an asyncio-only store: run it on the client's loop from another thread, or refuse."""
-        loop = self._aloop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or running is not None or not loop.is_running():
-            raise UsageError(
-                f"RedisStore {self.url} has only a redis.asyncio client, so it cannot serve the sync call "
-                f"{argv[0]!r}: use the async API (await budget.areserve(...), async with budget.llm_call(...), "
-                "await reservation.asettle(...)), or give the store a redis:// URL or a sync redis.Redis client"
-            )
-        # A sync caller in another thread (the lease keeper, a sync callback run in a thread pool):
-        # the asyncio client's connections belong to its loop, so the call runs there.
-        return asyncio.run_coroutine_threadsafe(self._acall(keys, argv), loop).result()
+        """A sync call on a store built on an asyncio client: made by a copy of that client, on a private loop.
+
+        The caller may be the thread running the client's own loop (sync code in a coroutine), which
+        then cannot serve it; like any sync Redis call, it blocks its thread for one round trip.
+        """
+        return _private_loop.run(self._twin_call(self._twin_client(argv[0]), keys, argv))
+
+    async def _twin_call(self, client: Any, keys: list[Any], argv: list[Any]) -> str:
+        if self._setup:
+            await self._drain_setup(client)
+        with mapped_errors(self.url, argv[0]):
+            raw = await self._ainvoke(client, keys, argv)
+        return raw if type(raw) is str else raw.decode()
+
+    def _twin_client(self, what: str) -> Any:
+        """The copy of the asyncio client that `_bridge` uses (same connection class and settings)."""
+        twin = self._twin
+        if twin is None or twin[1] != _forks:
+            pool = getattr(self._aclient, "connection_pool", None)
+            if pool is None:  # redis.asyncio.RedisCluster: no pool to copy
+                raise UsageError(
+                    f"RedisStore {self.url} has only a redis.asyncio.RedisCluster client, so it cannot serve the "
+                    f"sync call {what!r}: use the async API (await budget.areserve(...), await budget.asnapshot(), "
+                    "...), or give the store a sync redis.RedisCluster client"
+                )
+            copy = type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
+            twin = self._twin = (type(self._aclient).from_pool(copy), _forks)
+        return twin[0]
 
     def _setup_call(self, keys: list[str], argv: list[Any]) -> str:
         if self._client is None and self._aloop is None:
@@ -727,13 +780,12 @@ class RedisStore:
         return _agents(_json(self._call(*self._figures_request((key,), now)), None))
 
     def entries(self, scope: str) -> list[LedgerEntry]:
-        if self._client is None:
-            raise UsageError(
-                f"RedisStore {self.url} has only a redis.asyncio client: read the ledger through a store "
-                "opened with a redis:// URL or a sync redis.Redis client"
-            )
+        key = self._family_keys(scope)[2]
         with mapped_errors(self.url, "entries"):
-            records = self._client.lrange(self._family_keys(scope)[2], 0, -1)
+            if self._client is not None:
+                records = self._client.lrange(key, 0, -1)
+            else:
+                records = _private_loop.run(self._twin_client("entries").lrange(key, 0, -1))
         out = []
         for raw in records:
             entry = _entry(json.loads(raw))
@@ -793,6 +845,10 @@ class RedisStore:
     def close(self) -> None:
         if self._conns is not None:
             self._conns.close()
+        twin, self._twin = self._twin, None
+        if twin is not None and twin[1] == _forks:
+            with mapped_errors(self.url, "close"):
+                _private_loop.run(twin[0].aclose())
         if self._owns_client and self._client is not None:
             with mapped_errors(self.url, "close"):
                 self._client.close()
