@@ -35,9 +35,10 @@ __all__ = ["main"]
 
 def _open(url: str, key_prefix: str | None) -> Store:
     if key_prefix is not None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        from budgetary.core.stores.redis import URL_SCHEMES, RedisStore
+
+        if not url.startswith(URL_SCHEMES):
             raise ConfigurationError("--key-prefix applies to Redis stores only")
-        from budgetary.core.stores.redis import RedisStore
 
         return RedisStore(url, key_prefix=key_prefix)
     return open_store(url)

@@ -6,7 +6,9 @@ with BUDGETARY_REQUIRE_REDIS_CLUSTER=1 so that these tests fail there instead of
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,6 +20,8 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from budgetary import Budget, BudgetExceeded, Limits, UsageError
+from budgetary.cli import main as cli_main
+from budgetary.core.stores import store_from_url
 from budgetary.core.stores.redis import RedisStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")]
@@ -112,3 +116,40 @@ async def test_an_asyncio_cluster_client_serves_the_async_api(
         run.snapshot()  # no pool to copy for sync calls: the message says what to use instead
     reader = RedisStore(cluster, key_prefix=prefix)  # the same state through the sync client
     assert Budget(Limits(max_total_tokens=100), name="tenant", store=reader).snapshot().total_tokens == 40
+
+
+def _cluster_scheme_url() -> str:
+    assert CLUSTER_URL is not None and CLUSTER_URL.startswith("redis://")
+    return "redis-cluster://" + CLUSTER_URL[len("redis://") :]
+
+
+def test_a_redis_cluster_url_serves_budgets_and_the_cli(cluster: Any, prefix: str) -> None:
+    url = _cluster_scheme_url()
+    opened = store_from_url(url)
+    assert isinstance(opened, RedisStore)
+    opened.close()
+    with RedisStore(url, key_prefix=prefix) as store:
+        tenant = Budget(Limits(max_total_tokens=100), name="tenant", store=store)
+        run = Budget(Limits(max_llm_calls=5), name="run", parent=tenant)
+        with run.llm_call(prompt_tokens=30, max_output_tokens=20) as call:
+            call.settle({"input_tokens": 30, "output_tokens": 10})
+        with pytest.raises(BudgetExceeded) as info:
+            run.reserve(prompt_tokens=50, max_output_tokens=20)
+        assert (info.value.budget, info.value.resource) == ("tenant", "total_tokens")
+    out = io.StringIO()
+    assert cli_main(["--store", url, "--key-prefix", prefix, "report", "tenant", "run"], out=out) == 0
+    assert re.search(r"total tokens\s+40\s*/\s*100", out.getvalue()), out.getvalue()
+
+
+@pytest.mark.anyio
+async def test_a_redis_cluster_url_opens_an_asyncio_cluster_client_for_the_async_api(
+    cluster: Any, prefix: str, anyio_backend: str
+) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("redis.asyncio runs on asyncio")
+    async with RedisStore(_cluster_scheme_url(), key_prefix=prefix) as store:
+        budget = Budget(Limits(max_llm_calls=2), name="day", store=store)
+        async with budget.llm_call(prompt_tokens=3, max_output_tokens=2) as call:
+            await call.asettle({"input_tokens": 3, "output_tokens": 1})
+        assert type(store._aclient).__name__ == "RedisCluster"
+        assert (await budget.asnapshot()).llm_calls == 1 == budget.snapshot().llm_calls

@@ -2,7 +2,7 @@
 
 ``memory://`` (default) keeps state in this process; ``sqlite:///path.db``
 shares it between the processes of one host; ``redis://`` and ``rediss://``
-between hosts. The SQLite and Redis modules are imported only when their
+(``redis-cluster://`` for a Redis Cluster) between hosts. The SQLite and Redis modules are imported only when their
 scheme is used, so ``import budgetary`` never imports redis.
 """
 
@@ -36,7 +36,10 @@ def _redis(url: str) -> Store:
     return RedisStore(url)
 
 
-SCHEMES: dict[str, Callable[[str], Store]] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis, "rediss": _redis}
+SCHEMES: dict[str, Callable[[str], Store]] = {
+    "memory": _memory, "sqlite": _sqlite, "redis": _redis, "rediss": _redis, "unix": _redis,
+    "redis-cluster": _redis, "rediss-cluster": _redis,
+}  # fmt: skip
 """URL scheme -> factory. A plain dict, so an extension can add its own scheme."""
 
 

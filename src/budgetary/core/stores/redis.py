@@ -58,7 +58,11 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "URL_SCHEMES"]
+
+URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "rediss-cluster://")
+"""The URLs `RedisStore` opens: one server (TCP, TLS, Unix socket), or a Cluster through one of its nodes."""
+_CLUSTER_SCHEMES = {"redis-cluster://": "redis://", "rediss-cluster://": "rediss://"}
 
 T = TypeVar("T")
 
@@ -276,7 +280,9 @@ class RedisStore:
 
     Args:
         url: A ``redis://``/``rediss://``/``unix://`` URL (the store opens a sync client, and an
-            asyncio client on first async use), a ``redis.Redis``/``redis.RedisCluster`` client, or a
+            asyncio client on first async use), a ``redis-cluster://``/``rediss-cluster://`` URL of
+            any node of a Redis Cluster (the same, with cluster clients), a
+            ``redis.Redis``/``redis.RedisCluster`` client, or a
             ``redis.asyncio.Redis``/``redis.asyncio.RedisCluster`` client. A client passed in is not
             closed by the store. With an asyncio client only, the async API (`Budget.areserve`,
             ``async with budget.llm_call(...)``, `Reservation.asettle`, `Budget.asnapshot`) runs on
@@ -307,14 +313,21 @@ class RedisStore:
         self._client: Any = None
         self._aclient: Any = None
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self._from_url: str | None = None
+        self._from_url: str | None = None  # a single server's URL: the store packs its own commands
+        self._cluster_url: str | None = None  # a cluster node's URL, as redis-py's cluster clients take it
         self._socket_timeout = socket_timeout
         if isinstance(url, str):
-            if not url.startswith(("redis://", "rediss://", "unix://")):
-                raise ConfigurationError(f"RedisStore needs a redis://, rediss:// or unix:// URL, got {url!r}")
+            if not url.startswith(URL_SCHEMES):
+                schemes = ", ".join(URL_SCHEMES)
+                raise ConfigurationError(f"RedisStore needs a URL starting with one of {schemes}; got {url!r}")
             self.url = _safe_url(url)
-            self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
-            self._from_url = url
+            scheme = url.partition("://")[0] + "://"
+            if scheme in _CLUSTER_SCHEMES:
+                self._cluster_url = _CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
+                self._client = redis.RedisCluster.from_url(self._cluster_url, socket_timeout=socket_timeout)
+            else:
+                self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+                self._from_url = url
             self._owns_client = True
         elif isinstance(url, (redis.Redis, redis.RedisCluster)):
             self.url = _client_url(url)
@@ -516,11 +529,14 @@ class RedisStore:
         """The asyncio client for the running loop (a URL store opens one per loop, lazily)."""
         loop = asyncio.get_running_loop()
         if self._aloop is not loop:
-            if self._from_url is not None:
+            if self._owns_client:
                 import redis.asyncio
 
                 # An asyncio client's connections belong to the loop that opened them.
-                self._aclient = redis.asyncio.Redis.from_url(self._from_url, socket_timeout=self._socket_timeout)
+                opener = redis.asyncio.Redis if self._cluster_url is None else redis.asyncio.RedisCluster
+                url = self._cluster_url or self._from_url
+                assert url is not None  # a store that owns its clients opened them from a URL
+                self._aclient = opener.from_url(url, socket_timeout=self._socket_timeout)
                 self._ascript = self._aclient.register_script(self._program.script)
             self._aloop, self._setup_lock = loop, None
         return self._aclient
@@ -837,7 +853,7 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Close the asyncio client the store opened (a client passed in is left open)."""
-        if self._from_url is not None and self._aclient is not None:
+        if self._owns_client and self._aclient is not None:
             client, self._aclient, self._aloop = self._aclient, None, None
             with mapped_errors(self.url, "close"):
                 await client.aclose()
