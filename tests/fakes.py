@@ -386,3 +386,19 @@ def __getattr__(name: str) -> Any:
         if _crew_llm is None:
             _crew_llm = _build_fake_crew_llm()
     return _crew_llm
+
+
+def record_store_threads(budget: Any, *operations: str) -> list[str]:
+    """Wrap ``operations`` of ``budget``'s store so each call records the name of the thread it ran in."""
+    store, seen = budget._store, []
+
+    def spying(method: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            seen.append(threading.current_thread().name)
+            return method(*args, **kwargs)
+
+        return spy
+
+    for name in operations:
+        setattr(store, name, spying(getattr(store, name)))
+    return seen

@@ -27,7 +27,7 @@ from budgetary.integrations.langchain import (
     agent_from_metadata,
     budget_scope,
 )
-from tests.fakes import FakeChatModel
+from tests.fakes import FakeChatModel, record_store_threads
 
 USAGE = {
     "input_tokens": 120,
@@ -435,6 +435,35 @@ def test_middleware_interrupt_hands_control_back_then_resumes_after_a_top_up():
     assert budget.snapshot().limits.max_llm_calls == 2  # the top-up was applied once
 
 
+def test_async_middleware_awaits_a_sqlite_store_off_the_loop_then_ends_and_resumes(tmp_path: Any) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget(Limits(max_llm_calls=1), store=f"sqlite:///{tmp_path}/b.db")
+    seen = _spy_store_threads(budget)
+    agent = create_agent(
+        model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="interrupt")],
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "t1"}}
+
+    async def go() -> tuple[Any, Any, str]:
+        paused = await agent.ainvoke({"messages": [("user", "what is an otter?")]}, config)
+        done = await agent.ainvoke(Command(resume={"llm_calls": 1}), config)
+        return paused, done, threading.current_thread().name
+
+    paused, done, loop_thread = asyncio.run(go())
+    during, seen[:] = list(seen), []  # what follows reads the store from this thread, outside the loop
+    assert paused["__interrupt__"][0].value["resource"] == "llm_calls"
+    assert done["messages"][-1].content == "Otters are semi-aquatic mammals."
+    assert provider_calls(model) == 2 == budget.snapshot().llm_calls
+    assert budget.snapshot().held_llm_calls == 0
+    assert during and loop_thread not in during
+
+
 def test_middleware_and_handler_together_charge_once():
     from budgetary.integrations.langchain import BudgetMiddleware
 
@@ -512,3 +541,91 @@ def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_loses_it_with_its_
     assert 50 < held_midway < 500  # the slow call's prompt bound + 50; none of the cancelled one's 500
     assert (held_after, calls) == (0, 1)
     assert reasons == ["lease expired"]
+
+
+# -- async runs never block their event loop on the store ---------------------------------------
+
+
+def _spy_store_threads(budget: Budget) -> list[str]:
+    return record_store_threads(budget, "reserve", "settle", "release", "count_tool", "record_entry", "figures")
+
+
+def test_async_runs_call_a_sqlite_store_off_the_event_loop_and_still_cap_exactly(tmp_path: Any) -> None:
+    model = make_model(delay=0.02)
+    budget = Budget(Limits(max_llm_calls=3, max_tool_calls=1), store=f"sqlite:///{tmp_path}/b.db")
+    seen = _spy_store_threads(budget)
+    handler = BudgetCallbackHandler(budget, agent="researcher")
+
+    @tool
+    async def search(query: str) -> str:
+        """Search the web."""
+        return "results"
+
+    async def go() -> tuple[list[Any], str]:
+        loop_thread = threading.current_thread().name
+        chain = make_chain(model)
+        results = await asyncio.gather(
+            *(chain.ainvoke({"question": str(i)}, config={"callbacks": [handler]}) for i in range(6)),
+            return_exceptions=True,
+        )
+        await search.ainvoke("otters", config={"callbacks": [handler]})
+        with pytest.raises(BudgetExceeded):
+            await search.ainvoke("beavers", config={"callbacks": [handler]})
+        return results, loop_thread
+
+    results, loop_thread = asyncio.run(go())
+    during, seen[:] = list(seen), []  # what follows reads the store from this thread, outside the loop
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 3
+    assert provider_calls(model) == 3 == budget.snapshot().llm_calls
+    assert budget.snapshot().held_llm_calls == 0 and budget.snapshot().tool_calls == 1
+    assert during and loop_thread not in during  # reserves, settles, tool counts, the refusals' figures
+
+
+def test_a_sync_call_inside_a_coroutine_is_still_refused(tmp_path: Any) -> None:
+    # model.invoke() from async code runs LangChain's sync callback manager on the loop's thread:
+    # the handler must answer it synchronously (a coroutine there would only be logged).
+    model = make_model()
+    budget = Budget(Limits(max_llm_calls=1))
+    handler = BudgetCallbackHandler(budget)
+
+    async def go() -> None:
+        model.invoke("one", config={"callbacks": [handler]})
+        with pytest.raises(BudgetExceeded):
+            model.invoke("two", config={"callbacks": [handler]})
+
+    asyncio.run(go())
+    assert provider_calls(model) == 1
+
+
+@pytest.mark.redis
+def test_async_runs_await_a_redis_store_on_their_loop(redis_url: str, key_prefix: str) -> None:
+    from budgetary.core.stores.redis import RedisStore
+
+    model = make_model()
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=2), name="b", store=store)
+    handler = BudgetCallbackHandler(budget, agent="researcher")
+    budget.ensure_agent("researcher")
+    sync_ops: list[str] = []
+    call = store._call
+
+    def spy(keys: list[Any], argv: list[Any]) -> str:
+        sync_ops.append(argv[0])
+        return call(keys, argv)
+
+    store._call = spy  # type: ignore[method-assign]
+
+    async def go() -> None:
+        chain = make_chain(model)
+        await chain.ainvoke({"question": "q"}, config={"callbacks": [handler]})
+        await chain.ainvoke({"question": "q"}, config={"callbacks": [handler]})
+        with pytest.raises(BudgetExceeded):
+            await chain.ainvoke({"question": "q"}, config={"callbacks": [handler]})
+        await store.aclose()
+
+    asyncio.run(go())
+    assert sync_ops == []  # every store call of the run was awaited on its loop
+    assert provider_calls(model) == 2
+    store._call = call  # type: ignore[method-assign]
+    assert budget.snapshot().llm_calls == 2 and budget.snapshot().held_llm_calls == 0
+    store.close()

@@ -19,7 +19,7 @@ from langgraph.types import Command, RetryPolicy, Send
 from budgetary import Budget, BudgetExceeded, Limits, Skipped, is_budget_skipped
 from budgetary.integrations.langchain import BudgetCallbackHandler
 from budgetary.integrations.langgraph import budget_node, govern_graph
-from tests.fakes import FakeChatModel
+from tests.fakes import FakeChatModel, record_store_threads
 
 USAGE = {"input_tokens": 80, "output_tokens": 20, "total_tokens": 100}
 
@@ -443,3 +443,33 @@ def test_finished_send_branches_are_kept_on_resume():
     assert sorted(int(r.split(":")[0]) for r in state["results"]) == list(range(8))
     assert model.calls.count == 8  # the 3 finished branches did not run again
     assert budget.snapshot().held_llm_calls == 0
+
+
+def test_an_async_governed_graph_calls_a_sqlite_store_off_its_event_loop(tmp_path: Any) -> None:
+    import threading
+
+    model = fake()
+
+    async def step(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke(state["topic"])).content]}
+
+    builder = StateGraph(Research)
+    for name in ("planner", "writer", "critic"):
+        builder.add_node(name, step)
+    builder.add_edge(START, "planner")
+    builder.add_edge("planner", "writer")
+    builder.add_edge("writer", "critic")
+    builder.add_edge("critic", END)
+    budget = Budget(Limits(max_llm_calls=2), name="run", store=f"sqlite:///{tmp_path}/b.db")
+    seen = record_store_threads(budget, "begin_agent", "reserve", "settle", "record_entry", "figures")
+    app = govern_graph(builder, budget, policies={"critic": "skip"})
+
+    async def go() -> tuple[dict, str]:
+        return await app.ainvoke({"topic": "otters"}), threading.current_thread().name
+
+    state, loop_thread = asyncio.run(go())
+    during, seen[:] = list(seen), []  # what follows reads the store from this thread, outside the loop
+    assert len(state["notes"]) == 2 and [m.agent for m in state["budget_skipped"]] == ["critic"]
+    assert model.calls.count == 2 == budget.snapshot().llm_calls
+    # spawn gates, reserves, settles, the refusal's snapshot and the skip marker: none on the loop
+    assert len(during) >= 3 + 2 + 2 + 2 and loop_thread not in during

@@ -45,6 +45,7 @@ POLICIES: tuple[str, ...] = ("deny", "skip", "interrupt", "end")
 _INPUT_SENSITIVE = frozenset({"input_tokens", "total_tokens", "cost_usd", "allocation"})
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class Reservation:
@@ -115,7 +116,7 @@ class Reservation:
             return await off_loop(store, functools.partial(self.settle, usage, model=model, lenient=lenient))
         parsed = usage if type(usage) is Usage else self._parse(usage, lenient)
         if parsed is None:
-            return await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
+            return await self.acharge_estimate()
         return await self._asettle(parsed, model or self.model, estimated=False)
 
     def _parse(self, usage: Any, lenient: bool) -> Usage | None:
@@ -131,6 +132,12 @@ class Reservation:
     def charge_estimate(self) -> LedgerEntry:
         """Charge the pre-call estimate, flagged ``estimated`` (the call's real usage is unknown)."""
         return self._settle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
+
+    async def acharge_estimate(self) -> LedgerEntry:
+        """`charge_estimate` for async code: never blocks the event loop (see `Budget.areserve`)."""
+        if not is_async_store(self._budget._store):
+            return await off_loop(self._budget._store, self.charge_estimate)
+        return await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
 
     def _settle(
         self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
@@ -210,7 +217,7 @@ class Reservation:
         if self._done:
             return
         if budget.charge_failed_calls:
-            await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
+            await self.acharge_estimate()
             return
         self._close()
         await cast(AsyncStore, budget._store).arelease(self.hold_id, now=budget._clock(), reason=reason)
@@ -478,7 +485,17 @@ class Budget:
 
     def check(self, agent: str | None = None) -> Decision:
         """Could an LLM call for ``agent`` start now? Changes nothing (counts what reallocation could bring)."""
-        decision = self._store.check(self._chain, agent, self._clock())
+        return self._with_host_check(self._store.check(self._chain, agent, self._clock()), agent)
+
+    async def acheck(self, agent: str | None = None) -> Decision:
+        """`check` for async code: never blocks the event loop (see `areserve`)."""
+        store = self._store
+        if not is_async_store(store):
+            return await off_loop(store, self.check, agent)
+        return self._with_host_check(await cast(AsyncStore, store).acheck(self._chain, agent, self._clock()), agent)
+
+    def _with_host_check(self, decision: Decision, agent: str | None) -> Decision:
+        """The host guards' answer when it is stricter than the budget's ``decision``."""
         if decision.allowed and self._guards is not None:
             host = self._guards.check_before_llm(agent, 0)
             if not host.allowed or (isinstance(host, SoftLimit) and not isinstance(decision, SoftLimit)):
@@ -492,15 +509,43 @@ class Budget:
         meta = Meta(run_id or self.run_id, None, location)
         return self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta)
 
+    async def abegin_agent(
+        self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
+    ) -> Decision:
+        """`begin_agent` for async code: never blocks the event loop (see `areserve`)."""
+        store = self._store
+        if not is_async_store(store):
+            return await off_loop(store, functools.partial(self.begin_agent, agent, run_id=run_id, location=location))
+        meta = Meta(run_id or self.run_id, None, location)
+        return await cast(AsyncStore, store).abegin_agent(self._chain, agent, now=self._clock(), meta=meta)
+
     def check_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
         """Decide a tool call for ``agent`` and, when it is allowed, count it."""
         meta = Meta(run_id or self.run_id, None, tool)
-        if self._guards is not None:
-            host = self._guards.check_before_tool(agent, tool)
-            if not host.allowed:
-                self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
-                return host
+        host = self._host_tool_refusal(agent, tool)
+        if host is not None:
+            self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
+            return host
         return self._store.count_tool(self._chain, agent, tool, now=self._clock(), meta=meta)
+
+    async def acheck_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
+        """`check_tool` for async code: never blocks the event loop (see `areserve`)."""
+        store = self._store
+        if not is_async_store(store):
+            return await off_loop(store, functools.partial(self.check_tool, agent, tool, run_id=run_id))
+        astore, meta = cast(AsyncStore, store), Meta(run_id or self.run_id, None, tool)
+        host = self._host_tool_refusal(agent, tool)
+        if host is not None:
+            await astore.arecord_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
+            return host
+        return await astore.acount_tool(self._chain, agent, tool, now=self._clock(), meta=meta)
+
+    def _host_tool_refusal(self, agent: str | None, tool: str) -> Decision | None:
+        """The host guards' refusal of a tool call, if any."""
+        if self._guards is None:
+            return None
+        host = self._guards.check_before_tool(agent, tool)
+        return None if host.allowed else host
 
     def reserve(
         self,
@@ -730,6 +775,20 @@ class Budget:
     def exceeded(self, decision: Decision, agent: str | None = None) -> BudgetExceeded:
         """The `BudgetExceeded` for a `Deny` (adapters raise it)."""
         return self._exceeded(decision, agent)
+
+    async def aexceeded(self, decision: Decision, agent: str | None = None) -> BudgetExceeded:
+        """`exceeded` for async code (its snapshot is read without blocking the event loop)."""
+        if is_async_store(self._store):
+            return await self._aexceeded(decision, agent)
+        return await off_loop(self._store, self.exceeded, decision, agent)
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)``, a sync operation on this budget, without blocking the event loop.
+
+        For the rare steps that have no async twin (a skip marker, a top-up): a memory store runs
+        it inline, any other store in a worker thread.
+        """
+        return await off_loop(self._store, fn, *args)
 
     # -- reading -----------------------------------------------------------------------
 

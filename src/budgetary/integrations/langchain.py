@@ -16,9 +16,10 @@ node do not see callbacks: use ``langchain_core.runnables.config.get_executor_fo
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -26,7 +27,8 @@ from uuid import UUID
 
 try:
     from langchain_core.callbacks import BaseCallbackHandler
-    from langchain_core.callbacks.manager import dispatch_custom_event
+    from langchain_core.callbacks import manager as _manager
+    from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
     from langchain_core.tracers.context import register_configure_hook
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -35,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from budgetary.core.budget import Budget, Reservation
 from budgetary.core.errors import UsageError
-from budgetary.core.guard import SoftLimit
+from budgetary.core.guard import Decision, SoftLimit
 from budgetary.core.usage import Usage
 
 __all__ = [  # noqa: F822 - BudgetMiddleware is built on first access (it needs langchain v1)
@@ -69,6 +71,33 @@ def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
         return namespace.split("|", 1)[0].split(":", 1)[0]
     node = metadata.get("langgraph_node")
     return node if isinstance(node, str) and node else None
+
+
+# The function of LangChain's async callback manager that dispatches one event to one handler
+# (it awaits a coroutine-function method and calls any other inline). None if a LangChain
+# version renames it: every event then runs inline, as in sync runs (enforced, but blocking).
+_ASYNC_DISPATCH = getattr(getattr(_manager, "_ahandle_event_for_handler", None), "__code__", None)
+
+
+class _AwaitedInAsyncRuns:
+    """A handler method whose async twin LangChain's async callback manager awaits.
+
+    One handler serves sync and async runs. The sync manager calls the method (and would only log
+    the errors of a coroutine it returned: a refusal must be raised by a sync method); the async
+    manager awaits a coroutine function. So the method is chosen by who looks it up: the async
+    manager's dispatcher gets the twin, which awaits the store (`Budget.areserve`, ...) instead of
+    blocking the event loop on it; every other caller gets the sync method.
+    """
+
+    def __init__(self, method: Callable[..., Any], twin: Callable[..., Awaitable[Any]]) -> None:
+        self.method, self.twin = method, twin
+
+    def __get__(self, handler: Any, owner: type | None = None) -> Any:
+        if handler is None:
+            return self.method
+        if sys._getframe(1).f_code is _ASYNC_DISPATCH:
+            return self.twin.__get__(handler, owner)
+        return self.method.__get__(handler, owner)
 
 
 class _Claim:
@@ -144,72 +173,144 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     # -- LLM calls -----------------------------------------------------------------------
 
-    def on_chat_model_start(
+    # Each event that reaches the store has a sync method (sync runs) and an async twin that
+    # LangChain's async manager awaits (async runs: the store is awaited, the loop never blocks
+    # on it); `_AwaitedInAsyncRuns` picks one. The decisions are shared: `_begin`, `_ended`, ...
+
+    def _on_chat_model_start(
         self, serialized: dict[str, Any] | None, messages: list[list[Any]], *, run_id: UUID,
         parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """Reserve for the call or raise `BudgetExceeded`."""
-        self._start(messages, run_id, parent_run_id, metadata, kwargs)
+        begun = self._begin(messages, run_id, parent_run_id, metadata, kwargs)
+        if begun is not None:
+            claim, request = begun
+            try:
+                reservation = self.budget.reserve(**request)
+            except BaseException:
+                self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
+                raise
+            if not self._started(claim, run_id, reservation):
+                reservation.release("re-attributed to a more specific handler")
 
-    def on_llm_start(
-        self, serialized: dict[str, Any] | None, prompts: list[str], *, run_id: UUID,
+    async def _aon_chat_model_start(
+        self, serialized: dict[str, Any] | None, messages: list[list[Any]], *, run_id: UUID,
         parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        """Reserve for a text-completion call or raise `BudgetExceeded`."""
-        self._start(prompts, run_id, parent_run_id, metadata, kwargs)
+        begun = self._begin(messages, run_id, parent_run_id, metadata, kwargs)
+        if begun is not None:
+            claim, request = begun
+            try:
+                reservation = await self.budget.areserve(**request)
+            except BaseException:
+                self._release_claim(run_id)
+                raise
+            if not self._started(claim, run_id, reservation):
+                await reservation.arelease("re-attributed to a more specific handler")
 
-    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    on_chat_model_start = _AwaitedInAsyncRuns(_on_chat_model_start, _aon_chat_model_start)
+    # A text-completion call: the same, with prompts for messages.
+    on_llm_start = _AwaitedInAsyncRuns(_on_chat_model_start, _aon_chat_model_start)
+
+    def _on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Settle with the usage the provider reported (or the estimate, flagged, if none)."""
-        claim = self._release_claim(run_id)
-        if claim is None or claim.reservation is None:
+        ended = self._ended(response, run_id)
+        if ended is None:
             return
-        reservation = claim.reservation
-        usage, model, cache_hit = _reported_usage(response)
-        if cache_hit:
+        reservation, usage, model = ended
+        if usage is _CACHE_HIT:
             reservation.release("served from the LLM cache: no provider call")
             return
         if usage is None:
             reservation.charge_estimate()  # streaming without a usage chunk: see the module docstring
         else:
-            reservation.settle(usage, model=model or reservation.model, lenient=True)
-        self._soft_events(reservation.events)
+            reservation.settle(usage, model=model, lenient=True)
+        for event in reservation.events:
+            self._soft_event(event)
+            _dispatch_soft_event(event)
 
-    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    async def _aon_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        ended = self._ended(response, run_id)
+        if ended is None:
+            return
+        reservation, usage, model = ended
+        if usage is _CACHE_HIT:
+            await reservation.arelease("served from the LLM cache: no provider call")
+            return
+        if usage is None:
+            await reservation.acharge_estimate()
+        else:
+            await reservation.asettle(usage, model=model, lenient=True)
+        for event in reservation.events:
+            self._soft_event(event)
+            await _adispatch_soft_event(event)
+
+    on_llm_end = _AwaitedInAsyncRuns(_on_llm_end, _aon_llm_end)
+
+    def _on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release the hold of a failed call."""
         claim = self._release_claim(run_id)
         if claim is not None and claim.reservation is not None:
             claim.reservation.release(f"call failed: {type(error).__name__}")
 
-    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    async def _aon_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        claim = self._release_claim(run_id)
+        if claim is not None and claim.reservation is not None:
+            await claim.reservation.arelease(f"call failed: {type(error).__name__}")
+
+    on_llm_error = _AwaitedInAsyncRuns(_on_llm_error, _aon_llm_error)
+
+    def _on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Release holds of LLM runs cancelled with their parent (they get no end or error event)."""
-        claims = self._claims
-        # A snapshot (one atomic copy): other threads add and remove claims without the lock.
-        orphans = [rid for rid, c in list(claims.items()) if c.parent == run_id and c.handler is self]
-        for rid in orphans:
-            claim = claims.pop(rid, None)  # None: the run ended meanwhile and settled itself
-            if claim is not None and claim.reservation is not None:
-                claim.reservation.release(f"cancelled with its parent run ({type(error).__name__})")
+        for reservation in self._orphans(run_id):
+            reservation.release(f"cancelled with its parent run ({type(error).__name__})")
+
+    async def _aon_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        for reservation in self._orphans(run_id):
+            await reservation.arelease(f"cancelled with its parent run ({type(error).__name__})")
+
+    on_chain_error = _AwaitedInAsyncRuns(_on_chain_error, _aon_chain_error)
 
     # -- tools ---------------------------------------------------------------------------
 
-    def on_tool_start(
+    def _on_tool_start(
         self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
         parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """Count the tool call, or raise `BudgetExceeded` so that the tool body never runs."""
+        request = self._tool_request(serialized, run_id, parent_run_id, metadata, kwargs)
+        if request is not None and not self._tool_allowed(run_id, decision := self.budget.check_tool(*request)):
+            raise self.budget.exceeded(decision, request[0])
+
+    async def _aon_tool_start(
+        self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
+        parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        request = self._tool_request(serialized, run_id, parent_run_id, metadata, kwargs)
+        if request is not None and not self._tool_allowed(run_id, decision := await self.budget.acheck_tool(*request)):
+            raise await self.budget.aexceeded(decision, request[0])
+
+    on_tool_start = _AwaitedInAsyncRuns(_on_tool_start, _aon_tool_start)
+
+    def _tool_request(
+        self, serialized: dict[str, Any] | None, run_id: UUID, parent_run_id: UUID | None,
+        metadata: dict[str, Any] | None, kwargs: dict[str, Any],
+    ) -> tuple[str | None, str] | None:  # fmt: skip
+        """(agent, tool name) to check, or None when another handler of this budget counts the call."""
         # A tool call is counted by the first handler of this budget that sees it (no re-attribution:
         # a count cannot be taken back), and the claim lasts until the tool ends.
         if self._stands_aside():
-            return
+            return None
         claim = _Claim(self, parent_run_id)
         if self._claims.setdefault(run_id, claim) is not claim:  # atomic: first handler wins
-            return
-        agent = self._agent_for(metadata)
+            return None
         name = kwargs.get("name") or (serialized or {}).get("name") or "tool"
-        decision = self.budget.check_tool(agent, str(name))
+        return self._agent_for(metadata), str(name)
+
+    def _tool_allowed(self, run_id: UUID, decision: Decision) -> bool:
         if not decision.allowed:
             self._release_claim(run_id)  # a refused start gets no end or error event
-            raise self.budget.exceeded(decision, agent)
+        return decision.allowed
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Forget the finished tool call."""
@@ -227,37 +328,53 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             self.budget.ensure_agent(agent)
         return agent
 
-    def _start(
+    def _begin(
         self, messages: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
-    ) -> None:  # fmt: skip
-        budget = self.budget
-        if _middleware_budget.get() is budget or self._stands_aside():
-            return  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
+    ) -> tuple[_Claim, dict[str, Any]] | None:  # fmt: skip
+        """Claim the call: (the claim, the reservation to ask for), or None when this handler does not charge it."""
+        if _middleware_budget.get() is self.budget or self._stands_aside():
+            return None  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
         claim = self._take(run_id, parent_run_id)
         if claim is None:
-            return
+            return None
         metadata = metadata or {}
         params = kwargs.get("invocation_params") or {}
         model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
         max_out = metadata.get("ls_max_tokens")
         if max_out is None:
             max_out = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens")
-        agent = self._agent_for(metadata)
-        try:
-            reservation = budget.reserve(
-                agent, model=model, messages=messages, max_output_tokens=max_out,
-                location=metadata.get("langgraph_node"),
-            )  # fmt: skip
-        except BaseException:
-            self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
-            raise
+        return claim, {
+            "agent": self._agent_for(metadata), "model": model, "messages": messages, "max_output_tokens": max_out,
+            "location": metadata.get("langgraph_node"),
+        }  # fmt: skip
+
+    def _started(self, claim: _Claim, run_id: UUID, reservation: Reservation) -> bool:
+        """Record the call's reservation; False if a more specific handler took the run meanwhile."""
+        # Set first, then look: a handler taking the run over releases what it finds set, so
+        # between the two of them the reservation is released at least once (release is idempotent).
         claim.reservation = reservation.keep_alive()  # a call longer than the lease keeps its hold
-        if self._claims.get(run_id) is not claim:  # a more specific handler took the run meanwhile
-            reservation.release("re-attributed to a more specific handler")
-            return
+        if self._claims.get(run_id) is not claim:
+            return False
         if self.on_soft_limit is not None and isinstance(reservation.decision, SoftLimit):
             self.on_soft_limit(reservation.decision)
+        return True
+
+    def _ended(self, response: Any, run_id: UUID) -> tuple[Reservation, Any, str | None] | None:
+        """(reservation, reported usage or None or `_CACHE_HIT`, billed model) of a finished call of ours."""
+        claim = self._release_claim(run_id)
+        if claim is None or claim.reservation is None:
+            return None
+        usage, model, cache_hit = _reported_usage(response)
+        return claim.reservation, _CACHE_HIT if cache_hit else usage, model or claim.reservation.model
+
+    def _orphans(self, parent_run_id: UUID) -> list[Reservation]:
+        """Take the claims of this handler's LLM runs under ``parent_run_id``; their reservations."""
+        claims = self._claims
+        # A snapshot (one atomic copy): other threads add and remove claims without the lock.
+        orphans = [rid for rid, c in list(claims.items()) if c.parent == parent_run_id and c.handler is self]
+        taken = (claims.pop(rid, None) for rid in orphans)  # None: the run ended meanwhile and settled itself
+        return [c.reservation for c in taken if c is not None and c.reservation is not None]
 
     def _stands_aside(self) -> bool:
         owners = _node_owners.get()
@@ -287,14 +404,27 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return None
         return self._claims.pop(run_id, None)  # atomic: None if a parent's chain error took it meanwhile
 
-    def _soft_events(self, events: Sequence[SoftLimit]) -> None:
-        for event in events:
-            if self.on_soft_limit is not None:
-                self.on_soft_limit(event)
-            try:
-                dispatch_custom_event(SOFT_LIMIT_EVENT, _event_data(event))
-            except RuntimeError:
-                pass  # no parent run to attach the event to (a bare model.invoke)
+    def _soft_event(self, event: SoftLimit) -> None:
+        if self.on_soft_limit is not None:
+            self.on_soft_limit(event)
+
+
+_CACHE_HIT = object()
+"""`BudgetCallbackHandler._ended`'s usage for an LLM-cache hit (no provider call, nothing to charge)."""
+
+
+def _dispatch_soft_event(event: SoftLimit) -> None:
+    try:
+        dispatch_custom_event(SOFT_LIMIT_EVENT, _event_data(event))
+    except RuntimeError:
+        pass  # no parent run to attach the event to (a bare model.invoke)
+
+
+async def _adispatch_soft_event(event: SoftLimit) -> None:
+    try:
+        await adispatch_custom_event(SOFT_LIMIT_EVENT, _event_data(event))
+    except RuntimeError:
+        pass
 
 
 def _event_data(event: SoftLimit) -> dict[str, Any]:
@@ -393,6 +523,21 @@ def _build_middleware() -> type:
 
         def _refused(self, exc: BudgetExceeded, attempt: int) -> AIMessage | None:
             """Apply the exit behaviour; None means "try again" (after an interrupt's top-up)."""
+            answer = self._exit(exc, attempt)
+            if isinstance(answer, AIMessage):
+                return answer
+            apply_top_up_once(self.budget, *answer)
+            return None
+
+        async def _arefused(self, exc: BudgetExceeded, attempt: int) -> AIMessage | None:
+            answer = self._exit(exc, attempt)
+            if isinstance(answer, AIMessage):
+                return answer
+            await self.budget.off_loop(apply_top_up_once, self.budget, *answer)
+            return None
+
+        def _exit(self, exc: BudgetExceeded, attempt: int) -> AIMessage | tuple[Any, tuple[str, int]]:
+            """Raise, end with a message, or interrupt: the resume's answer and its once-only key."""
             if self.exit_behavior == "error":
                 raise exc
             if self.exit_behavior == "end":
@@ -401,52 +546,58 @@ def _build_middleware() -> type:
                 "reason": str(exc), "budget": exc.budget, "agent": exc.agent, "resource": exc.resource,
                 "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
             })  # fmt: skip
-            namespace = get_config().get("metadata", {}).get("langgraph_checkpoint_ns", "")
-            apply_top_up_once(self.budget, answer, (namespace, attempt))
-            return None
+            return answer, (get_config().get("metadata", {}).get("langgraph_checkpoint_ns", ""), attempt)
 
         @hook_config(can_jump_to=["end"])
         def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
             """Refuse before the model node runs when no call could start."""
             attempt = 0
-            while True:
-                decision = self.budget.check(self.agent)
-                if decision.allowed:
-                    return None
-                message = self._refused(self.budget.exceeded(decision, self.agent), attempt)
-                if message is not None:
+            while not (decision := self.budget.check(self.agent)).allowed:
+                if (message := self._refused(self.budget.exceeded(decision, self.agent), attempt)) is not None:
                     return {"jump_to": "end", "messages": [message]}
                 attempt += 1
+            return None
 
         @hook_config(can_jump_to=["end"])
         async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-            """Async twin of `before_model`."""
-            return self.before_model(state, runtime)
+            """Async twin of `before_model` (the check is awaited; a refusal's behaviour runs inline)."""
+            attempt = 0
+            while not (decision := await self.budget.acheck(self.agent)).allowed:
+                exc = await self.budget.aexceeded(decision, self.agent)
+                if (message := await self._arefused(exc, attempt)) is not None:
+                    return {"jump_to": "end", "messages": [message]}
+                attempt += 1
+            return None
 
-        def _reserve(self, request: Any) -> Reservation | AIMessage:
+        def _reservation(self, request: Any) -> dict[str, Any]:
+            """`Budget.reserve` arguments for a model call."""
             model = request.model
             name = getattr(model, "model_name", None) or getattr(model, "model", None)
+            return {
+                "agent": self.agent, "model": name if isinstance(name, str) else None,
+                "messages": [*([request.system_message] if request.system_message else []), *request.messages],
+                "max_output_tokens": getattr(model, "max_tokens", None),
+            }  # fmt: skip
+
+        def _reserve(self, request: Any) -> Reservation | AIMessage:
             attempt = 100  # distinct from before_model's interrupt indices
             while True:
                 try:
-                    return self.budget.reserve(
-                        self.agent, model=name if isinstance(name, str) else None,
-                        messages=[*( [request.system_message] if request.system_message else []), *request.messages],
-                        max_output_tokens=getattr(model, "max_tokens", None),
-                    ).keep_alive()  # fmt: skip
+                    return self.budget.reserve(**self._reservation(request)).keep_alive()
                 except BudgetExceeded as exc:
-                    message = self._refused(exc, attempt)
-                    if message is not None:
+                    if (message := self._refused(exc, attempt)) is not None:
                         return message
-                    attempt += 1
+                attempt += 1
 
-        def _settle(self, reservation: Reservation, response: Any) -> None:
-            messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
-            usage = next((m.usage_metadata for m in messages if getattr(m, "usage_metadata", None)), None)
-            if usage is None:
-                reservation.charge_estimate()
-            else:
-                reservation.settle(usage, lenient=True)
+        async def _areserve(self, request: Any) -> Reservation | AIMessage:
+            attempt = 100
+            while True:
+                try:
+                    return (await self.budget.areserve(**self._reservation(request))).keep_alive()
+                except BudgetExceeded as exc:
+                    if (message := await self._arefused(exc, attempt)) is not None:
+                        return message
+                attempt += 1
 
         def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
             """Reserve, call the model, settle with its reported usage."""
@@ -461,24 +612,37 @@ def _build_middleware() -> type:
                 raise
             finally:
                 _middleware_budget.reset(token)
-            self._settle(reservation, response)
+            usage = _response_usage(response)
+            if usage is None:
+                reservation.charge_estimate()
+            else:
+                reservation.settle(usage, lenient=True)
             return response
 
         async def awrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
-            """Async twin of `wrap_model_call`."""
-            reservation = self._reserve(request)
+            """Async twin of `wrap_model_call`: the store is awaited, never blocking the event loop."""
+            reservation = await self._areserve(request)
             if isinstance(reservation, AIMessage):
                 return ModelResponse(result=[reservation])
             token = _middleware_budget.set(self.budget)
             try:
                 response = await handler(request)
             except BaseException as exc:
-                reservation.release(f"model call failed: {type(exc).__name__}")
+                await reservation.arelease(f"model call failed: {type(exc).__name__}")
                 raise
             finally:
                 _middleware_budget.reset(token)
-            self._settle(reservation, response)
+            usage = _response_usage(response)
+            if usage is None:
+                await reservation.acharge_estimate()
+            else:
+                await reservation.asettle(usage, lenient=True)
             return response
+
+    def _response_usage(response: Any) -> Any:
+        """The ``usage_metadata`` of a model call's response (a ``ModelResponse`` or a message), if any."""
+        messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
+        return next((m.usage_metadata for m in messages if getattr(m, "usage_metadata", None)), None)
 
     return BudgetMiddleware
 

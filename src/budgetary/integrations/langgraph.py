@@ -138,14 +138,23 @@ class _Governor:
     def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
         """(True, None) to run the node, else (False, the node's result under the policy)."""
         attempt = 0
-        while True:
-            decision = self.budget.begin_agent(agent, location=node)
-            if decision.allowed:
-                return True, None
+        while not (decision := self.budget.begin_agent(agent, location=node)).allowed:
             again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt, decision)
             if not again:
                 return False, result
             attempt += 1
+        return True, None
+
+    async def aenter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
+        """`enter` for async nodes: every store call is awaited or made off the event loop."""
+        attempt = 0
+        while not (decision := await self.budget.abegin_agent(agent, location=node)).allowed:
+            exc = await self.budget.aexceeded(decision, agent)
+            again, result = await self.arefused(exc, state, config, attempt, decision)
+            if not again:
+                return False, result
+            attempt += 1
+        return True, None
 
     def refused(
         self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
@@ -155,21 +164,47 @@ class _Governor:
         if self.policy == "deny":
             raise exc
         if self.policy == "interrupt":
-            answer = interrupt({
-                "reason": str(exc), "node": node, "agent": agent, "budget": exc.budget, "resource": exc.resource,
-                "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
-            })  # fmt: skip
-            namespace = config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node
-            apply_top_up_once(self.budget, answer, (namespace, attempt))
+            answer, key = self._interrupt(exc, config, node, agent, attempt)
+            apply_top_up_once(self.budget, answer, key)
             return True, None
-        marker = self.budget.skip(agent, str(exc), resource=exc.resource, location=node)
+        return False, self._skipped(self._skip(exc, node, agent)(), exc, state, node)
+
+    async def arefused(
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
+    ) -> tuple[bool, Any]:
+        """`refused` for async nodes: its store calls (a top-up, a skip marker) run off the event loop."""
+        node, agent = self.names(config)
+        if self.policy == "deny":
+            raise exc
+        if self.policy == "interrupt":
+            answer, key = self._interrupt(exc, config, node, agent, attempt)
+            await self.budget.off_loop(apply_top_up_once, self.budget, answer, key)
+            return True, None
+        return False, self._skipped(await self.budget.off_loop(self._skip(exc, node, agent)), exc, state, node)
+
+    def _interrupt(
+        self, exc: BudgetExceeded, config: Mapping[str, Any], node: str, agent: str | None, attempt: int
+    ) -> tuple[Any, tuple[str, int]]:
+        """Pause the run (or, on resume, return its answer): (the answer, the key that applies it once)."""
+        answer = interrupt({
+            "reason": str(exc), "node": node, "agent": agent, "budget": exc.budget, "resource": exc.resource,
+            "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
+        })  # fmt: skip
+        return answer, (config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node, attempt)
+
+    def _skip(self, exc: BudgetExceeded, node: str, agent: str | None) -> Callable[[], Skipped]:
+        """The call that records the refusal's skip marker."""
+        return functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
+
+    def _skipped(self, marker: Skipped, exc: BudgetExceeded, state: Any, node: str) -> Any:
+        """The node's result once skipped: its state update, or the end of the run (``end``, or a loop)."""
         run = _run_state.get()
         if self.policy == "end" or (run is not None and _seen_twice(run, node)):
-            end = _EndRun(str(exc), budget=exc.budget, agent=agent, resource=exc.resource, limit=exc.limit,
+            end = _EndRun(str(exc), budget=exc.budget, agent=marker.agent, resource=exc.resource, limit=exc.limit,
                           spent=exc.spent, requested=exc.requested, snapshot=exc.snapshot)  # fmt: skip
             end.state, end.marker = state, marker
             raise end from exc
-        return False, self.skip_update(marker, state)
+        return self.skip_update(marker, state)
 
     def skip_update(self, marker: Skipped, state: Any) -> dict[str, Any]:
         update: dict[str, Any] = {SKIPPED_KEY: [marker]} if self.options.skip_key else {}
@@ -245,7 +280,7 @@ async def _agovern_call(
 ) -> Any:
     """Async twin of `_govern_call`; ``invoke`` returns an awaitable."""
     node, agent = governor.names(config)
-    go, result = governor.enter(state, config, node, agent)
+    go, result = await governor.aenter(state, config, node, agent)
     if not go:
         return result
     attempt = 100
@@ -260,7 +295,7 @@ async def _agovern_call(
         except BudgetExceeded as exc:
             if isinstance(exc, _EndRun):
                 raise
-            again, result = governor.refused(exc, state, config, attempt)
+            again, result = await governor.arefused(exc, state, config, attempt)
             if not again:
                 return result
             attempt += 1

@@ -188,6 +188,17 @@ class AsyncStore(Protocol):
     async def aagents(self, key: str, now: float) -> dict[str | None, AgentState]:
         """`Store.agents`, awaited."""
 
+    async def acheck(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
+        """`Store.check`, awaited."""
+
+    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+        """`Store.begin_agent`, awaited."""
+
+    async def acount_tool(
+        self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
+    ) -> Decision:
+        """`Store.count_tool`, awaited."""
+
 
 def ledger_max_len(value: Any, store: str) -> int:
     """A store's ``ledger_max_len`` argument, checked: an int >= 0 (0 keeps every entry)."""

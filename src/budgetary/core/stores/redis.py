@@ -692,8 +692,18 @@ class RedisStore:
         return keys, ["figures", repr(float(now)), self._maxlen, *head]
 
     def _chain_op(self, op: str, chain: tuple[str, ...], agent: str | None, now: float, *rest: str | bytes) -> Any:
+        return _json(self._call(*self._chain_request(op, chain, agent, now, *rest)), agent)
+
+    async def _achain_op(
+        self, op: str, chain: tuple[str, ...], agent: str | None, now: float, *rest: str | bytes
+    ) -> Any:
+        return _json(await self._acall(*self._chain_request(op, chain, agent, now, *rest)), agent)
+
+    def _chain_request(
+        self, op: str, chain: tuple[str, ...], agent: str | None, now: float, *rest: str | bytes
+    ) -> tuple[list[bytes], list[Any]]:
         keys, head = self._head(chain, agent)
-        return _json(self._call(keys, [op, repr(float(now)), self._maxlen, *head, *rest]), agent)
+        return keys, [op, repr(float(now)), self._maxlen, *head, *rest]
 
     # -- the Store Protocol -----------------------------------------------------------------
 
@@ -846,6 +856,22 @@ class RedisStore:
     async def afigures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
         """`figures`, awaited on the running loop."""
         return _figures(_json(await self._acall(*self._figures_request(chain, now)), None))
+
+    async def acheck(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
+        """`check`, awaited on the running loop."""
+        return _decision((await self._achain_op("check", chain, agent, now))["d"], agent)
+
+    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+        """`begin_agent`, awaited on the running loop."""
+        x = self._meta(meta.run_id, meta.model, meta.location)[1]
+        return _decision((await self._achain_op("begin_agent", chain, agent, now, x))["d"], agent)
+
+    async def acount_tool(
+        self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
+    ) -> Decision:
+        """`count_tool`, awaited on the running loop."""
+        x = self._meta(meta.run_id, None, tool)[1]
+        return _decision((await self._achain_op("count_tool", chain, agent, now, x))["d"], agent)
 
     async def aagents(self, key: str, now: float) -> dict[str | None, AgentState]:
         """`agents`, awaited on the running loop."""
