@@ -160,27 +160,28 @@ class _Governor:
         self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
     ) -> tuple[bool, Any]:
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
-        node, agent = self.names(config)
-        if self.policy == "deny":
-            raise exc
-        if self.policy == "interrupt":
-            answer, key = self._interrupt(exc, config, node, agent, attempt)
-            apply_top_up_once(self.budget, answer, key)
-            return True, None
-        return False, self._skipped(self._skip(exc, node, agent)(), exc, state, node)
+        step, then = self._refusal(exc, state, config, attempt)
+        return then(step())
 
     async def arefused(
         self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
     ) -> tuple[bool, Any]:
-        """`refused` for async nodes: its store calls (a top-up, a skip marker) run off the event loop."""
+        """`refused` for async nodes: its store step (a top-up, a skip marker) runs off the event loop."""
+        step, then = self._refusal(exc, state, config, attempt)
+        return then(await self.budget.off_loop(step))
+
+    def _refusal(
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int
+    ) -> tuple[Callable[[], Any], Callable[[Any], tuple[bool, Any]]]:
+        """A refusal under the policy: its store step, and what `refused` returns given the step's result."""
         node, agent = self.names(config)
         if self.policy == "deny":
             raise exc
         if self.policy == "interrupt":
             answer, key = self._interrupt(exc, config, node, agent, attempt)
-            await self.budget.off_loop(apply_top_up_once, self.budget, answer, key)
-            return True, None
-        return False, self._skipped(await self.budget.off_loop(self._skip(exc, node, agent)), exc, state, node)
+            return functools.partial(apply_top_up_once, self.budget, answer, key), lambda _: (True, None)
+        skip = functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
+        return skip, lambda marker: (False, self._skipped(marker, exc, state, node))
 
     def _interrupt(
         self, exc: BudgetExceeded, config: Mapping[str, Any], node: str, agent: str | None, attempt: int
@@ -191,10 +192,6 @@ class _Governor:
             "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
         })  # fmt: skip
         return answer, (config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node, attempt)
-
-    def _skip(self, exc: BudgetExceeded, node: str, agent: str | None) -> Callable[[], Skipped]:
-        """The call that records the refusal's skip marker."""
-        return functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
 
     def _skipped(self, marker: Skipped, exc: BudgetExceeded, state: Any, node: str) -> Any:
         """The node's result once skipped: its state update, or the end of the run (``end``, or a loop)."""

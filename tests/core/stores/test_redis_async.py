@@ -295,8 +295,6 @@ async def test_each_async_operation_maps_errors(
 async def test_a_call_cancelled_while_it_waits_for_its_reply_does_not_leave_the_reply_for_the_next(
     redis_url: str, key_prefix: str, anyio_backend: str
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("the store's asyncio client runs on asyncio")
     async with RedisStore(redis_url, key_prefix=key_prefix) as store:
         budget = Budget(Limits(max_total_tokens=10**9), name="b", store=store)
         await budget.areserve(prompt_tokens=1, max_output_tokens=1)  # the asyncio client is open

@@ -101,8 +101,6 @@ async def async_cluster(cluster: Any) -> AsyncIterator[Any]:
 async def test_an_asyncio_cluster_client_serves_the_async_api(
     async_cluster: Any, cluster: Any, prefix: str, anyio_backend: str
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("redis.asyncio runs on asyncio")
     store = RedisStore(async_cluster, key_prefix=prefix)
     tenant = Budget(Limits(max_total_tokens=100), name="tenant", store=store)
     run = Budget(Limits(), name="run", parent=tenant)
@@ -145,8 +143,6 @@ def test_a_redis_cluster_url_serves_budgets_and_the_cli(cluster: Any, prefix: st
 async def test_a_redis_cluster_url_opens_an_asyncio_cluster_client_for_the_async_api(
     cluster: Any, prefix: str, anyio_backend: str
 ) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("redis.asyncio runs on asyncio")
     async with RedisStore(_cluster_scheme_url(), key_prefix=prefix) as store:
         budget = Budget(Limits(max_llm_calls=2), name="day", store=store)
         async with budget.llm_call(prompt_tokens=3, max_output_tokens=2) as call:
