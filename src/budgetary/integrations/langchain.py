@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import MethodType
 from typing import Any
 from uuid import UUID
 
@@ -77,6 +78,7 @@ def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
 # (it awaits a coroutine-function method and calls any other inline). None if a LangChain
 # version renames it: every event then runs inline, as in sync runs (enforced, but blocking).
 _ASYNC_DISPATCH = getattr(getattr(_manager, "_ahandle_event_for_handler", None), "__code__", None)
+_caller_frame = sys._getframe
 
 
 class _AwaitedInAsyncRuns:
@@ -95,9 +97,9 @@ class _AwaitedInAsyncRuns:
     def __get__(self, handler: Any, owner: type | None = None) -> Any:
         if handler is None:
             return self.method
-        if sys._getframe(1).f_code is _ASYNC_DISPATCH:
-            return self.twin.__get__(handler, owner)
-        return self.method.__get__(handler, owner)
+        if _caller_frame(1).f_code is _ASYNC_DISPATCH:
+            return MethodType(self.twin, handler)
+        return MethodType(self.method, handler)
 
 
 class _Claim:
@@ -182,11 +184,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """Reserve for the call or raise `BudgetExceeded`."""
-        begun = self._begin(messages, run_id, parent_run_id, metadata, kwargs)
+        begun = self._begin(run_id, parent_run_id, metadata, kwargs)
         if begun is not None:
-            claim, request = begun
+            claim, agent, model, max_out, location = begun
             try:
-                reservation = self.budget.reserve(**request)
+                reservation = self.budget.reserve(
+                    agent, model=model, messages=messages, max_output_tokens=max_out, location=location
+                )
             except BaseException:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
                 raise
@@ -197,11 +201,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, serialized: dict[str, Any] | None, messages: list[list[Any]], *, run_id: UUID,
         parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        begun = self._begin(messages, run_id, parent_run_id, metadata, kwargs)
+        begun = self._begin(run_id, parent_run_id, metadata, kwargs)
         if begun is not None:
-            claim, request = begun
+            claim, agent, model, max_out, location = begun
             try:
-                reservation = await self.budget.areserve(**request)
+                reservation = await self.budget.areserve(
+                    agent, model=model, messages=messages, max_output_tokens=max_out, location=location
+                )
             except BaseException:
                 self._release_claim(run_id)
                 raise
@@ -329,10 +335,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return agent
 
     def _begin(
-        self, messages: Any, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None,
-        kwargs: dict[str, Any],
-    ) -> tuple[_Claim, dict[str, Any]] | None:  # fmt: skip
-        """Claim the call: (the claim, the reservation to ask for), or None when this handler does not charge it."""
+        self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
+    ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
+        """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
         if _middleware_budget.get() is self.budget or self._stands_aside():
             return None  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
         claim = self._take(run_id, parent_run_id)
@@ -344,10 +349,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         max_out = metadata.get("ls_max_tokens")
         if max_out is None:
             max_out = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens")
-        return claim, {
-            "agent": self._agent_for(metadata), "model": model, "messages": messages, "max_output_tokens": max_out,
-            "location": metadata.get("langgraph_node"),
-        }  # fmt: skip
+        return claim, self._agent_for(metadata), model, max_out, metadata.get("langgraph_node")
 
     def _started(self, claim: _Claim, run_id: UUID, reservation: Reservation) -> bool:
         """Record the call's reservation; False if a more specific handler took the run meanwhile."""
