@@ -547,7 +547,8 @@ def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_loses_it_with_its_
 
 
 def _spy_store_threads(budget: Budget) -> list[str]:
-    return record_store_threads(budget, "reserve", "settle", "release", "count_tool", "record_entry", "figures")
+    ops = ("ensure_agent", "reserve", "settle", "release", "count_tool", "record_entry", "figures")
+    return record_store_threads(budget, *ops)
 
 
 def test_async_runs_call_a_sqlite_store_off_the_event_loop_and_still_cap_exactly(tmp_path: Any) -> None:

@@ -461,7 +461,7 @@ def test_an_async_governed_graph_calls_a_sqlite_store_off_its_event_loop(tmp_pat
     builder.add_edge("writer", "critic")
     builder.add_edge("critic", END)
     budget = Budget(Limits(max_llm_calls=2), name="run", store=f"sqlite:///{tmp_path}/b.db")
-    seen = record_store_threads(budget, "begin_agent", "reserve", "settle", "record_entry", "figures")
+    seen = record_store_threads(budget, "ensure_agent", "begin_agent", "reserve", "settle", "record_entry", "figures")
     app = govern_graph(builder, budget, policies={"critic": "skip"})
 
     async def go() -> tuple[dict, str]:

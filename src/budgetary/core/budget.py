@@ -464,6 +464,13 @@ class Budget:
             self._contracts[name] = contract
         return contract
 
+    async def aensure_agent(self, name: str | None) -> AgentContract:
+        """`ensure_agent` for async code: a new agent is registered off the event loop."""
+        contract = self._contracts.get(name)
+        if contract is not None:
+            return contract
+        return await off_loop(self._store, self.ensure_agent, name)
+
     def contract(self, name: str | None) -> AgentContract:
         """The contract registered for ``name``; raises `UnknownAgent`."""
         if name in self._contracts:

@@ -188,6 +188,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if begun is not None:
             claim, agent, model, max_out, location = begun
             try:
+                if agent is not None:
+                    self.budget.ensure_agent(agent)
                 reservation = self.budget.reserve(
                     agent, model=model, messages=messages, max_output_tokens=max_out, location=location
                 )
@@ -205,6 +207,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if begun is not None:
             claim, agent, model, max_out, location = begun
             try:
+                if agent is not None:
+                    await self.budget.aensure_agent(agent)
                 reservation = await self.budget.areserve(
                     agent, model=model, messages=messages, max_output_tokens=max_out, location=location
                 )
@@ -285,7 +289,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ) -> None:  # fmt: skip
         """Count the tool call, or raise `BudgetExceeded` so that the tool body never runs."""
         request = self._tool_request(serialized, run_id, parent_run_id, metadata, kwargs)
-        if request is not None and not self._tool_allowed(run_id, decision := self.budget.check_tool(*request)):
+        if request is None:
+            return
+        if request[0] is not None:
+            self.budget.ensure_agent(request[0])
+        if not self._tool_allowed(run_id, decision := self.budget.check_tool(*request)):
             raise self.budget.exceeded(decision, request[0])
 
     async def _aon_tool_start(
@@ -293,7 +301,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         parent_run_id: UUID | None = None, metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         request = self._tool_request(serialized, run_id, parent_run_id, metadata, kwargs)
-        if request is not None and not self._tool_allowed(run_id, decision := await self.budget.acheck_tool(*request)):
+        if request is None:
+            return
+        if request[0] is not None:
+            await self.budget.aensure_agent(request[0])
+        if not self._tool_allowed(run_id, decision := await self.budget.acheck_tool(*request)):
             raise await self.budget.aexceeded(decision, request[0])
 
     on_tool_start = _AwaitedInAsyncRuns(_on_tool_start, _aon_tool_start)
@@ -329,10 +341,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     # -- internals -----------------------------------------------------------------------
 
     def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
-        agent = self.agent if self.agent is not None else agent_from_metadata(metadata)
-        if agent is not None:
-            self.budget.ensure_agent(agent)
-        return agent
+        """The agent this handler charges a call to (callers register it: `ensure_agent` or its twin)."""
+        return self.agent if self.agent is not None else agent_from_metadata(metadata)
 
     def _begin(
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]

@@ -111,9 +111,7 @@ class _Governor:
 
     def names(self, config: Mapping[str, Any]) -> tuple[str, str | None]:
         node = self.node or config.get("metadata", {}).get("langgraph_node") or "node"
-        agent = self.agent if self.agent is not None else node
-        self.budget.ensure_agent(agent)
-        return node, agent
+        return node, self.agent if self.agent is not None else node
 
     def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
         """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
@@ -248,6 +246,7 @@ def _govern_call(
     ``in_context``: ``invoke`` sets the config context from ``node_config`` itself.
     """
     node, agent = governor.names(config)
+    governor.budget.ensure_agent(agent)
     go, result = governor.enter(state, config, node, agent)
     if not go:
         return result
@@ -277,6 +276,7 @@ async def _agovern_call(
 ) -> Any:
     """Async twin of `_govern_call`; ``invoke`` returns an awaitable."""
     node, agent = governor.names(config)
+    await governor.budget.aensure_agent(agent)
     go, result = await governor.aenter(state, config, node, agent)
     if not go:
         return result
