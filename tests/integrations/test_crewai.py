@@ -220,6 +220,18 @@ def test_kickoff_async_and_budget_scope():
     assert budget.snapshot().llm_calls == 3
 
 
+def test_native_async_akickoff_is_capped_too():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=2))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded) as info:
+        asyncio.run(crew.akickoff(inputs={"topic": "otters"}))
+    assert info.value.resource == "llm_calls"
+    assert fake.calls.count == 2 == budget.snapshot().llm_calls
+    assert budget.snapshot().held_llm_calls == 0
+
+
 def test_soft_limit_tells_the_agent_once_and_calls_the_host():
     events = []
     seen: list[str] = []
