@@ -7,8 +7,10 @@ import inspect
 import itertools
 import json
 import logging
+import os
 import time
 import uuid
+import weakref
 from asyncio import _get_running_loop, current_task
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
@@ -43,6 +45,19 @@ POLICIES: tuple[str, ...] = ("deny", "skip", "interrupt", "end")
 
 # A refusal on one of these may disappear when the cheap upper bound is replaced by an exact count.
 _INPUT_SENSITIVE = frozenset({"input_tokens", "total_tokens", "cost_usd", "allocation"})
+
+# Hold ids are a per-budget random prefix and a counter. A forked child inherits both, so parent
+# and child would make the same ids against a shared store (a hold written twice, held counters
+# that never come back down): each budget gets a new prefix in the child.
+_live_budgets: weakref.WeakSet[Budget] = weakref.WeakSet()
+
+
+def _new_hold_prefixes_after_fork() -> None:
+    for budget in list(_live_budgets):
+        budget._hold_prefix = uuid.uuid4().hex[:12] + ":"
+
+
+os.register_at_fork(after_in_child=_new_hold_prefixes_after_fork)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -392,6 +407,7 @@ class Budget:
         self._contracts: dict[str | None, AgentContract] = {}
         self._hold_prefix = uuid.uuid4().hex[:12] + ":"
         self._hold_seq = itertools.count(1)
+        _live_budgets.add(self)
         self._metas: dict[tuple[str, str | None, str | None], Meta] = {}
 
         if parent is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +61,24 @@ def test_a_failure_inside_an_operation_rolls_it_back(tmp_path: Path) -> None:
 def test_synchronous_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="synchronous"):
         SQLiteStore(tmp_path / "b.db", synchronous="OFF")
+
+
+def _reserve_in_child(budget: Budget, ids: Any) -> None:
+    ids.put(budget.reserve(prompt_tokens=1, max_output_tokens=1).hold_id)
+
+
+def test_a_forked_child_makes_hold_ids_of_its_own(tmp_path: Any) -> None:
+    # Parent and child share the store, so equal hold ids would overwrite each other's holds and
+    # leave the held counters up for good.
+    import multiprocessing
+
+    budget = Budget(Limits(max_llm_calls=10), name="b", store=f"sqlite:///{tmp_path}/b.db")
+    ctx = multiprocessing.get_context("fork")
+    ids = ctx.Queue()
+    child = ctx.Process(target=_reserve_in_child, args=(budget, ids), daemon=True)
+    child.start()
+    child_id = ids.get(timeout=30)
+    child.join(timeout=30)
+    mine = budget.reserve(prompt_tokens=1, max_output_tokens=1)
+    assert mine.hold_id != child_id
+    assert budget.snapshot().held_llm_calls == 2
