@@ -13,6 +13,7 @@ thread, and the leases run out.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,10 @@ __all__ = ["keeper"]
 
 class _LeaseKeeper:
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """A fresh keeper: at import, and in a forked child, which has the parent's state but not its thread."""
         # Plain dict operations are atomic under the GIL; the hot path takes no lock.
         self.live: dict[str, Reservation] = {}
         """Live reservations by hold id (open ``llm_call`` blocks, `Reservation.keep_alive`); callers add
@@ -67,3 +72,4 @@ class _LeaseKeeper:
 
 
 keeper = _LeaseKeeper()
+os.register_at_fork(after_in_child=keeper._reset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,29 @@ def test_a_forked_child_makes_hold_ids_of_its_own(tmp_path: Any) -> None:
     mine = budget.reserve(prompt_tokens=1, max_output_tokens=1)
     assert mine.hold_id != child_id
     assert budget.snapshot().held_llm_calls == 2
+
+
+def _slow_call_in_child(budget: Budget, started: Any) -> None:
+    with budget.llm_call(prompt_tokens=1, max_output_tokens=1) as call:
+        started.put(True)
+        time.sleep(2.0)  # over three leases long: only renewals keep the hold
+        call.settle({"input_tokens": 1, "output_tokens": 1})
+
+
+def test_a_forked_child_renews_its_own_leases(tmp_path: Any) -> None:
+    import multiprocessing
+
+    budget = Budget(Limits(max_llm_calls=10), name="b", store=f"sqlite:///{tmp_path}/b.db", lease_ttl=0.6)
+    with budget.llm_call(prompt_tokens=1, max_output_tokens=1) as call:  # the parent's lease keeper runs
+        call.settle({"input_tokens": 1, "output_tokens": 1})
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Queue()
+    child = ctx.Process(target=_slow_call_in_child, args=(budget, started), daemon=True)
+    child.start()
+    assert started.get(timeout=30) is True
+    time.sleep(1.4)  # past two leases
+    assert budget.check().allowed  # a store operation: it expires holds whose lease ran out
+    assert budget.snapshot().held_llm_calls == 1  # the child's, renewed by the child's own keeper
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert (budget.snapshot().llm_calls, budget.snapshot().held_llm_calls) == (2, 0)
