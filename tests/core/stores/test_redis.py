@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import multiprocessing
+import os
 import re
 import threading
 import uuid
@@ -276,3 +278,51 @@ def test_close_closes_every_threads_connection(redis_url: str, key_prefix: str) 
     assert _connections(redis_url, name)
     store.close()
     assert _connections(redis_url, name) == []
+
+
+TLS_URL = os.environ.get("BUDGETARY_REDIS_TLS_URL")
+
+
+@pytest.fixture
+def tls_url() -> str:
+    """A rediss:// URL; skips (fails under BUDGETARY_REQUIRE_REDIS_TLS=1) without a TLS server."""
+    reason = None
+    if not TLS_URL:
+        reason = "BUDGETARY_REDIS_TLS_URL is not set (a rediss:// URL; .ci/test-servers starts a TLS server)"
+    else:
+        try:
+            redis.Redis.from_url(TLS_URL, socket_connect_timeout=1).ping()
+        except Exception as exc:
+            reason = f"no TLS Redis at {TLS_URL} ({exc!r})"
+    if reason is not None:
+        if os.environ.get("BUDGETARY_REQUIRE_REDIS_TLS") == "1":
+            pytest.fail(f"BUDGETARY_REQUIRE_REDIS_TLS=1 but {reason}")
+        pytest.skip(reason)
+    assert TLS_URL is not None
+    return TLS_URL
+
+
+@pytest.mark.redis
+def test_a_rediss_url_serves_sync_and_async_calls_and_keeps_its_tls_connection(tls_url: str) -> None:
+    prefix = f"budgetary-test:{uuid.uuid4().hex[:10]}:"
+    admin = redis.Redis.from_url(tls_url)
+    store = RedisStore(tls_url, key_prefix=prefix)
+    budget = Budget(Limits(max_llm_calls=100), name="b", store=store)
+    budget.record(None, {"input_tokens": 1, "output_tokens": 1})  # this thread's connection is open
+    before = admin.info("stats")["total_connections_received"]
+    for _ in range(30):
+        budget.reserve(prompt_tokens=3, max_output_tokens=2).settle({"input_tokens": 3, "output_tokens": 1})
+    assert admin.info("stats")["total_connections_received"] == before  # no reconnect per call over TLS
+
+    async def go() -> None:
+        async with budget.llm_call(prompt_tokens=3, max_output_tokens=2) as call:
+            await call.asettle({"input_tokens": 3, "output_tokens": 1})
+        await store.aclose()
+
+    asyncio.run(go())
+    snap = budget.snapshot()
+    assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (32, 126, 0)
+    store.close()
+    for key in admin.scan_iter(match=prefix + "*"):
+        admin.delete(key)
+    admin.close()

@@ -1,7 +1,8 @@
 """The Redis store on a real Redis Cluster: each budget family's keys in one slot, parents in one call.
 
-Needs a cluster node in BUDGETARY_REDIS_CLUSTER_URL (`.ci/run` starts a three-node cluster and sets it,
-with BUDGETARY_REQUIRE_REDIS_CLUSTER=1 so that these tests fail there instead of skipping).
+Needs a cluster node in BUDGETARY_REDIS_CLUSTER_URL (`.ci/run` starts a three-node cluster with
+`.ci/test-servers` and sets it, with BUDGETARY_REQUIRE_REDIS_CLUSTER=1 so that these tests fail
+there instead of skipping).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def cluster() -> Iterator[Any]:
     """A sync RedisCluster client; skips (fails under BUDGETARY_REQUIRE_REDIS_CLUSTER=1) without a cluster."""
     reason = None
     if not CLUSTER_URL:
-        reason = "BUDGETARY_REDIS_CLUSTER_URL is not set (a Redis Cluster node URL; .ci/run starts a cluster)"
+        reason = "BUDGETARY_REDIS_CLUSTER_URL is not set (a Redis Cluster node URL; .ci/test-servers starts one)"
     else:
         try:
             client = RedisCluster.from_url(CLUSTER_URL, socket_connect_timeout=1)

@@ -174,7 +174,8 @@ class _ThreadConnections:
     `benchmarks/stores.py` ran, a tenth of a loopback round trip. A thread keeps its connection
     instead and probes it with one non-blocking poll, which, like the pool's probe, finds a
     connection the server closed while it was idle (or one with bytes pending, out of step)
-    and replaces it before anything is sent. A thread's connection closes when the thread ends.
+    and replaces it before anything is sent (a readable TLS connection gets the pool's own
+    probe, see `_only_tls_records`). A thread's connection closes when the thread ends.
     """
 
     def __init__(self, pool: Any) -> None:
@@ -186,8 +187,9 @@ class _ThreadConnections:
     def get(self) -> Any:
         entry = getattr(self._local, "entry", None)
         # The socket is compared too: after `close` its descriptor number may belong to another file.
-        if entry is not None and entry[3] == _forks and entry[0]._sock is entry[1] and not entry[2].poll(0):
-            return entry[0]
+        if entry is not None and entry[3] == _forks and entry[0]._sock is entry[1]:
+            if not entry[2].poll(0) or _only_tls_records(entry[0]):
+                return entry[0]
         return self._connect(entry)
 
     def _connect(self, entry: tuple[Any, Any, Any, int] | None) -> Any:
@@ -245,6 +247,19 @@ class _PrivateLoop:
 
 
 _private_loop = _PrivateLoop()
+
+
+def _only_tls_records(conn: Any) -> bool:
+    """After a poll found an idle connection readable: whether that was only TLS bookkeeping.
+
+    A TLS server may send records after the handshake (TLS 1.3 session tickets) that make the
+    socket readable without any reply for us; redis-py's probe reads through the TLS layer, which
+    consumes them. Data or the server's close (an error here) mean the connection must go.
+    """
+    try:
+        return not conn.can_read()
+    except Exception:
+        return False
 
 
 def _safe_url(url: str) -> str:
