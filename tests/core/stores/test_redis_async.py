@@ -129,9 +129,9 @@ async def test_a_url_store_opens_its_own_asyncio_client(redis_url: str, key_pref
         budget = Budget(Limits(max_llm_calls=2), name="b", store=store)  # sync setup, sync client
         async with budget.llm_call(prompt_tokens=3, max_output_tokens=2) as call:
             await call.asettle(_usage(3, 1))
-        assert store._aclient is not None
+        assert len(store._loop_clients) == 1
         assert budget.snapshot().total_tokens == 4  # the sync API still works on the same store
-    assert store._aclient is None
+    assert len(store._loop_clients) == 0
 
 
 def _spy_threads(store: RedisStore) -> tuple[list[str], list[str]]:
@@ -356,4 +356,35 @@ def test_sync_calls_on_an_asyncio_only_store_work_in_a_forked_child(redis_url: s
     proc.join(timeout=30)
     assert proc.exitcode == 0
     assert budget.snapshot().llm_calls == 21
+    store.close()
+
+
+@pytest.mark.redis
+def test_event_loops_in_several_threads_share_a_url_store(redis_url: str, key_prefix: str) -> None:
+    # Each loop gets its own asyncio client: a client's connections belong to one loop.
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=1_000), name="b", store=store)
+    failures: list[BaseException] = []
+
+    async def cycles() -> None:
+        for _ in range(50):
+            reservation = await budget.areserve(prompt_tokens=3, max_output_tokens=2)
+            await reservation.asettle(_usage(3, 1))
+        await store.aclose()
+
+    def run() -> None:
+        try:
+            asyncio.run(asyncio.wait_for(cycles(), timeout=30))
+        except BaseException as exc:  # reported below: a thread's exception would be lost
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    snap = budget.snapshot()
+    assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (200, 800, 0)
+    assert len(store._loop_clients) == 0  # each loop closed its own client
     store.close()

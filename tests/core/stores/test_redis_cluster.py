@@ -148,5 +148,5 @@ async def test_a_redis_cluster_url_opens_an_asyncio_cluster_client_for_the_async
         budget = Budget(Limits(max_llm_calls=2), name="day", store=store)
         async with budget.llm_call(prompt_tokens=3, max_output_tokens=2) as call:
             await call.asettle({"input_tokens": 3, "output_tokens": 1})
-        assert type(store._aclient).__name__ == "RedisCluster"
+        assert [type(c).__name__ for c in store._loop_clients.values()] == ["RedisCluster"]
         assert (await budget.asnapshot()).llm_calls == 1 == budget.snapshot().llm_calls

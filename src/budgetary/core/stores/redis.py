@@ -386,6 +386,8 @@ class RedisStore:
         self._setup_lock: asyncio.Lock | None = None
         # A store built on an asyncio client serves sync calls with a copy of it (see `_bridge`).
         self._twin: tuple[Any, int] | None = None
+        # A store that opened its clients from a URL: its asyncio client per event loop.
+        self._loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -543,18 +545,21 @@ class RedisStore:
     def _async_client(self) -> Any:
         """The asyncio client for the running loop (a URL store opens one per loop, lazily)."""
         loop = asyncio.get_running_loop()
-        if self._aloop is not loop:
-            if self._owns_client:
-                import redis.asyncio
+        if not self._owns_client:  # the caller's asyncio client
+            if self._aloop is not loop:
+                self._aloop, self._setup_lock = loop, None
+            return self._aclient
+        # An asyncio client's connections belong to the loop that opened them, and several loops
+        # (one per thread) may use the store at once: one client per loop.
+        client = self._loop_clients.get(loop)
+        if client is None:
+            import redis.asyncio
 
-                # An asyncio client's connections belong to the loop that opened them.
-                opener = redis.asyncio.Redis if self._cluster_url is None else redis.asyncio.RedisCluster
-                url = self._cluster_url or self._from_url
-                assert url is not None  # a store that owns its clients opened them from a URL
-                self._aclient = opener.from_url(url, socket_timeout=self._socket_timeout)
-                self._ascript = self._aclient.register_script(self._program.script)
-            self._aloop, self._setup_lock = loop, None
-        return self._aclient
+            opener = redis.asyncio.Redis if self._cluster_url is None else redis.asyncio.RedisCluster
+            url = self._cluster_url or self._from_url
+            assert url is not None  # a store that owns its clients opened them from a URL
+            client = self._loop_clients[loop] = opener.from_url(url, socket_timeout=self._socket_timeout)
+        return client
 
     async def _run_setup(self) -> None:
         if self._setup_lock is None:
@@ -893,9 +898,9 @@ class RedisStore:
         return _agents(_json(await self._acall(*self._figures_request((key,), now)), None))
 
     async def aclose(self) -> None:
-        """Close the asyncio client the store opened (a client passed in is left open)."""
-        if self._owns_client and self._aclient is not None:
-            client, self._aclient, self._aloop = self._aclient, None, None
+        """Close the asyncio client the store opened for the running loop (a client passed in is left open)."""
+        client = self._loop_clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
             with mapped_errors(self.url, "close"):
                 await client.aclose()
 
