@@ -195,6 +195,37 @@ def test_send_fan_out_reaches_the_provider_exactly_three_times_and_leaves_no_hol
         assert snap.llm_calls == 3 and snap.agents_started == 8, runner
 
 
+def test_async_branches_cancelled_by_a_siblings_denial_give_their_holds_back():
+    # Async workers are cancelled mid-call when a sibling is refused: LangChain sends their calls
+    # no end or error event, so the ending task itself has the hold released.
+    import time
+
+    model = fake(delay=0.2)
+
+    class Fan(TypedDict, total=False):
+        items: list[int]
+        results: Annotated[list[str], operator.add]
+
+    async def worker(state: dict) -> dict:
+        return {"results": [(await model.ainvoke(f"item {state['item']}")).content]}
+
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", END)
+    budget = Budget(Limits(max_llm_calls=3), lease_ttl=600)  # far longer than the test: no lease runs out
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(govern_graph(builder, budget).ainvoke({"items": list(range(8))}))
+    assert model.calls.count == 3
+    deadline = time.monotonic() + 5
+    while budget.snapshot().held_llm_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snap = budget.snapshot()
+    assert (snap.held_llm_calls, snap.held_tokens) == (0, 0)
+    released = budget.ledger.history(kind="release")
+    assert len(released) == 3 and all("cancelled" in e.reason for e in released)
+
+
 def test_subgraph_agents_are_charged_to_the_outer_node():
     model = fake()
 

@@ -8,13 +8,18 @@ holds of every open ``llm_call`` block and of every reservation its owner handed
 over with `Reservation.keep_alive` (the framework adapters do); a settled or
 released reservation leaves it. A raw `Budget.reserve` is otherwise not tracked:
 its owner renews it (`Reservation.renew`). If the process dies, so does the
-thread, and the leases run out.
+thread, and the leases run out. A reservation kept alive from a coroutine stops being renewed
+when its task ends (a streamed call may settle from another task, before its lease runs out),
+and is released at once if that task was cancelled (LangChain sends a call cancelled with its
+task no end or error event); the task's end wakes the keeper.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +43,17 @@ class _LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
+        # Tasks whose end wakes the keeper (one done-callback per task, however many calls it makes).
+        self._watched: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
+
+    def watch(self, task: asyncio.Task[object]) -> None:
+        """Wake the keeper when ``task`` ends, to release what it kept alive and left unsettled."""
+        if task not in self._watched:
+            self._watched.add(task)
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[object]) -> None:
+        self.poke()  # starts the keeper if need be; a plain Event.set otherwise: safe on the loop
 
     def poke(self) -> None:
         """Start the keeper, or wake it to re-plan after a shorter lease was added."""
@@ -59,8 +75,13 @@ class _LeaseKeeper:
             self.ttl_floor = interval * 3
             for reservation in live:
                 task = reservation._task  # set by keep_alive when called from a coroutine
-                if task is not None and task.done():  # cancelled or finished without settling
-                    self.live.pop(reservation.hold_id, None)  # its lease now runs out
+                if task is not None and task.done():
+                    self.live.pop(reservation.hold_id, None)  # no more renewals: the lease runs out...
+                    if task.cancelled():  # ...unless the call was cancelled: give the hold back now
+                        try:
+                            reservation.release("cancelled: its task ended before the call settled")
+                        except Exception:  # a store hiccup: the lease runs out instead
+                            pass
                     continue
                 if not reservation.done and reservation.lease_age() >= reservation.ttl / 3:
                     try:

@@ -247,13 +247,16 @@ class Reservation:
 
         For owners that cannot renew it while the call runs (``llm_call`` blocks and the
         framework adapters use it): a call that outlasts ``lease_ttl`` keeps its hold, and only
-        a dead worker's holds expire. Called from a coroutine, the renewal also stops when its
-        task ends: a call cancelled without a word (a LangGraph branch cancelled because a
-        sibling failed) then loses its hold when its lease runs out. Returns the reservation.
+        a dead worker's holds expire. Called from a coroutine, renewal stops when its task ends,
+        and the hold is released at once if the task was cancelled before settling it (a
+        LangGraph branch cancelled because a sibling failed gets no end or error event).
+        Returns the reservation.
         """
         if not self._done:
-            self._task = current_task() if _get_running_loop() is not None else None
+            task = self._task = current_task() if _get_running_loop() is not None else None
             keeper.live[self.hold_id] = self
+            if task is not None:
+                keeper.watch(task)
             if self._budget.lease_ttl < keeper.ttl_floor:
                 keeper.poke()
         return self
