@@ -100,6 +100,45 @@ def test_interrupt_resumes_with_a_top_up_applied_once():
     assert model.calls.count == 4
 
 
+def test_an_async_graph_interrupts_and_resumes_with_the_store_off_its_loop(tmp_path: Any) -> None:
+    import threading
+
+    model = fake()
+
+    def step(name: str):
+        async def node(state: Research) -> dict:
+            reply = await model.ainvoke(f"{name}: {state['topic']}")
+            return {"notes": [f"{name}:{reply.content}"]}
+
+        return node
+
+    builder = StateGraph(Research)
+    for name in ("planner", "researcher", "writer", "critic"):
+        builder.add_node(name, step(name))
+    builder.add_edge(START, "planner")
+    builder.add_edge("planner", "researcher")
+    builder.add_edge("researcher", "writer")
+    builder.add_edge("writer", "critic")
+    builder.add_edge("critic", END)
+    budget = Budget(Limits(max_total_tokens=230), name="research-a", store=f"sqlite:///{tmp_path}/b.db")
+    seen = record_store_threads(budget, "begin_agent", "reserve", "settle", "figures", "top_up", "record_entry")
+    app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "run-a"}}
+
+    async def go() -> tuple[dict, dict, str]:
+        paused = await app.ainvoke({"topic": "otters"}, config)
+        done = await app.ainvoke(Command(resume={"total_tokens": 500}), config)
+        return paused, done, threading.current_thread().name
+
+    paused, done, loop_thread = asyncio.run(go())
+    during, seen[:] = list(seen), []
+    assert paused["__interrupt__"][0].value["node"] == "writer"
+    assert [n.split(":")[0] for n in done["notes"]] == ["planner", "researcher", "writer", "critic"]
+    assert budget.snapshot().limits.max_total_tokens == 730  # applied once
+    assert model.calls.count == 4
+    assert during and loop_thread not in during
+
+
 def test_an_interrupted_run_resumes_after_a_top_up_from_the_command_line(tmp_path):
     import io
 
