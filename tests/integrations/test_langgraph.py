@@ -36,13 +36,17 @@ class Research(TypedDict, total=False):
     budget_skipped: Annotated[list[Skipped], operator.add]
 
 
-def research_builder(model: FakeChatModel) -> StateGraph:
+def research_builder(model: FakeChatModel, *, asynchronous: bool = False) -> StateGraph:
     def step(name: str):
         def node(state: Research) -> dict:
             reply = model.invoke(f"{name}: {state['topic']}")  # no config passed: the context carries it
             return {"notes": [f"{name}:{reply.content}"]}
 
-        return node
+        async def async_node(state: Research) -> dict:
+            reply = await model.ainvoke(f"{name}: {state['topic']}")
+            return {"notes": [f"{name}:{reply.content}"]}
+
+        return async_node if asynchronous else node
 
     builder = StateGraph(Research)
     for name in ("planner", "researcher", "writer", "critic"):
@@ -104,22 +108,7 @@ def test_an_async_graph_interrupts_and_resumes_with_the_store_off_its_loop(tmp_p
     import threading
 
     model = fake()
-
-    def step(name: str):
-        async def node(state: Research) -> dict:
-            reply = await model.ainvoke(f"{name}: {state['topic']}")
-            return {"notes": [f"{name}:{reply.content}"]}
-
-        return node
-
-    builder = StateGraph(Research)
-    for name in ("planner", "researcher", "writer", "critic"):
-        builder.add_node(name, step(name))
-    builder.add_edge(START, "planner")
-    builder.add_edge("planner", "researcher")
-    builder.add_edge("researcher", "writer")
-    builder.add_edge("writer", "critic")
-    builder.add_edge("critic", END)
+    builder = research_builder(model, asynchronous=True)
     budget = Budget(Limits(max_total_tokens=230), name="research-a", store=f"sqlite:///{tmp_path}/b.db")
     seen = record_store_threads(budget, "begin_agent", "reserve", "settle", "figures", "top_up", "record_entry")
     app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
