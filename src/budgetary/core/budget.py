@@ -897,31 +897,41 @@ class Budget:
                         return self.skip(agent, str(exc), resource=exc.resource, location=location)
                     raise
 
-            def after(r: Reservation, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+            def outcome(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> tuple[Any, bool, float | None]:
+                """What to record for a call: (usage, whether estimated, reported confidence)."""
                 if usage_fn is not None:
-                    r.settle(usage_fn(result))
+                    usage, estimated = usage_fn(result), False
                 else:
                     prompt = estimate_text_tokens(_string_args(args, kwargs), model)
                     output = estimate_text_tokens(_string_args((result,), {}), model)
-                    r._settle(Usage(input_tokens=prompt, output_tokens=output), model, estimated=True)
-                if confidence_fn is not None:
-                    confidence = confidence_fn(result)
-                    if confidence is not None:
-                        self.set_confidence(agent, confidence)
+                    usage, estimated = Usage(input_tokens=prompt, output_tokens=output), True
+                return usage, estimated, confidence_fn(result) if confidence_fn is not None else None
+
+            def record(r: Reservation, usage: Any, estimated: bool, confidence: float | None) -> None:
+                if estimated:
+                    r._settle(usage, model, estimated=True)
+                else:
+                    r.settle(usage)
+                if confidence is not None:
+                    self.set_confidence(agent, confidence)
+
+            def after(r: Reservation, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+                record(r, *outcome(args, kwargs, result))
 
             if inspect.iscoroutinefunction(fn):
 
                 @functools.wraps(fn)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    r = before(args, kwargs)
+                    # The store is called off the event loop; the function and the callbacks run on it.
+                    r = await self.off_loop(before, args, kwargs)
                     if isinstance(r, Skipped):
                         return r
                     try:
                         result = await cast(Callable[..., Awaitable[Any]], fn)(*args, **kwargs)
                     except BaseException as exc:
-                        r.release(f"function raised {type(exc).__name__}")
+                        await r.arelease(f"function raised {type(exc).__name__}")
                         raise
-                    after(r, args, kwargs, result)
+                    await self.off_loop(record, r, *outcome(args, kwargs, result))
                     return result
 
                 return cast(F, async_wrapper)

@@ -124,3 +124,32 @@ async def test_async_snapshot_and_report_match_the_sync_ones(open_store: Opener,
         "helper": {"allocated": None, "consumed": 0, "remaining": None},
     }
     assert report == budget.report()
+
+
+async def test_an_async_governed_function_calls_sqlite_off_the_event_loop(
+    sqlite_store: SQLiteStore, anyio_backend: str
+) -> None:
+    from tests.fakes import record_store_threads
+
+    budget = Budget(Limits(max_llm_calls=2), name="a", store=sqlite_store)
+    budget.agent("summariser")
+    seen = record_store_threads(budget, "reserve", "settle", "release", "set_confidence")
+
+    @budget.govern("summariser", usage_fn=lambda r: {"input_tokens": 10, "output_tokens": len(r)},
+                   confidence_fn=lambda r: 0.5)  # fmt: skip
+    async def summarise(text: str) -> str:
+        await anyio.sleep(0)
+        return text[:3]
+
+    @budget.govern("summariser")
+    async def broken(text: str) -> str:
+        raise ValueError(text)
+
+    assert await summarise("otters") == "ott"
+    with pytest.raises(ValueError):
+        await broken("boom")
+    loop_thread = threading.current_thread().name
+    during = list(seen)
+    assert len(during) == 5 and loop_thread not in during  # reserve, settle, confidence, reserve, release
+    assert [e.kind for e in budget.ledger.history()] == ["llm", "release"]
+    assert budget.snapshot().total_tokens == 13
