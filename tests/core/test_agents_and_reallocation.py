@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -314,3 +315,24 @@ def test_priority_is_respected_by_every_transfer(seed):
     for entry in budget.ledger.history(kind="transfer"):
         assert priorities[entry.donor] <= priorities[entry.agent]
         assert entry.donor != entry.agent
+
+
+def test_ensure_agent_registers_new_names_once_and_never_the_run_itself() -> None:
+    import asyncio
+
+    budget = Budget(Limits(max_total_tokens=1_000))
+    registered: list[str | None] = []
+    store_ensure = budget._store.ensure_agent
+
+    def spy(key: str, contract: Any, **kwargs: Any) -> Any:
+        registered.append(contract.name)
+        return store_ensure(key, contract, **kwargs)
+
+    budget._store.ensure_agent = spy  # type: ignore[method-assign]
+    assert budget.ensure_agent(None).name is None  # the budget itself: nothing to register
+    assert asyncio.run(budget.aensure_agent(None)).name is None
+    budget.ensure_agent("writer")
+    asyncio.run(budget.aensure_agent("writer"))
+    asyncio.run(budget.aensure_agent("critic"))
+    assert registered == ["writer", "critic"]
+    assert set(budget.report()) == {"writer", "critic"}

@@ -475,7 +475,12 @@ class Budget:
         return contract
 
     def ensure_agent(self, name: str | None) -> AgentContract:
-        """Return ``name``'s contract, registering it with no allocation if it is new (for adapters)."""
+        """Return ``name``'s contract, registering it with no allocation if it is new (for adapters).
+
+        ``None`` is the budget itself, which always exists: nothing is registered for it.
+        """
+        if name is None:
+            return self.contract(None)
         contract = self._contracts.get(name)
         if contract is None:
             contract = AgentContract(name=name)
@@ -485,9 +490,8 @@ class Budget:
 
     async def aensure_agent(self, name: str | None) -> AgentContract:
         """`ensure_agent` for async code: a new agent is registered off the event loop."""
-        contract = self._contracts.get(name)
-        if contract is not None:
-            return contract
+        if name is None or name in self._contracts:
+            return self.ensure_agent(name)  # nothing to register
         return await off_loop(self._store, self.ensure_agent, name)
 
     def contract(self, name: str | None) -> AgentContract:
@@ -915,9 +919,6 @@ class Budget:
                 if confidence is not None:
                     self.set_confidence(agent, confidence)
 
-            def after(r: Reservation, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
-                record(r, *outcome(args, kwargs, result))
-
             if inspect.iscoroutinefunction(fn):
 
                 @functools.wraps(fn)
@@ -946,7 +947,7 @@ class Budget:
                 except BaseException as exc:
                     r.release(f"function raised {type(exc).__name__}")
                     raise
-                after(r, args, kwargs, result)
+                record(r, *outcome(args, kwargs, result))
                 return result
 
             return cast(F, wrapper)

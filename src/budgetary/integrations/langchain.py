@@ -188,8 +188,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if begun is not None:
             claim, agent, model, max_out, location = begun
             try:
-                if agent is not None:
-                    self.budget.ensure_agent(agent)
+                self.budget.ensure_agent(agent)
                 reservation = self.budget.reserve(
                     agent, model=model, messages=messages, max_output_tokens=max_out, location=location
                 )
@@ -207,8 +206,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if begun is not None:
             claim, agent, model, max_out, location = begun
             try:
-                if agent is not None:
-                    await self.budget.aensure_agent(agent)
+                await self.budget.aensure_agent(agent)
                 reservation = await self.budget.areserve(
                     agent, model=model, messages=messages, max_output_tokens=max_out, location=location
                 )
@@ -291,8 +289,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         request = self._tool_request(serialized, run_id, parent_run_id, metadata, kwargs)
         if request is None:
             return
-        if request[0] is not None:
-            self.budget.ensure_agent(request[0])
+        self.budget.ensure_agent(request[0])
         if not self._tool_allowed(run_id, decision := self.budget.check_tool(*request)):
             raise self.budget.exceeded(decision, request[0])
 
@@ -303,8 +300,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         request = self._tool_request(serialized, run_id, parent_run_id, metadata, kwargs)
         if request is None:
             return
-        if request[0] is not None:
-            await self.budget.aensure_agent(request[0])
+        await self.budget.aensure_agent(request[0])
         if not self._tool_allowed(run_id, decision := await self.budget.acheck_tool(*request)):
             raise await self.budget.aexceeded(decision, request[0])
 

@@ -54,7 +54,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from budgetary.core.budget import POLICIES, Budget
 from budgetary.core.errors import BudgetExceeded, ConfigurationError
-from budgetary.core.guard import Decision
 from budgetary.core.skip import Skipped
 from budgetary.integrations._common import apply_top_up_once
 from budgetary.integrations.langchain import BudgetCallbackHandler, _node_owners
@@ -137,7 +136,7 @@ class _Governor:
         """(True, None) to run the node, else (False, the node's result under the policy)."""
         attempt = 0
         while not (decision := self.budget.begin_agent(agent, location=node)).allowed:
-            again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt, decision)
+            again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt)
             if not again:
                 return False, result
             attempt += 1
@@ -148,21 +147,19 @@ class _Governor:
         attempt = 0
         while not (decision := await self.budget.abegin_agent(agent, location=node)).allowed:
             exc = await self.budget.aexceeded(decision, agent)
-            again, result = await self.arefused(exc, state, config, attempt, decision)
+            again, result = await self.arefused(exc, state, config, attempt)
             if not again:
                 return False, result
             attempt += 1
         return True, None
 
-    def refused(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
-    ) -> tuple[bool, Any]:
+    def refused(self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int) -> tuple[bool, Any]:
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
         step, then = self._refusal(exc, state, config, attempt)
         return then(step())
 
     async def arefused(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, decision: Decision | None = None
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int
     ) -> tuple[bool, Any]:
         """`refused` for async nodes: its store step (a top-up, a skip marker) runs off the event loop."""
         step, then = self._refusal(exc, state, config, attempt)

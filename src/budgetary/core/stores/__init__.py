@@ -2,8 +2,9 @@
 
 ``memory://`` (default) keeps state in this process; ``sqlite:///path.db``
 shares it between the processes of one host; ``redis://`` and ``rediss://``
-(``redis-cluster://`` for a Redis Cluster) between hosts. The SQLite and Redis modules are imported only when their
-scheme is used, so ``import budgetary`` never imports redis.
+(``redis-cluster://`` for a Redis Cluster) between hosts. The SQLite and Redis
+modules are imported only when their scheme is used, so ``import budgetary``
+never imports redis.
 """
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ class AsyncStore(Protocol):
         """`Store.count_tool`, awaited."""
 
 
-def ledger_max_len(value: Any, store: str) -> int:
+def checked_ledger_max_len(value: Any, store: str) -> int:
     """A store's ``ledger_max_len`` argument, checked: an int >= 0 (0 keeps every entry)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigurationError(f"{store} ledger_max_len must be an int >= 0, got {value!r}")

@@ -7,8 +7,7 @@ from types import TracebackType
 
 from budgetary.core._engine import Engine
 from budgetary.core.ledger import LedgerEntry
-from budgetary.core.stores.base import EngineStore
-from budgetary.core.stores.base import ledger_max_len as _checked
+from budgetary.core.stores.base import EngineStore, checked_ledger_max_len
 
 __all__ = ["MemoryStore"]
 
@@ -36,7 +35,7 @@ class MemoryStore(EngineStore):
     url = "memory://"
 
     def __init__(self, *, ledger_max_len: int = 0) -> None:
-        self.ledger_max_len = _checked(ledger_max_len, "MemoryStore")
+        self.ledger_max_len = checked_ledger_max_len(ledger_max_len, "MemoryStore")
         self._lock = threading.RLock()
         self._engine = Engine(guard=self._lock, ledger_max_len=self.ledger_max_len)
         self._locked = _Locked(self._lock, self._engine)

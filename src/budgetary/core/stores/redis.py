@@ -50,8 +50,7 @@ from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
 from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc
-from budgetary.core.stores.base import LevelFigures
-from budgetary.core.stores.base import ledger_max_len as checked_max_len
+from budgetary.core.stores.base import LevelFigures, checked_ledger_max_len
 from budgetary.core.usage import Usage
 
 if TYPE_CHECKING:
@@ -324,7 +323,7 @@ class RedisStore:
             raise ImportError('RedisStore needs redis-py: pip install "budgetary[redis]"') from exc
         if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
             raise ConfigurationError(f"RedisStore key_prefix must be a string without braces, got {key_prefix!r}")
-        ledger_max_len = checked_max_len(ledger_max_len, "RedisStore")
+        ledger_max_len = checked_ledger_max_len(ledger_max_len, "RedisStore")
         self._client: Any = None
         self._aclient: Any = None
         self._aloop: asyncio.AbstractEventLoop | None = None
