@@ -62,6 +62,9 @@ os.register_at_fork(after_in_child=_new_hold_prefixes_after_fork)
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
+_RUN_CONTRACT = AgentContract(name=None)
+"""The contract of the agent ``None``, the budget itself (contracts are frozen: one serves every budget)."""
+
 
 class Reservation:
     """Budget held for one LLM call until it is settled, released or charged as estimated.
@@ -499,7 +502,7 @@ class Budget:
         if name in self._contracts:
             return self._contracts[name]
         if name is None:
-            return AgentContract(name=None)
+            return _RUN_CONTRACT
         raise UnknownAgent(name, self.name)
 
     def has_agent(self, name: str | None) -> bool:
