@@ -446,3 +446,32 @@ def test_price_values_are_exact_decimals():
 def test_malformed_overrides_are_configuration_errors(override, message):
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         PriceTable({"m": override})
+
+
+def test_the_unpriced_refusal_names_the_level_with_the_usd_limit():
+    tenant = Budget(Limits(max_cost_usd=5), name="tenant")
+    run = Budget(Limits(max_llm_calls=9), name="run", parent=tenant)
+    with pytest.raises(BudgetExceeded, match="budget 'tenant' has a USD limit") as info:
+        run.reserve(model="budgetary-test-finetune", prompt_tokens=10, max_output_tokens=10)
+    assert info.value.budget == "tenant"
+    solo = Budget(Limits(), name="solo")
+    solo.agent("writer", max_cost_usd=1)
+    with pytest.raises(BudgetExceeded, match="agent 'writer' has a USD allocation"):
+        solo.reserve("writer", model="budgetary-test-finetune", prompt_tokens=10, max_output_tokens=10)
+
+
+def test_a_call_without_a_model_under_a_usd_cap_is_told_to_name_it():
+    budget = Budget(Limits(max_cost_usd=5), prices={"my-model": Price(input_mtok=1, output_mtok=1)})
+    with pytest.raises(BudgetExceeded, match=re.escape("Name the model the call uses (model=...)")):
+        budget.reserve(prompt_tokens=10, max_output_tokens=10)
+
+
+@pytest.mark.parametrize(
+    "billed", ["gpt-4o-mini-2024-07-18", "openai/gpt-4o-mini", "gpt-4o-mini-latest", "gpt-4o-mini@20240718"]
+)
+def test_an_override_prices_the_dated_name_the_provider_bills_under(billed):
+    # The hold uses the user's price for the name asked for; the settle, under the billed name, must too.
+    budget = Budget(Limits(max_cost_usd=100), prices={"gpt-4o-mini": Price(input_mtok=100, output_mtok=100)})
+    with budget.llm_call(model="gpt-4o-mini", prompt_tokens=1000, max_output_tokens=1000) as call:
+        entry = call.settle(Usage(input_tokens=1000, output_tokens=1000), model=billed)
+    assert entry.cost_usd == Decimal("0.2")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from decimal import Decimal
 
 import pytest
@@ -109,6 +110,45 @@ def test_an_ai_message_is_read_through_its_usage_metadata():
     assert Usage.from_provider(Message()).total_tokens == 5
 
 
+def test_openai_sdk_cache_write_tokens_are_cache_writes():
+    # openai>=2 names them cache_write_tokens in both APIs; they are priced above plain input.
+    chat = Usage.from_provider(
+        {"prompt_tokens": 200, "completion_tokens": 80, "prompt_tokens_details": {"cached_tokens": 100,
+                                                                                  "cache_write_tokens": 50}}
+    )  # fmt: skip
+    responses = Usage.from_provider(
+        {"input_tokens": 200, "output_tokens": 80,
+         "input_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 50}}
+    )  # fmt: skip
+    for usage in (chat, responses):
+        assert (usage.input_tokens, usage.cache_read_tokens, usage.cache_write_tokens) == (200, 100, 50)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (SimpleNamespace(prompt_tokens=11, completion_tokens=7,
+                         prompt_tokens_details=SimpleNamespace(cached_tokens=4)), (11, 7, 4)),
+        (SimpleNamespace(input_tokens=10, output_tokens=5, cache_read_input_tokens=20), (30, 5, 20)),
+        (SimpleNamespace(prompt_token_count=9, candidates_token_count=3, thoughts_token_count=2,
+                         cached_content_token_count=4), (9, 5, 4)),
+        (SimpleNamespace(prompt_tokens=8, completion_tokens=2, cached_prompt_tokens=3,
+                         successful_requests=1), (8, 2, 3)),
+    ],
+    ids=["openai", "anthropic", "gemini", "crewai"],
+)  # fmt: skip
+def test_usage_objects_without_model_dump_are_read_by_attribute(usage, expected):
+    # Proto-plus messages (older Gemini SDKs) and plain SDK objects have no model_dump().
+    for data in (usage, SimpleNamespace(usage=usage), SimpleNamespace(usage_metadata=usage)):
+        u = Usage.from_provider(data)
+        assert (u.input_tokens, u.output_tokens, u.cache_read_tokens) == expected
+
+
+def test_an_object_with_no_usage_is_refused_clearly():
+    with pytest.raises(UsageError, match="cannot read token usage from object"):
+        Usage.from_provider(object())
+
+
 def test_reported_cost_is_kept():
     assert Usage.from_openai({"prompt_tokens": 1, "completion_tokens": 1, "cost": "0.0021"}).cost_usd == Decimal(
         "0.0021"
@@ -125,6 +165,8 @@ def test_reported_cost_is_kept():
         ({"prompt_tokens": "abc", "completion_tokens": 2}, "prompt_tokens"),
         ({"prompt_tokens": 3}, "completion_tokens"),
         ({"input_tokens": 3, "output_tokens": None, "total_tokens": 3}, "output_tokens"),
+        ({"candidates_token_count": 3, "total_token_count": 3}, "prompt_token_count"),  # Gemini, input missing
+        ({"prompt_tokens": 3, "cached_prompt_tokens": 1}, "completion_tokens"),  # CrewAI, output missing
     ],
 )
 def test_bad_values_raise_a_value_error_naming_the_field(data, field):

@@ -709,18 +709,31 @@ class Budget:
         if self._cost_capped or self._usd_agent(agent):
             rates = self._prices.rates(model, provider)
             if rates is None and not (self.allow_unpriced or unpriced_ok):
-                deny = Deny(
-                    resource="cost_usd",
-                    reason=(
-                        f"model {model!r} has no known price and budget {self.name!r} has a USD limit, so its "
-                        f"cost cannot be checked. Pass prices={{{model!r}: Price(input_mtok=..., "
-                        "output_mtok=...)} to Budget, or allow_unpriced=True to let it run uncounted."
-                    ),
-                    budget=self.name,
-                    agent=agent,
-                )
-                return [], meta, rates, exact, deny
+                return [], meta, rates, exact, self._unpriced_refusal(agent, model)
         return _request(prompt, out, rates), meta, rates, exact, None
+
+    def _unpriced_refusal(self, agent: str | None, model: str | None) -> Deny:
+        """Why a call of a model with no price cannot run under a USD limit, and what to do about it."""
+        capped = self
+        while capped is not None and capped.limits.max_cost_usd is None:
+            capped = capped.parent
+        if capped is not None:
+            where, budget = f"budget {capped.name!r} has a USD limit", capped.name
+        else:
+            where, budget = f"agent {agent!r} has a USD allocation", self.name
+        if model is None:
+            fix = "Name the model the call uses (model=...)"
+        else:
+            fix = f"Pass prices={{{model!r}: Price(input_mtok=..., output_mtok=...)}} to Budget"
+        return Deny(
+            resource="cost_usd",
+            reason=(
+                f"{'the call names no model' if model is None else f'model {model!r} has no known price'} and "
+                f"{where}, so its cost cannot be checked. {fix}, or allow_unpriced=True to let it run uncounted."
+            ),
+            budget=budget,
+            agent=agent,
+        )
 
     @staticmethod
     def _exact_request(decision: Decision, messages: Any, model: str | None, req: Vector, rates: Any) -> Vector:

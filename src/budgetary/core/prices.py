@@ -10,6 +10,8 @@ charged once per call. Costs round up to whole nano-dollars.
 
 from __future__ import annotations
 
+import functools
+import re
 import threading
 import warnings
 from collections.abc import Mapping
@@ -215,6 +217,19 @@ def _convert(model_price: Any) -> _ModelRates | None:
     return _ModelRates(_Rates.of(base), tuple(tiers))
 
 
+_DATED = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|@latest|-latest)$")
+
+
+@functools.lru_cache(maxsize=1024)
+def _base_name(model: str) -> str:
+    """The name a user's override is likely keyed by: no provider prefix, no date suffix.
+
+    Providers bill under dated names (``gpt-4o-mini-2024-07-18``, ``claude-sonnet-4-5-20250929``,
+    Vertex's ``claude-3-5-sonnet@20240620``) while users price the name they asked for.
+    """
+    return _DATED.sub("", model.rsplit("/", 1)[-1])
+
+
 class PriceTable:
     """Resolves and caches model prices; user overrides win over the genai-prices table.
 
@@ -241,9 +256,13 @@ class PriceTable:
         """The model's rates, or ``None`` when no price is known."""
         if model is None:
             return None
-        rates = self._overrides.get(model)
-        if rates is not None:
-            return rates
+        overrides = self._overrides
+        if overrides:
+            rates = overrides.get(model)
+            if rates is None:
+                rates = overrides.get(_base_name(model))
+            if rates is not None:
+                return rates
         key = (provider, model)
         try:
             return _table_cache[key]

@@ -174,9 +174,10 @@ class Usage:
     def from_provider(cls, data: Any) -> Usage:
         """Build a `Usage` from any supported provider shape.
 
-        Accepts a `Usage`, a LangChain ``AIMessage`` (its ``usage_metadata``), an
-        object with ``model_dump()``, or a mapping in the LangChain, OpenAI chat,
-        OpenAI responses, Anthropic, Gemini, LiteLLM or CrewAI shape.
+        Accepts a `Usage`, a LangChain ``AIMessage`` or a provider's response (its
+        ``usage_metadata`` or ``usage``), or the usage itself as a mapping or an object
+        (pydantic, proto-plus, plain attributes) in the LangChain, OpenAI chat, OpenAI
+        responses, Anthropic, Gemini, LiteLLM or CrewAI shape.
         """
         if type(data) is dict:  # the usual case: skip the ABC checks below
             return _NORMALISERS[_detect_shape(data)](data)
@@ -185,11 +186,15 @@ class Usage:
         if data is None:
             raise UsageError("usage is missing (got None)")
         if not isinstance(data, Mapping):
-            # A LangChain AIMessage (or a Gemini response) is itself a pydantic model: read its
-            # usage_metadata before its model_dump(), whose keys are the message's, not usage.
-            metadata = getattr(data, "usage_metadata", None)
-            if metadata is not None:
-                return cls.from_provider(metadata)
+            # A LangChain AIMessage (or a Gemini, OpenAI or Anthropic response) is itself a model:
+            # read its usage before its model_dump(), whose keys are the message's, not usage.
+            for attribute in ("usage_metadata", "usage"):
+                inner = getattr(data, attribute, None)
+                if inner is not None:
+                    if isinstance(inner, Usage):
+                        return inner
+                    data = inner  # one level only: never chase a proxy's attributes forever
+                    break
         mapping = _as_mapping(data)
         if mapping is None:
             raise UsageError(f"cannot read token usage from {type(data).__name__}")
@@ -223,8 +228,11 @@ class Usage:
             out = _details(m, "output_tokens_details")
             input_tokens = _req(m, "input_tokens")
             output_tokens = _req(m, "output_tokens")
-        # LiteLLM folds Anthropic's cache tokens into prompt_tokens and keeps them beside it too.
-        cache_write = _opt(m, "cache_creation_input_tokens") or _opt(inp, "cache_creation_tokens")
+        # LiteLLM folds Anthropic's cache tokens into prompt_tokens and keeps them beside it too;
+        # OpenAI's own SDK names cache writes ``cache_write_tokens`` in the details.
+        cache_write = (
+            _opt(m, "cache_creation_input_tokens") or _opt(inp, "cache_write_tokens") or _opt(inp, "cache_creation_tokens")
+        )
         cache_read = _opt(inp, "cached_tokens") or _opt(m, "cache_read_input_tokens")
         return cls(
             input_tokens=input_tokens,
@@ -287,8 +295,11 @@ class Usage:
             raise UsageError(f"usage is missing 'prompt_tokens' (got keys {sorted(m)})")
         if output_key is not None:
             output_tokens = _req(m, output_key)
+        elif input_key == "prompt_token_count":  # Gemini's shape: it leaves out zero counts
+            output_tokens = sat(_opt(m, "candidates_token_count") + _opt(m, "thoughts_token_count"))
         else:
-            output_tokens = sat(_req(m, "candidates_token_count") + _opt(m, "thoughts_token_count"))
+            expected = "completion_tokens" if input_key == "prompt_tokens" else "output_tokens"
+            raise UsageError(f"usage is missing {expected!r} (got keys {sorted(m)})")
         cache_read = _first(m, "cached_prompt_tokens", "cached_tokens", "cache_read_input_tokens")
         if not cache_read:
             cache_read = _opt(_details(m, "prompt_tokens_details"), "cached_tokens")
@@ -325,7 +336,10 @@ def _as_mapping(data: Any) -> Mapping[str, Any] | None:
         dumped = dump()
         if isinstance(dumped, Mapping):
             return dumped
-    return None
+    # Objects without model_dump (proto-plus messages, SimpleNamespace, dataclasses): the
+    # attributes the normalisers know.
+    found = {key: value for key in _USAGE_KEYS if (value := getattr(data, key, None)) is not None}
+    return found or None
 
 
 def _require_mapping(data: Any, what: str) -> Mapping[str, Any]:
@@ -339,7 +353,7 @@ def _detect_shape(m: Mapping[str, Any]) -> str:
     # CrewAI's flat parts first: its native providers add them to their own shapes.
     if "cached_prompt_tokens" in m or "cache_creation_tokens" in m or "successful_requests" in m:
         return "crewai"
-    if "prompt_token_count" in m or "promptTokenCount" in m:
+    if any(key in m for key in _GEMINI_KEYS):
         return "gemini"
     if "prompt_tokens" in m or "completion_tokens" in m:
         return "openai"
@@ -351,6 +365,21 @@ def _detect_shape(m: Mapping[str, Any]) -> str:
         # Anthropic reports no total; LangChain always does.
         return "anthropic"
     return "langchain"
+
+
+_USAGE_KEYS = (
+    # LangChain, OpenAI (chat and responses), Anthropic, LiteLLM, CrewAI; and their details.
+    "input_tokens", "output_tokens", "total_tokens", "input_token_details", "output_token_details",
+    "cache_read", "cache_creation", "reasoning", "prompt_tokens", "completion_tokens",
+    "prompt_tokens_details", "completion_tokens_details", "input_tokens_details", "output_tokens_details",
+    "cached_tokens", "cache_write_tokens", "cache_creation_tokens", "reasoning_tokens",
+    "cache_read_input_tokens", "cache_creation_input_tokens", "cached_prompt_tokens", "successful_requests", "cost",
+    # Gemini, snake_case and camelCase.
+    "prompt_token_count", "candidates_token_count", "thoughts_token_count", "cached_content_token_count",
+    "tool_use_prompt_token_count", "total_token_count", "promptTokenCount", "candidatesTokenCount",
+    "thoughtsTokenCount", "cachedContentTokenCount", "toolUsePromptTokenCount", "totalTokenCount",
+)  # fmt: skip
+_GEMINI_KEYS = ("prompt_token_count", "promptTokenCount", "candidates_token_count", "candidatesTokenCount")
 
 
 def _details(m: Mapping[str, Any], key: str) -> Mapping[str, Any]:
