@@ -522,8 +522,8 @@ def test_garbage_usage_from_the_provider_charges_the_estimate_flagged(caplog):
     assert "unreadable usage" in caplog.text
 
 
-def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_gives_its_hold_back_at_once():
-    async def scenario() -> tuple[int, int, int, int, list[str]]:
+def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_is_charged_its_estimate_at_once():
+    async def scenario() -> tuple[int, int, int, int, list[Any]]:
         budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=1.0)
         handler = BudgetCallbackHandler(budget)
         config = {"callbacks": [handler]}
@@ -535,14 +535,50 @@ def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_gives_its_hold_bac
         held_after_cancel = budget.snapshot().held_tokens
         await asyncio.sleep(1.5)
         held_midway = budget.snapshot().held_tokens  # past the lease: the live call still holds
-        await slow
-        reasons = [e.reason for e in budget.ledger.history(kind="release")]
-        return held_after_cancel, held_midway, budget.snapshot().held_tokens, budget.snapshot().llm_calls, reasons
+        reported = (await slow).usage_metadata["output_tokens"]
+        charged = [(e.estimated, e.usage.output_tokens) for e in budget.ledger.history(kind="llm")]
+        return held_after_cancel, held_midway, budget.snapshot().held_tokens, budget.snapshot().llm_calls, [
+            (False, reported), *charged]
 
-    held_after_cancel, held_midway, held_after, calls, reasons = asyncio.run(scenario())
+    held_after_cancel, held_midway, held_after, calls, charged = asyncio.run(scenario())
     assert 50 < held_after_cancel == held_midway < 500  # the slow call's prompt bound + 50, not the 500
-    assert (held_after, calls) == (0, 1)
-    assert reasons == ["cancelled: its task ended before the call settled"]
+    # The cancelled call was already at the provider: its estimate is charged, flagged, not forgotten.
+    assert (held_after, calls) == (0, 2)
+    reported, *charged = charged
+    assert sorted(charged) == [reported, (True, 500)]
+
+
+def test_async_branches_cancelled_by_a_siblings_refusal_count_so_the_cap_holds_across_runs():
+    # A refused branch makes asyncio cancel its siblings mid-call, with no end or error event. Their
+    # calls had reached the provider: if their holds were given back, every later run of the same
+    # budget would pass the cap again.
+    prompt = ChatPromptTemplate.from_messages([("user", "{q}")])
+    model = make_model(delay=0.05)
+    parallel = RunnableParallel({f"k{i}": prompt | model | StrOutputParser() for i in range(6)})
+    budget = Budget(Limits(max_llm_calls=3))
+    handler = BudgetCallbackHandler(budget)
+    for _ in range(4):
+        with pytest.raises(BudgetExceeded):
+            asyncio.run(parallel.ainvoke({"q": "otters"}, config={"callbacks": [handler]}))
+    snap = budget.snapshot()
+    assert model.calls.count == 3
+    assert (snap.llm_calls, snap.held_llm_calls) == (3, 0)
+    assert all(e.estimated for e in budget.ledger.history(kind="llm"))
+
+
+def test_a_stream_closed_early_is_charged_its_estimate_so_the_cap_holds():
+    model = make_model(responses=["a b c d e f"], max_tokens=40)
+    budget = Budget(Limits(max_llm_calls=3))
+    handler = BudgetCallbackHandler(budget)
+    for _ in range(3):
+        for _chunk in model.stream("go", config={"callbacks": [handler]}):
+            break  # the consumer stops reading; the provider has already billed the prompt
+    with pytest.raises(BudgetExceeded):
+        next(iter(model.stream("go", config={"callbacks": [handler]})))
+    assert model.calls.count == 3
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == 3 and all(e.estimated and e.usage.output_tokens == 40 for e in entries)
+    assert budget.snapshot().held_llm_calls == 0
 
 
 # -- async runs never block their event loop on the store ---------------------------------------

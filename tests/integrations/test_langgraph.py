@@ -223,9 +223,9 @@ def test_send_fan_out_reaches_the_provider_exactly_three_times_and_leaves_no_hol
         assert snap.llm_calls == 3 and snap.agents_started == 8, runner
 
 
-def test_async_branches_cancelled_by_a_siblings_denial_give_their_holds_back():
+def test_async_branches_cancelled_by_a_siblings_denial_close_their_holds_charged_as_estimates():
     # Async workers are cancelled mid-call when a sibling is refused: LangChain sends their calls
-    # no end or error event, so the ending task itself has the hold released.
+    # no end or error event. They had reached the provider, so each is charged its estimate.
     import time
 
     model = fake(delay=0.2)
@@ -250,8 +250,10 @@ def test_async_branches_cancelled_by_a_siblings_denial_give_their_holds_back():
         time.sleep(0.01)
     snap = budget.snapshot()
     assert (snap.held_llm_calls, snap.held_tokens) == (0, 0)
-    released = budget.ledger.history(kind="release")
-    assert len(released) == 3 and all("cancelled" in e.reason for e in released)
+    assert snap.llm_calls == 3 == model.calls.count
+    charged = budget.ledger.history(kind="llm")
+    assert len(charged) == 3 and all(e.estimated for e in charged)
+    assert not budget.ledger.history(kind="release")
 
 
 def test_subgraph_agents_are_charged_to_the_outer_node():

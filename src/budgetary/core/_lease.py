@@ -10,8 +10,9 @@ released reservation leaves it. A raw `Budget.reserve` is otherwise not tracked:
 its owner renews it (`Reservation.renew`). If the process dies, so does the
 thread, and the leases run out. A reservation kept alive from a coroutine stops being renewed
 when its task ends (a streamed call may settle from another task, before its lease runs out),
-and is released at once if that task was cancelled (LangChain sends a call cancelled with its
-task no end or error event); the task's end wakes the keeper.
+and is charged its estimate at once if that task was cancelled (LangChain sends a call cancelled
+with its task no end or error event; the provider may already be billing it); the task's end
+wakes the keeper.
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ class _LeaseKeeper:
                 task = reservation._task  # set by keep_alive when called from a coroutine
                 if task is not None and task.done():
                     self.live.pop(reservation.hold_id, None)  # no more renewals: the lease runs out...
-                    if task.cancelled():  # ...unless the call was cancelled: give the hold back now
+                    if task.cancelled():  # ...unless the call was abandoned in flight: charge it now
                         try:
-                            reservation.release("cancelled: its task ended before the call settled")
+                            reservation.charge_estimate()
                         except Exception:  # a store hiccup: the lease runs out instead
                             pass
                     continue

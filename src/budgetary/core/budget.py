@@ -251,8 +251,9 @@ class Reservation:
         For owners that cannot renew it while the call runs (``llm_call`` blocks and the
         framework adapters use it): a call that outlasts ``lease_ttl`` keeps its hold, and only
         a dead worker's holds expire. Called from a coroutine, renewal stops when its task ends,
-        and the hold is released at once if the task was cancelled before settling it (a
-        LangGraph branch cancelled because a sibling failed gets no end or error event).
+        and the hold is charged as its estimate at once if the task was cancelled before settling
+        it (a LangGraph branch cancelled because a sibling failed gets no end or error event, and
+        its provider call may already be billed).
         Returns the reservation.
         """
         if not self._done:

@@ -2,7 +2,9 @@
 
 ``BudgetCallbackHandler`` reserves before every chat-model/LLM call and refuses
 it by raising `BudgetExceeded` (the model never runs), settles with the usage
-the provider reported, releases on errors, and gates tool calls. Attach it to
+the provider reported, releases the hold of a call that failed (charges its estimate,
+flagged, when the caller abandoned it in flight: a cancelled task, a stream closed early),
+and gates tool calls. Attach it to
 an existing chain with ``config={"callbacks": [handler]}`` or
 ``chain.with_config(callbacks=[handler])``, or govern everything started in a
 block with ``with budget_scope(budget): ...``.
@@ -256,26 +258,30 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     on_llm_end = _AwaitedInAsyncRuns(_on_llm_end, _aon_llm_end)
 
     def _on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Release the hold of a failed call."""
+        """Release the hold of a failed call; charge the estimate of an abandoned one (`_ended_without_reply`)."""
         claim = self._release_claim(run_id)
         if claim is not None and claim.reservation is not None:
-            claim.reservation.release(f"call failed: {type(error).__name__}")
+            _ended_without_reply(claim.reservation, error)
 
     async def _aon_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         claim = self._release_claim(run_id)
         if claim is not None and claim.reservation is not None:
-            await claim.reservation.arelease(f"call failed: {type(error).__name__}")
+            await _aended_without_reply(claim.reservation, error)
 
     on_llm_error = _AwaitedInAsyncRuns(_on_llm_error, _aon_llm_error)
 
     def _on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        """Release holds of LLM runs cancelled with their parent (they get no end or error event)."""
+        """Close the holds of LLM runs abandoned with their parent (they get no end or error event).
+
+        They were already calling the provider, which may bill them: each is charged its estimate,
+        flagged ``estimated``, rather than forgotten.
+        """
         for reservation in self._orphans(run_id):
-            reservation.release(f"cancelled with its parent run ({type(error).__name__})")
+            reservation.charge_estimate()
 
     async def _aon_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         for reservation in self._orphans(run_id):
-            await reservation.arelease(f"cancelled with its parent run ({type(error).__name__})")
+            await reservation.acharge_estimate()
 
     on_chain_error = _AwaitedInAsyncRuns(_on_chain_error, _aon_chain_error)
 
@@ -415,6 +421,27 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     def _soft_event(self, event: SoftLimit) -> None:
         if self.on_soft_limit is not None:
             self.on_soft_limit(event)
+
+
+def _ended_without_reply(reservation: Reservation, error: BaseException) -> None:
+    """Close the hold of a call that ended without a reply.
+
+    A call that failed (an ``Exception``: the provider refused or errored) gives its hold back,
+    per ``charge_failed_calls``. A call its caller abandoned in flight (a cancelled task, a stream
+    closed early, Ctrl-C) may already be billed by the provider: it is charged its estimate,
+    flagged ``estimated``, so the budget never under-counts.
+    """
+    if isinstance(error, Exception):
+        reservation.release(f"call failed: {type(error).__name__}")
+    else:
+        reservation.charge_estimate()
+
+
+async def _aended_without_reply(reservation: Reservation, error: BaseException) -> None:
+    if isinstance(error, Exception):
+        await reservation.arelease(f"call failed: {type(error).__name__}")
+    else:
+        await reservation.acharge_estimate()
 
 
 _CACHE_HIT = object()
@@ -616,7 +643,7 @@ def _build_middleware() -> type:
             try:
                 response = handler(request)
             except BaseException as exc:
-                reservation.release(f"model call failed: {type(exc).__name__}")
+                _ended_without_reply(reservation, exc)
                 raise
             finally:
                 _middleware_budget.reset(token)
@@ -636,7 +663,7 @@ def _build_middleware() -> type:
             try:
                 response = await handler(request)
             except BaseException as exc:
-                await reservation.arelease(f"model call failed: {type(exc).__name__}")
+                await _aended_without_reply(reservation, exc)
                 raise
             finally:
                 _middleware_budget.reset(token)
