@@ -178,6 +178,86 @@ def test_the_users_graph_is_left_alone_and_governing_twice_wraps_once():
     assert budget.snapshot().llm_calls == 1 and budget.snapshot().agents_started == 2
 
 
+def test_governing_again_with_new_policies_regoverns_the_original_and_another_budget_is_refused():
+    model = fake()
+    builder = research_builder(model)
+    budget = Budget(Limits(max_llm_calls=3))
+    for graph in (builder, builder.compile(checkpointer=InMemorySaver())):
+        governed = govern_graph(graph, budget, checkpointer=InMemorySaver() if graph is builder else None)
+        regoverned = govern_graph(governed, budget, policies={"critic": "skip"})
+        assert regoverned is not governed and regoverned.checkpointer is governed.checkpointer
+        with pytest.raises(ValueError, match="already governed by budget"):
+            govern_graph(governed, Budget(name="other"))
+    fresh = Budget(Limits(max_llm_calls=3))
+    state = govern_graph(govern_graph(builder, fresh), fresh, policies={"critic": "skip"}).invoke({"topic": "x"})
+    assert [m.agent for m in state["budget_skipped"]] == ["critic"]  # the new policy applies
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"policies": {"critc": "skip"}}, r"policies names nodes the graph does not have: \['critc'\]"),
+        ({"agents": {"writr": "writer"}}, r"agents names nodes the graph does not have: \['writr'\]"),
+        ({"policies": {"critic": "bogus"}}, "policy for 'critic' must be one of"),
+        ({"on_exhausted": "bogus"}, "policy for 'on_exhausted' must be one of"),
+    ],
+)
+def test_govern_graph_refuses_unknown_nodes_and_policies(kwargs, message):
+    # A typo must not silently turn a skip into a deny.
+    for graph in (research_builder(fake()), research_builder(fake()).compile()):
+        with pytest.raises(ValueError, match=message):
+            govern_graph(graph, Budget(), **kwargs)
+
+
+def test_skip_on_a_send_fan_out_skips_the_refused_branches_and_the_run_goes_on():
+    # Siblings refused in the same step are not a loop: only a node skipped again at a later step ends the run.
+    model = fake()
+
+    class Fan(TypedDict, total=False):
+        items: list[int]
+        results: Annotated[list[str], operator.add]
+        summary: str
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    def worker(state: dict) -> dict:
+        return {"results": [model.invoke(f"item {state['item']}").content]}
+
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_node("reduce", lambda state: {"summary": f"{len(state['results'])} results"})
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", "reduce")
+    builder.add_edge("reduce", END)
+    for runner in ("sync", "async"):
+        model.calls.records.clear()
+        budget = Budget(Limits(max_llm_calls=3))
+        app = govern_graph(builder, budget, on_exhausted="skip")
+        items = {"items": list(range(6))}
+        state = app.invoke(items) if runner == "sync" else asyncio.run(app.ainvoke(items))
+        assert (len(state["results"]), state["summary"]) == (3, "3 results"), runner
+        assert len(state["budget_skipped"]) == 3 == len(budget.ledger.history(kind="skip")), runner
+        assert model.calls.count == 3 and budget.snapshot().held_llm_calls == 0, runner
+
+
+def test_budget_node_alone_ends_by_raising_and_says_govern_graph_ends_cleanly():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=1))
+
+    @budget_node(budget, agent="w", on_exhausted="end")
+    def write(state: Research) -> dict:
+        return {"notes": [model.invoke("w").content]}
+
+    builder = StateGraph(Research)
+    builder.add_node("w1", write)
+    builder.add_node("w2", write)
+    builder.add_edge(START, "w1")
+    builder.add_edge("w1", "w2")
+    with pytest.raises(BudgetExceeded, match="govern_graph ends a run without raising") as info:
+        builder.compile().invoke({"topic": "x"})
+    assert type(info.value) is BudgetExceeded and info.value.resource == "llm_calls"
+    assert model.calls.count == 1
+
+
 def test_a_denial_is_not_retried_by_the_retry_policy():
     model = fake()
     builder = StateGraph(Research)

@@ -79,7 +79,8 @@ class _EndRun(BudgetExceeded):
 
 @dataclass
 class _RunState:
-    skipped: set[str] = field(default_factory=set)
+    skipped: dict[str, Any] = field(default_factory=dict)
+    """Node -> the step it was first skipped at."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     latest: Any = None
     """The latest full state ``invoke`` saw (its ``values`` stream), returned when the run ends."""
@@ -176,7 +177,7 @@ class _Governor:
             answer, key = self._interrupt(exc, config, node, agent, attempt)
             return functools.partial(apply_top_up_once, self.budget, answer, key), lambda _: (True, None)
         skip = functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
-        return skip, lambda marker: (False, self._skipped(marker, exc, state, node))
+        return skip, lambda marker: (False, self._skipped(marker, exc, state, config, node))
 
     def _interrupt(
         self, exc: BudgetExceeded, config: Mapping[str, Any], node: str, agent: str | None, attempt: int
@@ -188,12 +189,15 @@ class _Governor:
         })  # fmt: skip
         return answer, (config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node, attempt)
 
-    def _skipped(self, marker: Skipped, exc: BudgetExceeded, state: Any, node: str) -> Any:
+    def _skipped(self, marker: Skipped, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], node: str) -> Any:
         """The node's result once skipped: its state update, or the end of the run (``end``, or a loop)."""
-        run = _run_state.get()
-        if self.policy == "end" or (run is not None and _seen_twice(run, node)):
-            end = _EndRun(str(exc), budget=exc.budget, agent=marker.agent, resource=exc.resource, limit=exc.limit,
-                          spent=exc.spent, requested=exc.requested, snapshot=exc.snapshot)  # fmt: skip
+        governed = _run_state.get()  # None for a `budget_node` in a graph govern_graph did not wrap
+        if self.policy == "end" or (governed is not None and _skipped_before(governed, node, config)):
+            fields = {"budget": exc.budget, "agent": marker.agent, "resource": exc.resource, "limit": exc.limit,
+                      "spent": exc.spent, "requested": exc.requested, "snapshot": exc.snapshot}  # fmt: skip
+            if governed is None:  # LangGraph has no switch to end a run: only govern_graph's wrapper can
+                raise BudgetExceeded(f"{exc}; the run ends here (govern_graph ends a run without raising)", **fields)
+            end = _EndRun(str(exc), **fields)
             end.state, end.marker = state, marker
             raise end from exc
         return self.skip_update(marker, state)
@@ -227,12 +231,17 @@ class _Governor:
     node_is_model = False
 
 
-def _seen_twice(run: _RunState, node: str) -> bool:
+def _skipped_before(run: _RunState, node: str, config: Mapping[str, Any]) -> bool:
+    """Whether ``node`` was skipped at an earlier step of this run: a loop, which skipping would spin.
+
+    Its `Send` siblings skipped in the same step are not a loop.
+    """
+    step = config.get("metadata", {}).get("langgraph_step")
     with run.lock:
-        if node in run.skipped:
-            return True
-        run.skipped.add(node)
-        return False
+        if node not in run.skipped:
+            run.skipped[node] = step
+            return False
+        return step is None or run.skipped[node] != step
 
 
 def _govern_call(
@@ -417,7 +426,9 @@ def govern_graph(
     registered on first use); ``on_exhausted`` is the default policy (default:
     the budget's); ``policies`` overrides it per node. ``checkpointer`` is used
     when ``graph`` is a ``StateGraph`` to be compiled. The user's graph object is
-    not changed; governing a governed graph returns it as it is.
+    not changed. Governing a governed graph again returns it as it is, or, given other
+    ``policies``/``agents``/``on_exhausted``, governs the original graph with those;
+    another budget is refused (`ValueError`), as are names of nodes the graph lacks.
 
     Example:
         ```python
@@ -425,11 +436,29 @@ def govern_graph(
         app.invoke({"topic": "otters"}, {"configurable": {"thread_id": "1"}})
         ```
     """
-    if getattr(type(graph), "_budgetary", False):
-        return graph
     default = on_exhausted or budget.on_exhausted
     policies = dict(policies or {})
     agents = dict(agents or {})
+    settings = (budget, default, policies, agents)
+    if getattr(type(graph), "_budgetary", False):
+        governed_by = graph._budgetary_settings
+        if governed_by[0] is not budget:
+            raise ValueError(
+                f"this graph is already governed by budget {governed_by[0].name!r}; govern the original graph "
+                "(a budget's parent is charged with it: Budget(..., parent=...) puts one budget under another)"
+            )
+        if governed_by == settings or (on_exhausted is None and not policies and not agents):
+            return graph  # governing twice wraps once
+        if checkpointer is None:
+            checkpointer = graph.checkpointer
+        graph = graph._budgetary_source  # new policies or agents: govern the original again
+    nodes = [name for name in graph.nodes if not name.startswith("__")]
+    for what, keyed in (("policies", policies), ("agents", agents)):
+        if unknown := sorted(set(keyed) - set(nodes)):
+            raise ValueError(f"{what} names nodes the graph does not have: {unknown} (its nodes: {sorted(nodes)})")
+    for node, policy in {"on_exhausted": default, **policies}.items():
+        if policy not in POLICIES:
+            raise ConfigurationError(f"policy for {node!r} must be one of {POLICIES}, got {policy!r}")
     options = _Options()
 
     def governor(node: str, runnable: Any) -> _Governor:
@@ -465,6 +494,7 @@ def govern_graph(
         )
     options.skip_key = SKIPPED_KEY in getattr(compiled, "channels", {})
     compiled.__class__ = _governed_class(type(compiled))
+    compiled._budgetary_source, compiled._budgetary_settings = graph, settings
     return compiled
 
 
@@ -486,6 +516,11 @@ def budget_node(
     fn: F | None = None, budget: Budget | None = None, *, agent: str | None = None, on_exhausted: str = "deny"
 ) -> Any:
     """Govern one node: a function (sync or async, signature kept) or a runnable. Usable as a decorator.
+
+    In a graph that `govern_graph` did not wrap, the node cannot see its run as a whole:
+    ``on_exhausted="end"`` raises `BudgetExceeded` (LangGraph has no switch that ends a run
+    from a node), and a ``skip`` node re-entered in a loop is skipped again until LangGraph's
+    recursion limit. `govern_graph` ends the run cleanly in both cases.
 
     Example:
         ```python
