@@ -264,6 +264,44 @@ def test_budget_scope_governs_runs_without_config_and_sync_and_async():
     assert provider_calls(model) == 3 and budget.snapshot().llm_calls == 2
 
 
+def test_scopes_of_different_budgets_nest_and_each_charges_its_own():
+    model = make_model()
+    chain = make_chain(model)
+    tenant, run = Budget(Limits(max_llm_calls=3), name="tenant"), Budget(Limits(max_llm_calls=1), name="run")
+    with budget_scope(tenant):
+        with budget_scope(run, agent="writer"):
+            chain.invoke({"question": "q"})
+            with pytest.raises(BudgetExceeded, match="'run'"):
+                chain.invoke({"question": "q"})
+        chain.invoke({"question": "q"})  # the inner scope ended: only the tenant governs
+    assert [e.agent for e in run.ledger.history(kind="llm")] == ["writer"]
+    assert tenant.snapshot().llm_calls == 2 and provider_calls(model) == 2
+
+
+def test_a_call_refused_by_one_budget_gives_back_what_another_budget_held_for_it():
+    # LangChain stops at the refusing handler and sends no event: the first budget's hold would
+    # otherwise stay until its lease ran out (a bare invoke has no parent chain to clean up after it).
+    model = make_model()
+    tenant, run = Budget(Limits(max_llm_calls=9), name="tenant"), Budget(Limits(max_llm_calls=0), name="run")
+    handlers = [BudgetCallbackHandler(tenant), BudgetCallbackHandler(run)]
+    with pytest.raises(BudgetExceeded):
+        model.invoke("q", config={"callbacks": handlers})
+    assert provider_calls(model) == 0
+    assert (tenant.snapshot().held_llm_calls, tenant.snapshot().llm_calls) == (0, 0)
+    assert [e.reason for e in tenant.ledger.history(kind="release")] == ["refused by budget 'run'"]
+
+
+def test_an_inner_scope_of_the_same_budget_replaces_the_outer_one_until_it_ends():
+    model = make_model()
+    chain = make_chain(model)
+    budget = Budget(Limits(max_llm_calls=9))
+    with budget_scope(budget, agent="planner"):
+        with budget_scope(budget, agent="writer"):
+            chain.invoke({"question": "q"})
+        chain.invoke({"question": "q"})
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer", "planner"]
+
+
 # -- tools -------------------------------------------------------------------------------------
 
 

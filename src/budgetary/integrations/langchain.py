@@ -126,6 +126,23 @@ def _claims_of(budget: Budget) -> dict[UUID, _Claim]:
         return _claims.setdefault(budget, {})
 
 
+def _holds_of_other_budgets(run_id: UUID) -> list[Reservation]:
+    """Take the claims other budgets' handlers hold on ``run_id``: the call was refused and will not run.
+
+    LangChain stops at the refusing handler and sends the call no end or error event, so the
+    handlers of other budgets that reserved before it would otherwise hold until their lease ends.
+    """
+    with _claims_lock:
+        tables = list(_claims.values())
+    taken = (table.pop(run_id, None) for table in tables)
+    return [c.reservation for c in taken if c is not None and c.reservation is not None]
+
+
+def _refused_elsewhere(exc: BaseException) -> str:
+    budget = getattr(exc, "budget", None)
+    return f"refused by budget {budget!r}" if budget is not None else f"refused before it ran ({type(exc).__name__})"
+
+
 # Set while BudgetMiddleware makes a model call it has already reserved for.
 _middleware_budget: ContextVar[Budget | None] = ContextVar("budgetary_middleware_budget", default=None)
 # Set while a governed LangGraph node runs: per budget, the handler of the innermost governed node.
@@ -194,8 +211,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 reservation = self.budget.reserve(
                     agent, model=model, messages=messages, max_output_tokens=max_out, location=location
                 )
-            except BaseException:
+            except BaseException as exc:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
+                for held in _holds_of_other_budgets(run_id):
+                    held.release(_refused_elsewhere(exc))
                 raise
             if not self._started(claim, run_id, reservation):
                 reservation.release("re-attributed to a more specific handler")
@@ -212,8 +231,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 reservation = await self.budget.areserve(
                     agent, model=model, messages=messages, max_output_tokens=max_out, location=location
                 )
-            except BaseException:
+            except BaseException as exc:
                 self._release_claim(run_id)
+                for held in _holds_of_other_budgets(run_id):
+                    await held.arelease(_refused_elsewhere(exc))
                 raise
             if not self._started(claim, run_id, reservation):
                 await reservation.arelease("re-attributed to a more specific handler")
@@ -489,15 +510,32 @@ def _reported_usage(response: Any) -> tuple[Usage | dict[str, Any] | None, str |
     return (token_usage or None), model, False
 
 
-_scope_handler: ContextVar[BudgetCallbackHandler | None] = ContextVar("budgetary_scope_handler", default=None)
-# Registered once at import: LangChain's own get_usage_metadata_callback registers a new
-# variable on every use, which grows its global hook list forever.
-register_configure_hook(_scope_handler, inheritable=True)
+# One variable per nesting level of scopes of different budgets (a tenant's scope around a
+# run's), registered once at import: LangChain's own get_usage_metadata_callback registers a
+# new variable on every use, which grows its global hook list forever.
+_SCOPE_DEPTH = 4
+_scope_handlers: tuple[ContextVar[BudgetCallbackHandler | None], ...] = tuple(
+    ContextVar(f"budgetary_scope_handler_{level}", default=None) for level in range(_SCOPE_DEPTH)
+)
+for _variable in _scope_handlers:
+    register_configure_hook(_variable, inheritable=True)
+
+
+def _scope_slot(budget: Budget) -> ContextVar[BudgetCallbackHandler | None]:
+    """The variable a new scope of ``budget`` sets: its budget's own (an inner scope replaces it), or the next free."""
+    for variable in _scope_handlers:
+        current = variable.get()
+        if current is None or current.budget is budget:
+            return variable
+    raise UsageError(f"budget_scope nests at most {_SCOPE_DEPTH} different budgets")
 
 
 @contextmanager
 def budget_scope(budget: Budget, agent: str | None = None) -> Iterator[BudgetCallbackHandler]:
     """Govern every LangChain/LangGraph run started inside the block, with no config change.
+
+    Scopes of different budgets nest (each charges its budget); an inner scope of the same
+    budget replaces the outer one until it ends (its ``agent`` applies).
 
     Example:
         ```python
@@ -506,11 +544,12 @@ def budget_scope(budget: Budget, agent: str | None = None) -> Iterator[BudgetCal
         ```
     """
     handler = BudgetCallbackHandler(budget, agent)
-    token = _scope_handler.set(handler)
+    variable = _scope_slot(budget)
+    token = variable.set(handler)
     try:
         yield handler
     finally:
-        _scope_handler.reset(token)
+        variable.reset(token)
 
 
 _EXIT_BEHAVIORS = ("end", "error", "interrupt")
