@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budgetary import Budget, BudgetExceeded, Limits, Usage
+from budgetary import Budget, BudgetExceeded, Limits, Price, Usage
 from budgetary.core.ledger import KINDS, read_csv, read_jsonl
 
 MODEL = "gpt-4o-mini"
@@ -170,3 +171,109 @@ def test_a_memory_ledger_bound_must_be_a_count(bad: object) -> None:
 
     with pytest.raises(ConfigurationError, match="ledger_max_len must be an int >= 0"):
         MemoryStore(ledger_max_len=bad)  # type: ignore[arg-type]
+
+
+# Text that CSV must carry: line breaks of every kind, separators, quotes, unicode, and the empty
+# string (not ``None``). No NUL: Python 3.10's csv writer refuses it.
+_TEXT = st.one_of(
+    st.sampled_from(["", "line1\nline2", "cr\rinside", "crlf\r\nend", "\n", 'a "quoted", comma', "naïve ☃ 🙂"]),
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8),
+)
+_COUNT = st.integers(0, 3_000)
+
+
+@st.composite
+def _ledger_budgets(draw: st.DrawFn) -> Budget:
+    """A budget whose ledger has entries of every kind, built through the public API on the memory store."""
+    models = draw(st.lists(_TEXT, min_size=1, max_size=3, unique=True))
+    prices = {m: Price(input_mtok="3", output_mtok="15") for m in models if draw(st.booleans())}
+    limits = Limits(max_total_tokens=draw(st.integers(1_000, 30_000)), max_cost_usd=draw(st.sampled_from(["0.02", 1])))
+    clock = draw(st.floats(0, 4e9))
+    budget = Budget(limits, name=draw(_TEXT.filter(bool)), prices=prices, allow_unpriced=True, clock=lambda: clock)
+    child = Budget(name=draw(_TEXT.filter(bool)), parent=budget)
+    agents = draw(st.lists(_TEXT, min_size=1, max_size=3, unique=True))
+    for level in (budget, child):
+        for name in agents:
+            if draw(st.booleans()):
+                level.agent(name, priority=draw(st.integers(1, 3)), max_tokens=draw(st.integers(50, 5_000)))
+            else:
+                level.agent(name, priority=draw(st.integers(1, 3)), max_cost_usd=draw(st.sampled_from(["0.001", 1])))
+    for _ in range(draw(st.integers(1, 12))):
+        level, agent = draw(st.sampled_from((budget, child))), draw(st.sampled_from(agents))
+        model, where = draw(st.one_of(st.none(), st.sampled_from(models))), draw(st.one_of(st.none(), _TEXT))
+        op = draw(st.sampled_from(("record", "settle", "unsettled", "release", "skip", "tool", "start", "transfer")))
+        try:
+            if op == "record":
+                level.record(agent, Usage(input_tokens=draw(_COUNT), output_tokens=draw(_COUNT)), model=model,
+                             estimated=draw(st.booleans()), location=where)  # fmt: skip
+            elif op in ("settle", "unsettled", "release"):
+                with level.llm_call(agent, model=model, prompt_tokens=draw(_COUNT), max_output_tokens=draw(_COUNT),
+                                    location=where) as call:  # fmt: skip
+                    if op == "settle":
+                        inp = draw(_COUNT)
+                        call.settle({"input_tokens": inp, "output_tokens": draw(_COUNT),
+                                     "input_token_details": {"cache_read": draw(st.integers(0, inp))}})  # fmt: skip
+                    elif op == "release":
+                        raise RuntimeError(draw(_TEXT))
+            elif op == "skip":
+                level.skip(agent, draw(_TEXT), location=where)
+            elif op == "tool":
+                level.check_tool(agent, draw(_TEXT))
+            elif op == "start":
+                level.begin_agent(agent, location=where)
+            else:
+                usd = level.contract(agent).unit == "usd"
+                level.reallocate(agent, draw(st.sampled_from(["0.0005", 1] if usd else [100, 1])))
+        except (BudgetExceeded, RuntimeError):
+            pass
+    return budget
+
+
+@pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedModelWarning")
+@settings(max_examples=150, deadline=None)
+@given(budget=_ledger_budgets())
+def test_csv_reads_back_every_field_of_every_entry(budget: Budget, tmp_path_factory: pytest.TempPathFactory) -> None:
+    entries = budget.ledger.history()
+    path = tmp_path_factory.mktemp("csv") / "ledger.csv"
+    text = budget.ledger.to_csv(path)
+    for source in (path, io.StringIO(text)):
+        back = read_csv(source)
+        assert back == entries  # typed: None is not "", a usage is a `Usage`
+        assert [e.to_dict() for e in back] == [e.to_dict() for e in entries]  # Decimals to the digit
+    assert read_jsonl(io.StringIO(budget.ledger.to_jsonl())) == entries  # the same bar as JSON lines
+
+
+def test_csv_keeps_line_breaks_empty_strings_and_held_costs(tmp_path: Path) -> None:
+    budget = Budget(Limits(max_cost_usd=1), prices={"": Price(input_mtok="3", output_mtok="15")})
+    budget.agent("", max_tokens=1_000)
+    budget.agent("line1\nline2", max_cost_usd="0.5")
+    budget.record("", Usage(input_tokens=10), model="", location="cr\rinside")
+    budget.skip("line1\nline2", location='a "quoted",\r\ncomma ☃')  # reason ""
+    with pytest.raises(RuntimeError), budget.llm_call("", model="", prompt_tokens=100, max_output_tokens=100):
+        raise RuntimeError("provider down")
+    path = tmp_path / "ledger.csv"
+    budget.ledger.to_csv(path)
+    with open(path, encoding="utf-8", newline="") as file:
+        assert read_csv(file) == read_csv(path) == budget.ledger.history()
+    llm, skip, release = read_csv(path)
+    assert (llm.agent, llm.model, llm.location, llm.resource) == ("", "", "cr\rinside", None)
+    assert (skip.agent, skip.reason, skip.location, skip.model) == ("line1\nline2", "", 'a "quoted",\r\ncomma ☃', None)
+    assert release.kind == "release" and release.cost_usd is None
+    assert release.usage is not None and release.usage.cost_usd == Decimal("0.0018")  # 100 x $3/M + 100 x $15/M held
+    text = path.read_bytes().decode()
+    assert text.split("\n")[0].split(",")[-2:] == ["usage_cost_usd", "empty_strings"]
+    assert ',"agent model"\n' in text and ',"reason"\n' in text  # a spreadsheet shows "" and None as blank cells
+
+
+def test_csv_written_before_the_usage_cost_and_empty_string_columns_still_reads() -> None:
+    old = (
+        "id,time,budget,agent,kind,model,input_tokens,output_tokens,cache_read_tokens,cache_write_tokens,"
+        "reasoning_tokens,total_tokens,cost_usd,estimated,run_id,location,resource,reason,donor,amount,scopes\n"
+        '1,1.5,budget,lead,llm,m,300,350,100,0,40,650,0.006,False,r1,plan,,,,,"[""[\\""budget\\""]""]"\n'
+    )
+    (entry,) = read_csv(io.StringIO(old))
+    assert (entry.agent, entry.model, entry.location, entry.reason, entry.scopes) == ("lead", "m", "plan", None,
+                                                                                     ('["budget"]',))  # fmt: skip
+    assert entry.usage == Usage(input_tokens=300, output_tokens=350, cache_read_tokens=100, reasoning_tokens=40,
+                                cost_usd=Decimal("0.006"))  # fmt: skip
+    assert entry.cost_usd == Decimal("0.006")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given

@@ -575,8 +575,13 @@ def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_is_charged_its_est
         held_midway = budget.snapshot().held_tokens  # past the lease: the live call still holds
         reported = (await slow).usage_metadata["output_tokens"]
         charged = [(e.estimated, e.usage.output_tokens) for e in budget.ledger.history(kind="llm")]
-        return held_after_cancel, held_midway, budget.snapshot().held_tokens, budget.snapshot().llm_calls, [
-            (False, reported), *charged]
+        return (
+            held_after_cancel,
+            held_midway,
+            budget.snapshot().held_tokens,
+            budget.snapshot().llm_calls,
+            [(False, reported), *charged],
+        )
 
     held_after_cancel, held_midway, held_after, calls, charged = asyncio.run(scenario())
     assert 50 < held_after_cancel == held_midway < 500  # the slow call's prompt bound + 50, not the 500

@@ -715,7 +715,7 @@ class Budget:
 
     def _unpriced_refusal(self, agent: str | None, model: str | None) -> Deny:
         """Why a call of a model with no price cannot run under a USD limit, and what to do about it."""
-        capped = self
+        capped: Budget | None = self
         while capped is not None and capped.limits.max_cost_usd is None:
             capped = capped.parent
         if capped is not None:

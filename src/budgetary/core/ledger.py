@@ -23,9 +23,12 @@ KINDS = ("llm", "tool", "agent_start", "transfer", "skip", "deny", "soft_limit",
 """Entry kinds. Only ``llm``, ``tool`` and ``agent_start`` entries consume budget."""
 
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+_TEXT_FIELDS = ("agent", "model", "run_id", "location", "resource", "reason", "donor")
+"""The optional text fields: ``None`` or a string, possibly empty."""
 _CSV_FIELDS = (
     "id", "time", "budget", "agent", "kind", "model", *_USAGE_FIELDS, "total_tokens", "cost_usd",
     "estimated", "run_id", "location", "resource", "reason", "donor", "amount", "scopes",
+    "usage_cost_usd", "empty_strings",
 )  # fmt: skip
 
 
@@ -208,7 +211,10 @@ class Ledger:
         return text
 
     def to_csv(self, target: str | Path | IO[str] | None = None) -> str:
-        """Write the entries as CSV (usage flattened into columns); return the text."""
+        """Write the entries as CSV (see `csv_text`) to ``target``; return the text.
+
+        A file object should be opened with ``newline=""``, as the `csv` module asks.
+        """
         text = csv_text(self.history())
         _write(target, text)
         return text
@@ -220,17 +226,29 @@ def jsonl_text(entries: Iterable[LedgerEntry]) -> str:
 
 
 def csv_text(entries: Iterable[LedgerEntry]) -> str:
-    """``entries`` as CSV, usage flattened into columns (what `Ledger.to_csv` writes; `read_csv` reads it back)."""
+    """``entries`` as CSV (what `Ledger.to_csv` writes; `read_csv` reads back equal entries).
+
+    One row per entry, usage flattened into columns. ``usage_cost_usd`` is the usage's own cost:
+    on a priced ``release`` it is the cost the hold had held, while ``cost_usd`` (charged) is blank.
+    Text cells are quoted, so line breaks, commas and quotes inside them survive. A blank cell
+    means ``None``, except in the text columns that the row's ``empty_strings`` cell names
+    (space-separated, e.g. ``agent reason``), where it means the empty string; a spreadsheet
+    shows both as a blank cell.
+    """
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for entry in entries:
-        row = entry.to_dict()
-        usage = row.pop("usage") or {}
-        row.update({name: usage.get(name, "") for name in _USAGE_FIELDS})
-        row["total_tokens"] = "" if entry.usage is None else entry.usage.total_tokens
-        row["scopes"] = json.dumps(row["scopes"])
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    buffer.write(",".join(_CSV_FIELDS) + "\n")
+    # QUOTE_MINIMAL would leave a lone "\r" unquoted before Python 3.13, and it would read back as a line end.
+    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n")
+    for e in entries:
+        usage = e.usage
+        counts = (None,) * 6 if usage is None else (*(getattr(usage, n) for n in _USAGE_FIELDS), usage.total_tokens)
+        writer.writerow((
+            e.id, e.time, e.budget, e.agent, e.kind, e.model, *counts, e.cost_usd, e.estimated, e.run_id,
+            e.location, e.resource, e.reason, e.donor, e.amount, json.dumps(list(e.scopes)),
+            None if usage is None else usage.cost_usd,
+            # A column, not quoting: before 3.12 Python's csv reader reads `""` and a bare blank alike.
+            " ".join(name for name in _TEXT_FIELDS if getattr(e, name) == ""),
+        ))  # fmt: skip
     return buffer.getvalue()
 
 
@@ -240,27 +258,40 @@ def read_jsonl(source: str | Path | IO[str]) -> list[LedgerEntry]:
 
 
 def read_csv(source: str | Path | IO[str]) -> list[LedgerEntry]:
-    """Read entries written by `Ledger.to_csv`."""
-    entries = []
-    for row in csv.DictReader(_lines(source)):
-        data: dict[str, Any] = {k: (None if v == "" else v) for k, v in row.items()}
-        has_usage = data.get("input_tokens") is not None
-        data["usage"] = (
-            {name: data.pop(name) for name in _USAGE_FIELDS} | {"cost_usd": data.get("cost_usd")} if has_usage else None
-        )
-        for name in _USAGE_FIELDS:
-            data.pop(name, None)
-        data["estimated"] = data.get("estimated") == "True"
-        data["scopes"] = json.loads(data["scopes"] or "[]")
-        entries.append(LedgerEntry.from_dict(data))
-    return entries
+    """Read entries written by `Ledger.to_csv` from a path or a text file (opened with ``newline=""``)."""
+    if isinstance(source, (str, Path)):
+        with open(source, encoding="utf-8", newline="") as file:
+            return [_csv_entry(row) for row in csv.DictReader(file)]
+    return [_csv_entry(row) for row in csv.DictReader(source)]
+
+
+def _csv_entry(row: dict[str, str]) -> LedgerEntry:
+    empty = (row.get("empty_strings") or "").split()
+    text = {name: row.get(name) or ("" if name in empty else None) for name in _TEXT_FIELDS}
+    usage = None
+    if row.get("input_tokens"):
+        # Files written before the ``usage_cost_usd`` column gave the usage the entry's cost.
+        cost = row["usage_cost_usd"] if "usage_cost_usd" in row else row.get("cost_usd")
+        usage = Usage(**{n: int(row[n] or 0) for n in _USAGE_FIELDS}, cost_usd=Decimal(cost) if cost else None)
+    return LedgerEntry(
+        id=int(row["id"]),
+        time=float(row["time"]),
+        budget=row["budget"],
+        kind=row["kind"],
+        usage=usage,
+        cost_usd=Decimal(row["cost_usd"]) if row.get("cost_usd") else None,
+        estimated=row.get("estimated") == "True",
+        amount=_number(row["amount"]) if row.get("amount") else None,
+        scopes=tuple(json.loads(row.get("scopes") or "[]")),
+        **text,
+    )
 
 
 def _write(target: str | Path | IO[str] | None, text: str) -> None:
     if target is None:
         return
     if isinstance(target, (str, Path)):
-        Path(target).write_text(text, encoding="utf-8")
+        Path(target).write_text(text, encoding="utf-8", newline="")  # line ends as written, on any OS
     else:
         target.write(text)
 

@@ -230,9 +230,8 @@ class Usage:
             output_tokens = _req(m, "output_tokens")
         # LiteLLM folds Anthropic's cache tokens into prompt_tokens and keeps them beside it too;
         # OpenAI's own SDK names cache writes ``cache_write_tokens`` in the details.
-        cache_write = (
-            _opt(m, "cache_creation_input_tokens") or _opt(inp, "cache_write_tokens") or _opt(inp, "cache_creation_tokens")
-        )
+        written = _first(inp, "cache_write_tokens", "cache_creation_tokens")
+        cache_write = _opt(m, "cache_creation_input_tokens") or written
         cache_read = _opt(inp, "cached_tokens") or _opt(m, "cache_read_input_tokens")
         return cls(
             input_tokens=input_tokens,

@@ -494,7 +494,7 @@ def govern_graph(
         )
     options.skip_key = SKIPPED_KEY in getattr(compiled, "channels", {})
     compiled.__class__ = _governed_class(type(compiled))
-    compiled._budgetary_source, compiled._budgetary_settings = graph, settings
+    compiled._budgetary_source, compiled._budgetary_settings = graph, settings  # type: ignore[attr-defined]
     return compiled
 
 
