@@ -101,6 +101,25 @@ def test_a_guard_that_raises_fails_closed():
     assert budget.snapshot().held_tokens == 0
 
 
+def test_a_guard_that_fails_to_record_does_not_throw_away_a_paid_result(caplog):
+    seen = []
+
+    class Broken:
+        def record_after_llm(self, agent, usage):
+            raise RuntimeError("bug")
+
+    class Counting:
+        def record_after_llm(self, agent, usage):
+            seen.append(usage.total_tokens)
+
+    budget = Budget(guards=[Broken(), Counting()])
+    with budget.llm_call(model=MODEL, prompt_tokens=10, max_output_tokens=10) as call:
+        entry = call.settle(Usage(input_tokens=10, output_tokens=4))
+    assert entry.usage.total_tokens == 14 == budget.snapshot().total_tokens
+    assert seen == [14]  # the next guard still hears of it
+    assert "failed to record usage" in caplog.text
+
+
 def test_protocol_defaults_allow_and_do_nothing():
     guard = BudgetGuard.__new__(type("Plain", (BudgetGuard,), {}))
     assert guard.check_before_llm("a", 5).allowed

@@ -561,12 +561,11 @@ class Engine:
         state = self._agent(run, agent)
         req = zeros()
         req[AGENTS] = 1
-        decision, plan = self._evaluate(levels, agent, state, req, gate=True)
+        # Reallocation that could cover the agent's next call lets it start; nothing moves yet (a start spends nothing).
+        decision = self._evaluate(levels, agent, state, req, gate=True)[0]
         if not decision.allowed:
             self._deny_entry(now, run, chain, agent, decision, meta)
             return decision
-        if plan:
-            self._apply_plan(now, run, chain, agent, plan, meta)
         for level in levels:
             level.spent[AGENTS] = sat(level.spent[AGENTS] + 1)
             level.rewarm()

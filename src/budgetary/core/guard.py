@@ -6,12 +6,15 @@ into `BudgetExceeded` (or a skip, or an interrupt) according to their policy.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from decimal import Decimal
 from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 from budgetary.core.usage import Usage
+
+logger = logging.getLogger("budgetary")
 
 __all__ = ["Allow", "BudgetGuard", "Decision", "Deny", "SoftLimit", "combine_guards"]
 
@@ -167,7 +170,10 @@ class _AllGuards:
         for guard in self.guards:
             fn = getattr(guard, "record_after_llm", None)
             if fn is not None:
-                fn(agent, usage)
+                try:
+                    fn(agent, usage)
+                except Exception:  # the call is paid for and recorded: its result must reach the caller
+                    logger.exception("guard %r failed to record usage for agent %r", guard, agent)
 
 
 def combine_guards(guards: Iterable[Any]) -> BudgetGuard:

@@ -1023,12 +1023,12 @@ function ops.begin_agent(argv)
   local run = levels[1]
   local req = zeros()
   req[AGENTS] = 1
-  local decision, pl = evaluate(levels, st, req, true)
+  -- Reallocation that could cover the agent's next call lets it start; nothing moves yet (a start spends nothing).
+  local decision = evaluate(levels, st, req, true)
   if decision.t == "deny" then
     entry(run, a.sj, "deny", x, {e = decision})
     return {d = decision}
   end
-  apply_plan(run, a.sj, st, pl, x)
   for _, lv in ipairs(levels) do
     touch(lv)
     lv.spent[AGENTS] = sat(lv.spent[AGENTS] + 1)
