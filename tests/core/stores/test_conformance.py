@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from budgetary import Budget, BudgetExceeded, Deny, Limits, Price, SoftLimit, UnknownAgent
+from budgetary import (
+    Budget,
+    BudgetExceeded,
+    ConfigurationError,
+    Deny,
+    Limits,
+    Price,
+    SoftLimit,
+    UnknownAgent,
+    UsageError,
+)
 from budgetary.core.stores import MemoryStore, Store
 from tests.conftest import FakeClock
 from tests.core.stores.conftest import Opener
@@ -255,6 +265,28 @@ def test_windows_reset_counters_at_utc_boundaries(open_store: Opener, clock: Fak
     assert budget.check().allowed
 
 
+def test_a_budget_built_again_with_another_window_keeps_its_spend_and_aligns_to_the_new_one(
+    open_store: Opener, clock: FakeClock
+) -> None:
+    day = 86_400.0
+    clock.now = 1_800_000_000.0 // day * day + 8 * 3600 + 60  # 08:01 UTC
+    store = open_store()
+    Budget(Limits(max_llm_calls=5), name="b", store=store, clock=clock).record(None, _usage(1, 1))
+    hourly = Budget(Limits(max_llm_calls=5, window="1h"), name="b", store=store, clock=clock)
+    assert hourly.snapshot().llm_calls == 1  # adding a window does not wipe what was spent
+    assert hourly.snapshot().window_resets_at == clock.now - 60 + 3600  # 09:00
+    daily = Budget(Limits(max_llm_calls=5, window="1d"), name="b", store=store, clock=clock)
+    assert daily.snapshot().window_resets_at == clock.now - 8 * 3600 - 60 + day  # midnight UTC, not 08:00
+    assert daily.snapshot().llm_calls == 1
+
+
+def test_memory_refuses_names_with_a_lone_surrogate_like_the_shared_stores() -> None:
+    with pytest.raises(ConfigurationError, match=r"budget name '\\udcff': it contains a lone surrogate"):
+        Budget(Limits(), name="\udcff")
+    with pytest.raises(ConfigurationError, match="lone surrogate"):
+        Budget(Limits()).agent("a\udcff")
+
+
 def test_window_keeps_holds_across_the_boundary(open_store: Opener, clock: FakeClock) -> None:
     clock.now = 86_400.0 * 20_000 - 1
     budget = Budget(Limits(max_total_tokens=100, window="1d"), name="b", store=open_store(), clock=clock)
@@ -377,6 +409,28 @@ def test_hostile_agent_names_are_data(open_store: Opener) -> None:
     assert all(report[n]["consumed"] == 3 for n in HOSTILE)
     assert budget.reallocate("a|b", 50) == 50
     assert sum(v["allocated"] for v in budget.report().values()) == sum(100 + i for i in range(len(HOSTILE)))
+
+
+def test_shared_stores_refuse_names_with_a_lone_surrogate(open_shared_store: Opener) -> None:
+    # SQLite and Redis keep names as UTF-8, which a lone surrogate (undecodable bytes read with
+    # surrogateescape) does not have; they refuse such a name when the budget or agent is made.
+    store = open_shared_store()
+    with pytest.raises(ConfigurationError, match=r"budget name '\\udcff': it contains a lone surrogate"):
+        Budget(Limits(), name="\udcff", store=store)
+    budget = Budget(Limits(), name="b", store=store)
+    with pytest.raises(ConfigurationError, match=r"agent name 'a\\udcff': it contains a lone surrogate"):
+        budget.agent("a\udcff")
+    with pytest.raises(ConfigurationError, match="lone surrogate"):
+        budget.ensure_agent("\udcff")
+    # Other text is refused when it is used, and the operation changes nothing.
+    with pytest.raises(UsageError, match="lone surrogate"):
+        budget.record(None, _usage(1, 1), model="m\udcff")
+    with pytest.raises(UsageError, match="lone surrogate"):
+        budget.check_tool(None, "\udcff")
+    with pytest.raises(UsageError, match="lone surrogate"):
+        store.figures(('["\udcff"]',), 0.0)  # a read, as `budgetary report` makes it
+    assert budget.snapshot().llm_calls == 0 and budget.ledger.history() == []
+    assert budget.report() == {}
 
 
 def test_concurrent_threads_never_overshoot(open_store: Opener) -> None:

@@ -10,6 +10,7 @@ import re
 import threading
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -77,6 +78,60 @@ def test_unreachable_server_is_a_store_error() -> None:
 def test_passwords_are_not_shown() -> None:
     store = RedisStore("redis://user:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in store.url and "s3cret" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("redis://127.0.0.1:1/abc", "its path must be a DB number"),
+        ("redis://127.0.0.1:1/1/2", "its path must be a DB number"),  # redis-py would take DB 12
+        ("redis-cluster://127.0.0.1:1/abc", "its path must be a DB number"),  # refused before connecting
+        ("redis://127.0.0.1:1/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        ("redis://127.0.0.1:1/0?no_such_option=1", "no_such_option"),
+        ("unix:///tmp/no.sock?db=abc", "Invalid value for 'db'"),
+        ("redis://127.0.0.1:abc/0", "Port could not be cast"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),
+    ],
+)
+def test_malformed_urls_are_configuration_errors(url: str, cause: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(f"Redis store URL {url} is not valid: ") + ".*" + cause):
+        Budget(Limits(), name="b", store=url)
+
+
+def test_a_malformed_url_is_named_without_its_password() -> None:
+    for url in ["redis://user:s3cret@127.0.0.1:1/abc", "redis://user:s3cret@[::1/0", "http://user:s3cret@host/0"]:
+        with pytest.raises(ConfigurationError) as info:
+            RedisStore(url)
+        assert "s3cret" not in str(info.value) and "***@" in str(info.value)
+
+
+def test_an_unreachable_cluster_is_a_store_error_naming_the_url(capsys: pytest.CaptureFixture[str]) -> None:
+    from budgetary.cli import main
+
+    with pytest.raises(StoreError, match=re.escape("Redis store redis-cluster://:***@127.0.0.1:1 failed (connect)")):
+        Budget(Limits(), name="b", store="redis-cluster://:s3cret@127.0.0.1:1")
+    assert main(["--store", "redis-cluster://127.0.0.1:1", "report", "x"]) == 1
+    assert capsys.readouterr().err.startswith("budgetary: Redis store redis-cluster://127.0.0.1:1 failed (connect)")
+
+
+@pytest.mark.redis
+def test_a_cluster_url_at_a_server_without_cluster_mode_is_a_store_error(redis_url: str) -> None:
+    parts = urlsplit(redis_url)
+    url = f"redis-cluster://{parts.hostname}:{parts.port or 6379}"
+    with pytest.raises(StoreError, match=re.escape(f"Redis store {url} failed (connect): RedisClusterException")):
+        RedisStore(url)
+
+
+def test_a_client_passed_in_is_named_by_its_address() -> None:
+    import redis.asyncio
+
+    assert RedisStore(redis.Redis(host="cache", port=7000, db=3)).url == "redis://cache:7000/3"
+    assert RedisStore(redis.Redis(host="cache", ssl=True)).url == "rediss://cache:6379/0"
+    assert RedisStore(redis.Redis(unix_socket_path="/run/r.sock", db=2)).url == "unix:///run/r.sock?db=2"
+    assert RedisStore(redis.asyncio.Redis(host="cache", ssl=True)).url == "rediss://cache:6379/0"
+    # An asyncio cluster client connects on first use: no cluster is needed to name it.
+    assert RedisStore(redis.asyncio.RedisCluster(host="node-1", port=7000)).url == "redis-cluster://node-1:7000"
+    assert RedisStore(redis.asyncio.RedisCluster(host="node-1", ssl=True)).url == "rediss-cluster://node-1:6379"
 
 
 @pytest.mark.parametrize("prefix", ["a{b", "a}b"])

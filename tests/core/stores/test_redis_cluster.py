@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -115,6 +116,16 @@ async def test_an_asyncio_cluster_client_serves_the_async_api(
         run.snapshot()  # no pool to copy for sync calls: the message says what to use instead
     reader = RedisStore(cluster, key_prefix=prefix)  # the same state through the sync client
     assert Budget(Limits(max_total_tokens=100), name="tenant", store=reader).snapshot().total_tokens == 40
+
+
+def test_a_cluster_client_is_named_by_the_node_it_was_given(cluster: Any) -> None:
+    assert CLUSTER_URL is not None
+    node = urlsplit(CLUSTER_URL)
+    client = RedisCluster(host=node.hostname, port=node.port or 6379)
+    store = RedisStore(client)
+    assert store.url == f"redis-cluster://{node.hostname}:{node.port}"
+    assert repr(store).startswith(f"RedisStore('redis-cluster://{node.hostname}:{node.port}'")
+    client.close()
 
 
 def _cluster_scheme_url() -> str:

@@ -21,13 +21,67 @@ pytestmark = pytest.mark.filterwarnings("ignore::budgetary.core.prices.UnpricedM
         ("sqlite:///budget.db", "budget.db"),
         ("sqlite:////var/lib/b.db", "/var/lib/b.db"),
         ("sqlite:///a/b c.db", "a/b c.db"),
+        ("sqlite:///a/b%20c.db", "a/b c.db"),
+        ("sqlite:////tmp/q%3F%23%25.db", "/tmp/q?#%.db"),
     ],
 )
 def test_urls_follow_the_sqlalchemy_convention(url: str, path: str) -> None:
     assert sqlite_path(url) == path
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file:x?mode=memory"])
+@pytest.mark.parametrize("url", ["sqlite:///q.db?mode=ro", "sqlite:///q.db?", "sqlite:///q.db#x"])
+def test_urls_take_no_parameters(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match="takes no parameters"):
+        Budget(store=url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_escapes_that_are_not_utf8_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="not UTF-8"):
+        sqlite_path("sqlite:///%ff.db")
+
+
+def test_a_percent_escaped_url_opens_the_decoded_file_and_the_url_reads_back(tmp_path: Path) -> None:
+    budget = Budget(Limits(max_llm_calls=1), name="b", store=f"sqlite:///{tmp_path}/my%20budget.db")
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".db"] == ["my budget.db"]
+    budget.store.close()
+    store = SQLiteStore(tmp_path / "50%?#.db")
+    assert sqlite_path(store.url) == store.path
+    store.close()
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="is a directory"):
+        SQLiteStore(tmp_path)
+    with pytest.raises(ConfigurationError, match="is a directory"):
+        Budget(store=f"sqlite:///{tmp_path}/sub/")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_a_missing_file_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from budgetary.cli import main
+
+    path = tmp_path / "b.db"
+    store = SQLiteStore(path)
+    with pytest.raises(KeyError):
+        store.figures(('["b"]',), time.time())
+    with pytest.raises(KeyError):
+        store.agents('["b"]', time.time())
+    assert store.entries('["b"]') == []
+    for command in (["report", "b"], ["ledger", "b"], ["top-up", "b", "--llm-calls", "1"]):
+        assert main(["--store", f"sqlite:///{path}", *command]) == 1
+        assert "no budget 'b'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    budget = Budget(Limits(max_llm_calls=1), name="b", store=store)  # the first write creates the file
+    assert path.exists() and budget.snapshot().llm_calls == 0
+    assert main(["--store", f"sqlite:///{path}", "report", "b"]) == 0
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///%3Amemory%3A", "sqlite:///file:x?mode=memory"]
+)
 def test_urls_without_a_file_are_refused(url: str) -> None:
     with pytest.raises(ConfigurationError, match="SQLite store URL"):
         sqlite_path(url)

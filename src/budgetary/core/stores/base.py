@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from budgetary.core._engine import AgentState, Engine, Meta, Outcome, Vector
 from budgetary.core.contract import AgentContract
-from budgetary.core.errors import ConfigurationError
+from budgetary.core.errors import ConfigurationError, UsageError
 from budgetary.core.guard import Decision
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
@@ -207,6 +207,27 @@ def checked_ledger_max_len(value: Any, store: str) -> int:
     return value
 
 
+def checked_name(name: str | None, what: str, store: str) -> None:
+    """Refuse a budget or agent name ``store`` cannot keep: one with a lone surrogate has no UTF-8 form."""
+    if name is None:
+        return
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"{store} cannot keep the {what} name {name!r}: it contains a lone surrogate "
+            f"({name[exc.start : exc.end]!r}), which is not valid Unicode and has no UTF-8 form"
+        ) from None
+
+
+def unencodable(store: str, exc: UnicodeEncodeError) -> UsageError:
+    """The error for a value ``store`` could not encode (a lone surrogate has no UTF-8 form; see `checked_name`)."""
+    return UsageError(
+        f"{store} cannot keep a value containing {exc.object[exc.start : exc.end]!r} ({exc.encoding}: {exc.reason}); "
+        "a lone surrogate is not valid Unicode (check budget, agent, model and tool names, run_id, location, reason)"
+    )
+
+
 def is_async_store(store: object) -> bool:
     """Whether ``store`` has the `AsyncStore` twins (a class attribute check: cheaper than a Protocol isinstance)."""
     return hasattr(type(store), "areserve")
@@ -224,6 +245,7 @@ class EngineStore(ABC):
     def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None:
         from budgetary.core._engine import Level
 
+        checked_name(name, "budget", f"store {self.url}")
         with self._transaction() as engine:
             level = engine.levels.get(key)
             if level is None:
@@ -235,7 +257,9 @@ class EngineStore(ABC):
                 # transfers and top-ups; take the limits as constructed now.
                 level.base = limits.as_vector()
                 level.warn_at = limits.warn_at
-                level.window = limits.window_seconds
+                window = limits.window_seconds
+                if window != level.window:  # boundaries are UTC multiples of the new window; spend so far stays
+                    level.window, level.window_start = window, (now // window) * window if window else 0.0
                 level.refresh()
             engine.forget_chains()
 
@@ -243,6 +267,7 @@ class EngineStore(ABC):
         """Register ``contract``; with ``replace=False`` an existing agent is kept as it is."""
         from budgetary.core._units import COST, TOTAL
 
+        checked_name(contract.name, "agent", f"store {self.url}")
         allocation, reserve = contract.store_units()
         unit = None if contract.unit is None else TOTAL if contract.unit == "tokens" else COST
         with self._transaction() as engine:

@@ -29,7 +29,7 @@ from decimal import Decimal
 from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from budgetary.core._engine import (
     AgentState,
@@ -50,7 +50,7 @@ from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
 from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc
-from budgetary.core.stores.base import LevelFigures, checked_ledger_max_len
+from budgetary.core.stores.base import LevelFigures, checked_ledger_max_len, checked_name, unencodable
 from budgetary.core.usage import Usage
 
 if TYPE_CHECKING:
@@ -137,11 +137,16 @@ def backend_errors() -> tuple[type[Exception], ...]:
 
 @contextmanager
 def mapped_errors(url: str, what: str) -> Iterator[None]:
-    """Turn every redis-py failure into `StoreError` (the one place where that happens)."""
+    """Turn every redis-py failure into `StoreError` (the one place where that happens).
+
+    Text with no UTF-8 form (a lone surrogate) becomes `UsageError`.
+    """
     try:
         yield
     except backend_errors() as exc:
         raise StoreError(f"Redis store {url} failed ({what}): {type(exc).__name__}: {exc}") from exc
+    except UnicodeEncodeError as exc:
+        raise unencodable(f"Redis store {url}", exc) from None
 
 
 def _bulk(args: list[Any]) -> bytes:
@@ -262,7 +267,12 @@ def _only_tls_records(conn: Any) -> bool:
 
 
 def _safe_url(url: str) -> str:
-    parts = urlsplit(url)
+    """``url`` without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed (an unclosed IPv6 bracket): hide everything before the host
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
     if parts.password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
@@ -270,10 +280,39 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
+def _checked_url(url: str, shown: str) -> None:
+    """Refuse a DB path that is not a number: redis-py would silently use DB 0 (``/1/2`` would be DB 12)."""
+    if url.startswith("unix://"):
+        return  # the path is the socket's; the DB is a ``?db=`` parameter
+    try:
+        path = unquote(urlsplit(url).path)
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis store URL {shown} is not valid: {exc}") from None
+    db = path[1:] if path.startswith("/") else path
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigurationError(
+            f"Redis store URL {shown} is not valid: its path must be a DB number (redis://host:6379/0), got {db!r}"
+        )
+
+
 def _client_url(client: Any) -> str:
+    """Where a client passed in connects, as a URL without credentials (for messages)."""
+    from redis.asyncio.connection import SSLConnection as AsyncSSLConnection
+    from redis.asyncio.connection import UnixDomainSocketConnection as AsyncUnixConnection
+    from redis.connection import SSLConnection, UnixDomainSocketConnection
+
+    nodes = getattr(client, "nodes_manager", None)
+    if nodes is not None:  # a Redis Cluster client: the first node it was given
+        node = (getattr(client, "startup_nodes", None) or list(nodes.startup_nodes.values()))[0]
+        tls = issubclass(nodes.connection_kwargs.get("connection_class", object), (SSLConnection, AsyncSSLConnection))
+        return f"{'rediss' if tls else 'redis'}-cluster://{node.host}:{node.port}"
     pool = getattr(client, "connection_pool", None)
     kwargs = getattr(pool, "connection_kwargs", {})
-    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    kind = getattr(pool, "connection_class", object)
+    if issubclass(kind, (UnixDomainSocketConnection, AsyncUnixConnection)):
+        return f"unix://{kwargs.get('path', '')}?db={kwargs.get('db', 0)}"
+    scheme = "rediss" if issubclass(kind, (SSLConnection, AsyncSSLConnection)) else "redis"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
 class RedisStore:
@@ -331,17 +370,25 @@ class RedisStore:
         self._cluster_url: str | None = None  # a cluster node's URL, as redis-py's cluster clients take it
         self._socket_timeout = socket_timeout
         if isinstance(url, str):
+            self.url = _safe_url(url)
             if not url.startswith(URL_SCHEMES):
                 schemes = ", ".join(URL_SCHEMES)
-                raise ConfigurationError(f"RedisStore needs a URL starting with one of {schemes}; got {url!r}")
-            self.url = _safe_url(url)
+                raise ConfigurationError(f"RedisStore needs a URL starting with one of {schemes}; got {self.url!r}")
+            _checked_url(url, self.url)
             scheme = url.partition("://")[0] + "://"
-            if scheme in _CLUSTER_SCHEMES:
-                self._cluster_url = _CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
-                self._client = redis.RedisCluster.from_url(self._cluster_url, socket_timeout=socket_timeout)
-            else:
-                self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
-                self._from_url = url
+            try:
+                if scheme in _CLUSTER_SCHEMES:
+                    self._cluster_url = _CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
+                    # A cluster client connects now, to learn the cluster's slots.
+                    with mapped_errors(self.url, "connect"):
+                        self._client = redis.RedisCluster.from_url(self._cluster_url, socket_timeout=socket_timeout)
+                else:
+                    self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout)
+                    pool = self._client.connection_pool
+                    pool.connection_class(**pool.connection_kwargs)  # an unknown URL parameter fails here, not later
+                    self._from_url = url
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"Redis store URL {self.url} is not valid: {exc}") from exc
             self._owns_client = True
         elif isinstance(url, (redis.Redis, redis.RedisCluster)):
             self.url = _client_url(url)
@@ -393,7 +440,8 @@ class RedisStore:
     def _family_keys(self, key: str) -> list[str]:
         keys = self._keys.get(key)
         if keys is None:
-            tag = hashlib.sha256(family_of(key).encode("utf-8")).hexdigest()[:24]
+            with mapped_errors(self.url, "encode"):
+                tag = hashlib.sha256(family_of(key).encode("utf-8")).hexdigest()[:24]
             keys = [f"{self.key_prefix}{{{tag}}}:{suffix}" for suffix in _SUFFIXES]
             self._keys[key] = keys
         return keys
@@ -405,10 +453,12 @@ class RedisStore:
             if len(self._heads) >= _CACHE_MAX:
                 self._heads.clear()
             akey = agent_key(agent)
-            head = self._heads[(chain, agent)] = (
-                [k.encode() for k in self._family_keys(chain[0])],
-                [v.encode() for v in (_dumps([list(chain), akey]), akey, str(len(chain)), *chain)],
-            )
+            with mapped_errors(self.url, "encode"):
+                head = (
+                    [k.encode() for k in self._family_keys(chain[0])],
+                    [v.encode() for v in (_dumps([list(chain), akey]), akey, str(len(chain)), *chain)],
+                )
+            self._heads[(chain, agent)] = head
         return head
 
     def _meta(self, run_id: str | None, model: str | None, location: str | None) -> tuple[str, bytes]:
@@ -419,7 +469,8 @@ class RedisStore:
             if len(self._metas) >= _CACHE_MAX:
                 self._metas.clear()
             members = _dumps({"run_id": run_id, "model": model, "location": location})[1:-1]
-            meta = self._metas[key] = (members, ("{" + members + "}").encode())
+            with mapped_errors(self.url, "encode"):
+                meta = self._metas[key] = (members, ("{" + members + "}").encode())
         return meta
 
     def _call(self, keys: list[Any], argv: list[Any]) -> str:
@@ -727,6 +778,7 @@ class RedisStore:
     # -- the Store Protocol -----------------------------------------------------------------
 
     def ensure_budget(self, key: str, name: str, limits: Limits, now: float) -> None:
+        checked_name(name, "budget", f"Redis store {self.url}")
         window = limits.window_seconds
         argv = [
             "ensure_budget", repr(float(now)), self._maxlen, key, name, "" if window is None else str(window),
@@ -737,6 +789,7 @@ class RedisStore:
     def ensure_agent(self, key: str, contract: AgentContract, *, replace: bool) -> AgentContract | None:
         from budgetary.core._units import TOTAL
 
+        checked_name(contract.name, "agent", f"Redis store {self.url}")
         allocation, reserve = contract.store_units()
         unit = None if contract.unit is None else TOTAL if contract.unit == "tokens" else COST
         threshold = contract.confidence_threshold

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
-from budgetary.core._engine import Engine, Hold, Level
+from budgetary.core._engine import AgentState, Engine, Hold, Level
 from budgetary.core.errors import ConfigurationError, StoreError
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.stores._codec import hold_from_doc, hold_to_doc, level_from_doc, level_to_doc
-from budgetary.core.stores.base import EngineStore
+from budgetary.core.stores.base import EngineStore, LevelFigures, unencodable
 
 __all__ = ["SQLiteStore", "sqlite_path"]
 
@@ -30,15 +31,24 @@ CREATE TABLE IF NOT EXISTS entry_scopes (scope TEXT NOT NULL, id INTEGER NOT NUL
 
 
 def sqlite_path(url: str) -> str:
-    """The file path of a ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` URL."""
+    """The file path of a ``sqlite:///relative.db`` or ``sqlite:////absolute.db`` URL (percent-escapes decoded)."""
     if not url.startswith("sqlite:///"):
         raise ConfigurationError(
             f"SQLite store URL must look like 'sqlite:///relative/path.db' or 'sqlite:////abs/path.db', got {url!r}"
         )
-    path = url[len("sqlite:///") :]
+    raw = url[len("sqlite:///") :]
+    try:
+        path = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"SQLite store URL {url!r} has percent-escapes that are not UTF-8") from None
     if path in ("", ":memory:") or path.startswith("file:"):
         raise ConfigurationError(
             f"SQLite store URL {url!r} names no file; an in-memory database cannot be shared, use 'memory://'"
+        )
+    if "?" in raw or "#" in raw:
+        raise ConfigurationError(
+            f"SQLite store URL {url!r} has a query or fragment, but it takes no parameters "
+            "(in a file name, write '?' as %3F and '#' as %23)"
         )
     return path
 
@@ -61,7 +71,7 @@ class SQLiteStore(EngineStore):
         ```
 
     Args:
-        path: The database file (created if missing).
+        path: The database file (created by the first operation that writes, if missing).
         timeout: Seconds an operation waits for another process's transaction.
         synchronous: SQLite's ``synchronous`` pragma, ``"NORMAL"`` or ``"FULL"``.
     """
@@ -70,30 +80,39 @@ class SQLiteStore(EngineStore):
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ConfigurationError(f"SQLiteStore synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         self.path = os.fspath(path)
-        self.url = "sqlite:///" + self.path
+        # Escaped so that `sqlite_path` reads the URL back as the same path.
+        self.url = "sqlite:///" + self.path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
         self._timeout = timeout
         self._synchronous = synchronous.upper()
         # sqlite3 connections must not be shared between threads, nor inherited across fork().
         self._local = threading.local()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
+        if self.path.endswith(("/", os.sep)) or os.path.isdir(self.path):
+            raise ConfigurationError(f"SQLiteStore: {self.path!r} is a directory; give the path of a database file")
         parent = Path(self.path).parent
         if not parent.is_dir():
             raise ConfigurationError(f"SQLiteStore: directory {str(parent)!r} of {self.path!r} does not exist")
-        with _mapped(self.path):
-            self._connection().executescript(_SCHEMA)
+        # A missing file is created by the first operation that may write, so that only reading
+        # (`budgetary report`) leaves nothing behind; an existing one is checked now.
+        self._ready = False
+        if os.path.exists(self.path):
+            with _mapped(self.path):
+                self._connection()
 
     def _connection(self) -> sqlite3.Connection:
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is not None and local.pid == os.getpid():
-            return conn
-        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        local.conn, local.pid = conn, os.getpid()
-        with self._lock:
-            self._connections.append((os.getpid(), conn))
+        if conn is None or local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            local.conn, local.pid = conn, os.getpid()
+            with self._lock:
+                self._connections.append((os.getpid(), conn))
+        if not self._ready:
+            conn.executescript(_SCHEMA)
+            self._ready = True
         return conn
 
     @contextmanager
@@ -110,7 +129,23 @@ class SQLiteStore(EngineStore):
                 raise
             conn.execute("COMMIT")
 
+    def _missing(self) -> bool:
+        """Whether no database file exists yet (then a read finds nothing and creates nothing)."""
+        return not self._ready and not os.path.exists(self.path)
+
+    def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
+        if self._missing():
+            raise KeyError(chain[0])
+        return super().figures(chain, now)
+
+    def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
+        if self._missing():
+            raise KeyError(key)
+        return super().agents(key, now)
+
     def entries(self, scope: str) -> list[LedgerEntry]:
+        if self._missing():
+            return []
         with _mapped(self.path):
             rows = self._connection().execute(
                 "SELECT e.doc FROM entry_scopes s JOIN entries e ON e.id = s.id WHERE s.scope = ? ORDER BY s.id",
@@ -133,11 +168,16 @@ class SQLiteStore(EngineStore):
 
 @contextmanager
 def _mapped(path: str) -> Iterator[None]:
-    """Turn every sqlite3 failure into `StoreError` (the one place where that happens)."""
+    """Turn every sqlite3 failure into `StoreError` (the one place where that happens).
+
+    Text with no UTF-8 form (a lone surrogate) becomes `UsageError`.
+    """
     try:
         yield
     except sqlite3.Error as exc:
         raise StoreError(f"SQLite store {path!r} failed: {type(exc).__name__}: {exc}") from exc
+    except UnicodeEncodeError as exc:  # sqlite3 binds text as UTF-8
+        raise unencodable(f"SQLite store {path!r}", exc) from None
 
 
 class _TxEngine(Engine):

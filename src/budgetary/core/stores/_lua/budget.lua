@@ -1143,6 +1143,10 @@ function ops.ensure_budget(argv)
     loaded[#loaded + 1] = lv
     if window then lv.ws = floordiv(now, window) * window end
     lv.ws_s = fstr(lv.ws)
+  elseif window ~= lv.window then
+    -- Boundaries are UTC multiples of the new window; spend so far stays in the current one.
+    lv.ws = window and floordiv(now, window) * window or 0
+    lv.ws_s = fstr(lv.ws)
   end
   ctouch(lv)
   lv.base = {}
