@@ -554,8 +554,8 @@ class Engine:
         hold = self.holds.get(hold_id)
         return None if hold is None else list(hold.amounts)
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
-        """The spawn gate: take one ``max_agents`` slot if nothing denies."""
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
+        """The spawn gate: take one ``max_agents`` slot if nothing denies; the decision and the events it fired."""
         levels = self._chain(chain, now)
         run = levels[0]
         state = self._agent(run, agent)
@@ -565,16 +565,19 @@ class Engine:
         decision = self._evaluate(levels, agent, state, req, gate=True)[0]
         if not decision.allowed:
             self._deny_entry(now, run, chain, agent, decision, meta)
-            return decision
+            return Outcome(decision=decision)
         for level in levels:
             level.spent[AGENTS] = sat(level.spent[AGENTS] + 1)
-            level.rewarm()
         state.spent[AGENTS] += 1
         self._append(now, run, chain, agent=agent, kind="agent_start", run_id=meta.run_id, location=meta.location)
-        return decision
+        return Outcome(decision, self._fire(now, levels, chain, agent, state, meta))
 
-    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
-        """Check and count one tool call (only ``max_tool_calls`` gates tools)."""
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
+        """Check and count one tool call (only ``max_tool_calls`` gates tools); the decision and the events it fired.
+
+        Like an LLM call's, the decision reads the counters before the call: the last call a
+        limit allows is a `SoftLimit` in the warning band, not an `Allow` at the limit.
+        """
         levels = self._chain(chain, now)
         run = levels[0]
         state = self._agent(run, agent)
@@ -583,13 +586,13 @@ class Engine:
             if limit is not None and level.spent[TOOL] + 1 > limit:
                 decision = _deny(level, agent, TOOL, limit, level.spent[TOOL], 1, "would pass")
                 self._deny_entry(now, run, chain, agent, decision, Meta(meta.run_id, None, tool))
-                return decision
+                return Outcome(decision=decision)
+        allowed = self._soft(levels, agent, state) or ALLOW
         for level in levels:
             level.spent[TOOL] = sat(level.spent[TOOL] + 1)
-            level.rewarm()
         state.spent[TOOL] += 1
         self._append(now, run, chain, agent=agent, kind="tool", run_id=meta.run_id, location=tool)
-        return self._soft(levels, agent, state) or ALLOW
+        return Outcome(allowed, self._fire(now, levels, chain, agent, state, meta))
 
     def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float,
                    meta: Meta) -> int:  # fmt: skip

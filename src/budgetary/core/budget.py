@@ -12,7 +12,7 @@ import time
 import uuid
 import weakref
 from asyncio import _get_running_loop, current_task
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from decimal import Decimal
 from types import TracebackType
@@ -541,7 +541,7 @@ class Budget:
     ) -> Decision:
         """The spawn gate: take one ``max_agents`` slot for ``agent`` if allowed. Never raises on refusal."""
         meta = Meta(run_id or self.run_id, None, location)
-        return self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta)
+        return self._counted(self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta))
 
     async def abegin_agent(
         self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
@@ -551,7 +551,9 @@ class Budget:
         if not is_async_store(store):
             return await off_loop(store, functools.partial(self.begin_agent, agent, run_id=run_id, location=location))
         meta = Meta(run_id or self.run_id, None, location)
-        return await cast(AsyncStore, store).abegin_agent(self._chain, agent, now=self._clock(), meta=meta)
+        return self._counted(
+            await cast(AsyncStore, store).abegin_agent(self._chain, agent, now=self._clock(), meta=meta)
+        )
 
     def check_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
         """Decide a tool call for ``agent`` and, when it is allowed, count it."""
@@ -560,7 +562,7 @@ class Budget:
         if host is not None:
             self._store.record_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
             return host
-        return self._store.count_tool(self._chain, agent, tool, now=self._clock(), meta=meta)
+        return self._counted(self._store.count_tool(self._chain, agent, tool, now=self._clock(), meta=meta))
 
     async def acheck_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
         """`check_tool` for async code: never blocks the event loop (see `areserve`)."""
@@ -572,7 +574,7 @@ class Budget:
         if host is not None:
             await astore.arecord_entry(self._chain, agent, "deny", now=self._clock(), meta=meta, decision=host)
             return host
-        return await astore.acount_tool(self._chain, agent, tool, now=self._clock(), meta=meta)
+        return self._counted(await astore.acount_tool(self._chain, agent, tool, now=self._clock(), meta=meta))
 
     def _host_tool_refusal(self, agent: str | None, tool: str) -> Decision | None:
         """The host guards' refusal of a tool call, if any."""
@@ -980,16 +982,25 @@ class Budget:
     def _after(self, outcome: Outcome, agent: str | None, usage: Usage) -> None:
         if self._guards is not None:
             self._guards.record_after_llm(agent, usage)
-        if outcome.events:
-            node: Budget | None = self
-            while node is not None:
-                for listener in list(node._listeners):
-                    for event in outcome.events:
-                        try:
-                            listener(event)
-                        except Exception:
-                            logger.exception("soft-limit listener %r failed", listener)
-                node = node.parent
+        self._tell_listeners(outcome.events)
+
+    def _counted(self, outcome: Outcome) -> Decision:
+        """The decision of an agent start or tool call, after telling listeners of the thresholds it crossed."""
+        self._tell_listeners(outcome.events)
+        return outcome.decision
+
+    def _tell_listeners(self, events: Sequence[SoftLimit]) -> None:
+        if not events:
+            return
+        node: Budget | None = self
+        while node is not None:
+            for listener in list(node._listeners):
+                for event in events:
+                    try:
+                        listener(event)
+                    except Exception:
+                        logger.exception("soft-limit listener %r failed", listener)
+            node = node.parent
 
     async def _aexceeded(self, decision: Decision, agent: str | None) -> BudgetExceeded:
         figures = await cast(AsyncStore, self._store).afigures(self._chain, self._clock())

@@ -107,11 +107,11 @@ class Store(Protocol):
     def held_amounts(self, hold_id: str) -> Vector | None:
         """What a live hold holds, or ``None``."""
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
-        """Take one ``max_agents`` slot if allowed."""
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
+        """Take one ``max_agents`` slot if allowed: the decision, and the soft-limit events the start fired."""
 
-    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
-        """Check and count one tool call."""
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
+        """Check and count one tool call: the decision, and the soft-limit events the call fired."""
 
     def reallocate(
         self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta
@@ -191,12 +191,12 @@ class AsyncStore(Protocol):
     async def acheck(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
         """`Store.check`, awaited."""
 
-    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
         """`Store.begin_agent`, awaited."""
 
     async def acount_tool(
         self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
-    ) -> Decision:
+    ) -> Outcome:
         """`Store.count_tool`, awaited."""
 
 
@@ -322,11 +322,11 @@ class EngineStore(ABC):
         with self._transaction() as engine:
             return engine.held_amounts(hold_id)
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
         with self._transaction() as engine:
             return engine.begin_agent(chain, agent, now=now, meta=meta)
 
-    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
         with self._transaction() as engine:
             return engine.count_tool(chain, agent, tool, now=now, meta=meta)
 

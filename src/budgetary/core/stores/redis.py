@@ -846,13 +846,13 @@ class RedisStore:
         held = _json(self._call(hold[0], ["held", "0.0", self._maxlen, hold_id]), None).get("m")
         return None if held is None else [int(v) for v in held]
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
         x = self._meta(meta.run_id, meta.model, meta.location)[1]
-        return _decision(self._chain_op("begin_agent", chain, agent, now, x)["d"], agent)
+        return _counted(self._chain_op("begin_agent", chain, agent, now, x), agent)
 
-    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Decision:
+    def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
         x = self._meta(meta.run_id, None, tool)[1]
-        return _decision(self._chain_op("count_tool", chain, agent, now, x)["d"], agent)
+        return _counted(self._chain_op("count_tool", chain, agent, now, x), agent)
 
     def reallocate(self, chain: tuple[str, ...], agent: str | None, shortfall: int, *, now: float, meta: Meta) -> int:
         x = self._meta(meta.run_id, meta.model, meta.location)[1]
@@ -933,17 +933,17 @@ class RedisStore:
         """`check`, awaited on the running loop."""
         return _decision((await self._achain_op("check", chain, agent, now))["d"], agent)
 
-    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Decision:
+    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
         """`begin_agent`, awaited on the running loop."""
         x = self._meta(meta.run_id, meta.model, meta.location)[1]
-        return _decision((await self._achain_op("begin_agent", chain, agent, now, x))["d"], agent)
+        return _counted(await self._achain_op("begin_agent", chain, agent, now, x), agent)
 
     async def acount_tool(
         self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta
-    ) -> Decision:
+    ) -> Outcome:
         """`count_tool`, awaited on the running loop."""
         x = self._meta(meta.run_id, None, tool)[1]
-        return _decision((await self._achain_op("count_tool", chain, agent, now, x))["d"], agent)
+        return _counted(await self._achain_op("count_tool", chain, agent, now, x), agent)
 
     async def aagents(self, key: str, now: float) -> dict[str | None, AgentState]:
         """`agents`, awaited on the running loop."""
@@ -1004,6 +1004,11 @@ def _soft(d: dict[str, Any], agent: str | None) -> SoftLimit:
     run = _named(d["rn"])
     where = _named(d["n"]) if "n" in d else None
     return _soft_limit(where, run, agent, int(d["d"]), int(d["s"]), int(d["l"]), float(d["th"]))
+
+
+def _counted(result: dict[str, Any], agent: str | None) -> Outcome:
+    """A count's reply (an agent start, a tool call): its decision and the soft-limit events it fired."""
+    return Outcome(_decision(result["d"], agent), [_soft(e, agent) for e in _items(result.get("ev"))])
 
 
 def _decision(d: dict[str, Any], agent: str | None) -> Decision:

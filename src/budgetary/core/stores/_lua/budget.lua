@@ -1035,7 +1035,7 @@ function ops.begin_agent(argv)
   end
   st.s[AGENTS] = st.s[AGENTS] + 1
   entry(run, a.sj, "agent_start", x)
-  return {d = decision}
+  return {d = decision, ev = fire(levels, a.sj, a.agent, st, x)}
 end
 
 -- ARGV after the chain: meta (JSON object).
@@ -1053,14 +1053,15 @@ function ops.count_tool(argv)
       return {d = decision}
     end
   end
+  -- Judged before the call is counted, like an LLM call: the last call allowed is a soft limit.
+  local decision = soft(levels, st) or ALLOWED
   for _, lv in ipairs(levels) do
     touch(lv)
     lv.spent[TOOL] = sat(lv.spent[TOOL] + 1)
   end
   st.s[TOOL] = st.s[TOOL] + 1
   entry(run, a.sj, "tool", x)
-  local decision = soft(levels, st) or ALLOWED
-  return {d = decision}
+  return {d = decision, ev = fire(levels, a.sj, a.agent, st, x)}
 end
 
 -- ARGV after the chain: shortfall (integer), meta (JSON object).
