@@ -239,6 +239,36 @@ def test_skip_on_a_send_fan_out_skips_the_refused_branches_and_the_run_goes_on()
         assert model.calls.count == 3 and budget.snapshot().held_llm_calls == 0, runner
 
 
+def test_end_on_a_send_fan_out_without_a_checkpointer_keeps_the_branches_that_finished():
+    # Nothing would keep the paid results of the step's finished branches: the step ends (the
+    # refused ones skipped), and the run ends before the next node.
+    model = fake()
+
+    class Fan(TypedDict, total=False):
+        items: list[int]
+        results: Annotated[list[str], operator.add]
+        summary: str
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    def worker(state: dict) -> dict:
+        return {"results": [model.invoke(f"item {state['item']}").content]}
+
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_node("reduce", lambda state: {"summary": "reduced"})
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", "reduce")
+    for runner in ("sync", "async"):
+        model.calls.records.clear()
+        budget = Budget(Limits(max_llm_calls=3))
+        app = govern_graph(builder, budget, on_exhausted="end")
+        items = {"items": list(range(6))}
+        state = app.invoke(items) if runner == "sync" else asyncio.run(app.ainvoke(items))
+        assert len(state["results"]) == 3 == model.calls.count, runner  # what was paid for is returned
+        assert "summary" not in state, runner  # the run ended before the next node
+        assert len(state["budget_skipped"]) == 3 and budget.snapshot().agents_started == 6, runner
+
+
 def test_budget_node_alone_ends_by_raising_and_says_govern_graph_ends_cleanly():
     model = fake()
     budget = Budget(Limits(max_llm_calls=1))

@@ -79,8 +79,14 @@ class _EndRun(BudgetExceeded):
 
 @dataclass
 class _RunState:
+    resumable: bool = False
+    """Whether the graph has a checkpointer: an ``end`` then stops at once, and a resume re-runs the node."""
     skipped: dict[str, Any] = field(default_factory=dict)
     """Node -> the step it was first skipped at."""
+    ending: _EndRun | None = None
+    """Set by a node refused under ``end`` in a graph with no checkpointer: the run ends before its next step."""
+    ending_at: tuple[str, Any] = ("", None)
+    """Where the ``end`` refusal happened: its graph invocation and step (see `_position`)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     latest: Any = None
     """The latest full state ``invoke`` saw (its ``values`` stream), returned when the run ends."""
@@ -135,6 +141,7 @@ class _Governor:
 
     def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
         """(True, None) to run the node, else (False, the node's result under the policy)."""
+        _end_if_ending(state, config)
         attempt = 0
         while not (decision := self.budget.begin_agent(agent, location=node)).allowed:
             again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt)
@@ -145,6 +152,7 @@ class _Governor:
 
     async def aenter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
         """`enter` for async nodes: every store call is awaited or made off the event loop."""
+        _end_if_ending(state, config)
         attempt = 0
         while not (decision := await self.budget.abegin_agent(agent, location=node)).allowed:
             exc = await self.budget.aexceeded(decision, agent)
@@ -199,6 +207,14 @@ class _Governor:
                 raise BudgetExceeded(f"{exc}; the run ends here (govern_graph ends a run without raising)", **fields)
             end = _EndRun(str(exc), **fields)
             end.state, end.marker = state, marker
+            if self.policy == "end" and not governed.resumable:
+                # No checkpoint would keep what this node's siblings in the step finish: let the
+                # step end (this node skipped), then end the run before the next node starts.
+                end.marker = None  # the skip update below records it
+                with governed.lock:
+                    if governed.ending is None:
+                        governed.ending, governed.ending_at = end, _position(config)
+                return self.skip_update(marker, state)
             raise end from exc
         return self.skip_update(marker, state)
 
@@ -229,6 +245,26 @@ class _Governor:
 
     node_is_tools = False
     node_is_model = False
+
+
+def _end_if_ending(state: Any, config: Mapping[str, Any]) -> None:
+    """End the run at a node of a later step than one refused under ``end``, in the same graph (see `_skipped`)."""
+    run = _run_state.get()
+    if run is not None and run.ending is not None:
+        graph, step = _position(config)
+        if graph != run.ending_at[0] or step == run.ending_at[1]:
+            return  # a sibling in the refused node's step, or a node of a subgraph running in it
+        end = run.ending  # a new exception per node: several may enter the next step at once
+        again = _EndRun(str(end), budget=end.budget, agent=end.agent, resource=end.resource, limit=end.limit,
+                        spent=end.spent, requested=end.requested, snapshot=end.snapshot)  # fmt: skip
+        again.state, again.marker = state, end.marker  # the state this node was given: the run so far
+        raise again
+
+
+def _position(config: Mapping[str, Any]) -> tuple[str, Any]:
+    """Where a node runs: its graph invocation (the checkpoint namespace above it) and its step there."""
+    metadata = config.get("metadata", {})
+    return metadata.get("langgraph_checkpoint_ns", "").rpartition("|")[0], metadata.get("langgraph_step")
 
 
 def _skipped_before(run: _RunState, node: str, config: Mapping[str, Any]) -> bool:
@@ -343,7 +379,7 @@ def _governed_class(base: Any) -> type:
         thread = (config or {}).get("configurable", {}).get("thread_id")
         if self.checkpointer is not None and thread is not None:
             state = self.get_state(config).values  # what the checkpoint holds: resumable from here
-        if isinstance(state, Mapping) and SKIPPED_KEY in getattr(self, "channels", {}):
+        if end.marker is not None and isinstance(state, Mapping) and SKIPPED_KEY in getattr(self, "channels", {}):
             state = {**state, SKIPPED_KEY: [*state.get(SKIPPED_KEY, []), end.marker]}
         return state
 
@@ -352,7 +388,7 @@ def _governed_class(base: Any) -> type:
     def invoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_state.get() is not None:
             return base.invoke(self, input, config, **kwargs)
-        run = _RunState()
+        run = _RunState(resumable=self.checkpointer is not None)
         token = _run_state.set(run)
         try:
             return base.invoke(self, input, config, **kwargs)
@@ -364,7 +400,7 @@ def _governed_class(base: Any) -> type:
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_state.get() is not None:
             return await base.ainvoke(self, input, config, **kwargs)
-        run = _RunState()
+        run = _RunState(resumable=self.checkpointer is not None)
         token = _run_state.set(run)
         try:
             return await base.ainvoke(self, input, config, **kwargs)
@@ -379,7 +415,7 @@ def _governed_class(base: Any) -> type:
                 current.observe(chunk)
                 yield chunk
             return
-        token = _run_state.set(_RunState())
+        token = _run_state.set(_RunState(resumable=self.checkpointer is not None))
         try:
             yield from base.stream(self, input, config, **kwargs)
         except _EndRun:
@@ -393,7 +429,7 @@ def _governed_class(base: Any) -> type:
                 current.observe(chunk)
                 yield chunk
             return
-        token = _run_state.set(_RunState())
+        token = _run_state.set(_RunState(resumable=self.checkpointer is not None))
         try:
             async for chunk in base.astream(self, input, config, **kwargs):
                 yield chunk
