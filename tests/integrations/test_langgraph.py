@@ -209,25 +209,32 @@ def test_govern_graph_refuses_unknown_nodes_and_policies(kwargs, message):
             govern_graph(graph, Budget(), **kwargs)
 
 
-def test_skip_on_a_send_fan_out_skips_the_refused_branches_and_the_run_goes_on():
-    # Siblings refused in the same step are not a loop: only a node skipped again at a later step ends the run.
-    model = fake()
+class FanOut(TypedDict, total=False):
+    items: list[int]
+    results: Annotated[list[str], operator.add]
+    summary: str
+    budget_skipped: Annotated[list[Skipped], operator.add]
 
-    class Fan(TypedDict, total=False):
-        items: list[int]
-        results: Annotated[list[str], operator.add]
-        summary: str
-        budget_skipped: Annotated[list[Skipped], operator.add]
+
+def fan_out_builder(model: FakeChatModel) -> StateGraph:
+    """START -> one `worker` per item (a `Send` each, one LLM call) -> `reduce` -> END."""
 
     def worker(state: dict) -> dict:
         return {"results": [model.invoke(f"item {state['item']}").content]}
 
-    builder = StateGraph(Fan)
+    builder = StateGraph(FanOut)
     builder.add_node("worker", worker)
     builder.add_node("reduce", lambda state: {"summary": f"{len(state['results'])} results"})
     builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
     builder.add_edge("worker", "reduce")
     builder.add_edge("reduce", END)
+    return builder
+
+
+def test_skip_on_a_send_fan_out_skips_the_refused_branches_and_the_run_goes_on():
+    # Siblings refused in the same step are not a loop: only a node skipped again at a later step ends the run.
+    model = fake()
+    builder = fan_out_builder(model)
     for runner in ("sync", "async"):
         model.calls.records.clear()
         budget = Budget(Limits(max_llm_calls=3))
@@ -243,21 +250,7 @@ def test_end_on_a_send_fan_out_without_a_checkpointer_keeps_the_branches_that_fi
     # Nothing would keep the paid results of the step's finished branches: the step ends (the
     # refused ones skipped), and the run ends before the next node.
     model = fake()
-
-    class Fan(TypedDict, total=False):
-        items: list[int]
-        results: Annotated[list[str], operator.add]
-        summary: str
-        budget_skipped: Annotated[list[Skipped], operator.add]
-
-    def worker(state: dict) -> dict:
-        return {"results": [model.invoke(f"item {state['item']}").content]}
-
-    builder = StateGraph(Fan)
-    builder.add_node("worker", worker)
-    builder.add_node("reduce", lambda state: {"summary": "reduced"})
-    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
-    builder.add_edge("worker", "reduce")
+    builder = fan_out_builder(model)
     for runner in ("sync", "async"):
         model.calls.records.clear()
         budget = Budget(Limits(max_llm_calls=3))
