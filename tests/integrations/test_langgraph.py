@@ -409,6 +409,37 @@ def test_a_governed_subgraph_inside_a_governed_graph_charges_its_own_nodes():
     assert budget.snapshot().llm_calls == 2 == model.calls.count
 
 
+def test_end_at_a_governed_subgraphs_last_step_ends_the_outer_run_too():
+    # The subgraph has no next step to end at: the outer graph must not go on to its next node.
+    model = fake()
+
+    class Team(TypedDict, total=False):
+        notes: Annotated[list[str], operator.add]
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    def step(name: str):
+        return lambda state: {"notes": [f"{name}:{model.invoke(name).content}"]}
+
+    inner = StateGraph(Team)
+    inner.add_node("draft", step("draft"))
+    inner.add_node("polish", step("polish"))
+    inner.add_edge(START, "draft")
+    inner.add_edge("draft", "polish")
+    for runner in ("sync", "async"):
+        model.calls.records.clear()
+        budget = Budget(Limits(max_llm_calls=1))
+        outer = StateGraph(Team)
+        outer.add_node("team", govern_graph(inner, budget, on_exhausted="end"))
+        outer.add_node("publish", step("publish"))
+        outer.add_edge(START, "team")
+        outer.add_edge("team", "publish")
+        app = govern_graph(outer, budget, on_exhausted="end")
+        state = app.invoke({}) if runner == "sync" else asyncio.run(app.ainvoke({}))
+        assert state["notes"] == ["draft:ok"], runner
+        assert [m.agent for m in state["budget_skipped"]] == ["polish"], runner
+        assert budget.snapshot().agents_started == 3 and model.calls.count == 1, runner  # publish never entered
+
+
 def test_a_users_handler_stands_aside_for_the_nodes_mapped_agents():
     from langgraph.prebuilt import ToolNode
 

@@ -261,6 +261,21 @@ def _end_if_ending(state: Any, config: Mapping[str, Any]) -> None:
         raise again
 
 
+def _end_after_subgraph(config: Mapping[str, Any]) -> None:
+    """A node whose subgraph was refused under ``end`` at its last step: end the run after this node's step.
+
+    The subgraph had no next step to end at, so the ending moves up to the graph this node runs in.
+    """
+    run = _run_state.get()
+    if run is None or run.ending is None:
+        return
+    namespace = config.get("metadata", {}).get("langgraph_checkpoint_ns", "")
+    with run.lock:
+        refused_in = run.ending_at[0]
+        if namespace and (refused_in == namespace or refused_in.startswith(namespace + "|")):
+            run.ending_at = _position(config)
+
+
 def _position(config: Mapping[str, Any]) -> tuple[str, Any]:
     """Where a node runs: its graph invocation (the checkpoint namespace above it) and its step there."""
     metadata = config.get("metadata", {})
@@ -298,10 +313,13 @@ def _govern_call(
         owner = governor.own(handler)
         try:
             if in_context:
-                return invoke(node_config)
-            # Node functions that take no `config` read it from this context variable.
-            with set_config_context(node_config) as context:
-                return context.run(invoke, node_config)
+                result = invoke(node_config)
+            else:
+                # Node functions that take no `config` read it from this context variable.
+                with set_config_context(node_config) as context:
+                    result = context.run(invoke, node_config)
+            _end_after_subgraph(config)
+            return result
         except BudgetExceeded as exc:
             if isinstance(exc, _EndRun):
                 raise
@@ -328,9 +346,12 @@ async def _agovern_call(
         owner = governor.own(handler)
         try:
             if in_context:
-                return await invoke(node_config)
-            with set_config_context(node_config) as context:
-                return await context.run(_as_task, invoke, node_config)
+                result = await invoke(node_config)
+            else:
+                with set_config_context(node_config) as context:
+                    result = await context.run(_as_task, invoke, node_config)
+            _end_after_subgraph(config)
+            return result
         except BudgetExceeded as exc:
             if isinstance(exc, _EndRun):
                 raise
