@@ -235,6 +235,20 @@ def test_soft_limit_fires_once_per_threshold(open_store: Opener) -> None:
     assert len(budget.ledger.history(kind="soft_limit")) == 2
 
 
+def test_an_allocation_warning_fires_again_after_reallocation_raises_the_allocation(open_store: Opener) -> None:
+    events: list[SoftLimit] = []
+    budget = Budget(Limits(warn_at=(0.8,)), name="b", store=open_store(), on_soft_limit=events.append)
+    budget.agent("lead", priority=2, max_tokens=100)
+    budget.agent("idle", priority=1, max_tokens=1_000, min_reserve=0)
+    budget.record("lead", _usage(40, 40))
+    assert [(e.resource, e.consumed, e.limit) for e in events] == [("allocation", 80, 100)]
+    assert budget.reallocate("lead", 100) == 100  # 80 of 200: back under the threshold
+    budget.record("lead", _usage(40, 40))
+    assert [(e.resource, e.consumed, e.limit) for e in events] == [("allocation", 80, 100), ("allocation", 160, 200)]
+    budget.record("lead", _usage(5, 5))  # still over 80% of 200: no new event
+    assert len(events) == 2
+
+
 def test_snapshot_reports_limits_with_top_ups(open_store: Opener) -> None:
     budget = Budget(Limits(max_total_tokens=100, max_cost_usd="0.5"), name="b", store=open_store())
     budget.top_up(total_tokens=50, cost_usd="0.25")

@@ -608,6 +608,16 @@ local function apply_plan(run, sj, st, pl, x)
       entry(run, sj, "transfer", x, {dn = donor.k, am = istr(amount), u = istr(st.u - 1)})
     end
   end
+  if moved > 0 then
+    -- A bigger allocation can put the agent's spend back under a threshold: fire again when re-crossed.
+    for i, t in ipairs(run.warn) do
+      local key = "a|" .. st.k .. "|" .. run.warn_s[i]
+      if run.fired[key] and st.s[st.u] < t * st.al then
+        ctouch(run)
+        own(run, "fired")[key] = nil
+      end
+    end
+  end
   return moved
 end
 
