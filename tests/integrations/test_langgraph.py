@@ -16,7 +16,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, RetryPolicy, Send
 
-from budgetary import Budget, BudgetExceeded, Limits, Skipped, is_budget_skipped
+from budgetary import Budget, BudgetExceeded, Limits, Skipped, UsageError, is_budget_skipped
 from budgetary.integrations.langchain import BudgetCallbackHandler
 from budgetary.integrations.langgraph import budget_node, govern_graph
 from tests.fakes import FakeChatModel, record_store_threads
@@ -668,3 +668,153 @@ def test_an_async_governed_graph_calls_a_sqlite_store_off_its_event_loop(tmp_pat
     assert model.calls.count == 2 == budget.snapshot().llm_calls
     # spawn gates, reserves, settles, the refusal's snapshot and the skip marker: none on the loop
     assert len(during) >= 3 + 2 + 2 + 2 and loop_thread not in during
+
+
+# -- resumes, re-entries and nesting ------------------------------------------------------------
+
+
+def test_two_interrupts_in_one_node_apply_each_resume_once():
+    # The writer pauses at entry (tokens), then at its LLM call (calls): LangGraph replays the
+    # first answer to the first interrupt of every re-run, which must not top up again.
+    model = fake()
+    budget = Budget(Limits(max_total_tokens=200, max_llm_calls=2))
+    app = govern_graph(research_builder(model), budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "twice"}}
+    first = app.invoke({"topic": "x"}, config)["__interrupt__"][0].value
+    second = app.invoke(Command(resume={"total_tokens": 1000}), config)["__interrupt__"][0].value
+    done = app.invoke(Command(resume={"llm_calls": 5}), config)
+    assert (first["resource"], second["resource"]) == ("total_tokens", "llm_calls")
+    assert (budget.limits.max_total_tokens, budget.limits.max_llm_calls) == (1200, 7)
+    assert len(done["notes"]) == 4 == model.calls.count
+
+
+@pytest.mark.parametrize("policy", ["deny", "interrupt"])
+def test_a_resumed_node_does_not_take_a_second_agent_slot(policy):
+    model = fake()
+    budget = Budget(Limits(max_agents=4, max_llm_calls=2))  # room for the 4 node executions, not 5
+    app = govern_graph(research_builder(model), budget, on_exhausted=policy, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": policy}}
+    if policy == "deny":
+        with pytest.raises(BudgetExceeded):
+            app.invoke({"topic": "x"}, config)
+        budget.top_up(llm_calls=2)
+        done = app.invoke(None, config)
+    else:
+        app.invoke({"topic": "x"}, config)
+        done = app.invoke(Command(resume={"llm_calls": 2}), config)
+    assert len(done["notes"]) == 4
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == [
+        "planner", "researcher", "writer", "critic",
+    ]  # fmt: skip
+
+
+def test_a_bad_resume_value_is_refused_once_and_the_next_resume_continues():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=2))
+    app = govern_graph(research_builder(model), budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "bad"}}
+    app.invoke({"topic": "x"}, config)
+    with pytest.raises(UsageError, match="top_up keywords"):
+        app.invoke(Command(resume="5000"), config)
+    done = app.invoke(Command(resume={"llm_calls": 2}), config)
+    assert len(done["notes"]) == 4 and budget.limits.max_llm_calls == 4
+
+
+def test_sub_agents_with_the_same_node_names_are_not_taken_for_a_loop():
+    # Each team's "work" node is skipped once, at different inner steps: that is no loop.
+    model = fake()
+
+    def team(prep: bool) -> StateGraph:
+        sub = StateGraph(Research)
+        sub.add_node("work", lambda state: {"notes": [model.invoke("w").content]})
+        if prep:
+            sub.add_node("prep", lambda state: {"notes": ["prep"]})
+            sub.add_edge(START, "prep")
+            sub.add_edge("prep", "work")
+        else:
+            sub.add_edge(START, "work")
+        return sub
+
+    budget = Budget(Limits(max_llm_calls=0), on_exhausted="skip")
+    outer = StateGraph(Research)
+    outer.add_node("a", govern_graph(team(prep=True), budget))
+    outer.add_node("b", govern_graph(team(prep=False), budget))
+    outer.add_node("after", lambda state: {"notes": ["after"]})
+    outer.add_edge(START, "a")
+    outer.add_edge("a", "b")
+    outer.add_edge("b", "after")
+    state = govern_graph(outer, budget).invoke({"topic": "x"})
+    assert state["notes"][-1] == "after"
+    assert [e.location for e in budget.ledger.history(kind="skip")] == ["work", "work"]
+
+
+def test_a_skip_that_would_loop_ends_the_run_with_every_tool_call_answered():
+    model = looping_model()
+    budget = Budget(Limits(max_tool_calls=2))
+    result = govern_graph(react_agent(model), budget, on_exhausted="skip").invoke(
+        {"messages": [HumanMessage("q")]}, {"recursion_limit": 50}
+    )
+    asked = sum(len(m.tool_calls) for m in result["messages"] if isinstance(m, AIMessage))
+    answered = [m for m in result["messages"] if m.type == "tool"]
+    assert asked == len(answered) == 4 and [m.status for m in answered].count("error") == 2
+
+
+def test_another_governed_graph_run_inside_a_stream_loop_is_its_own_run():
+    outer_app = govern_graph(research_builder(fake()), Budget())
+    builder = research_builder(fake())
+    seen = []
+    for _ in outer_app.stream({"topic": "x"}, stream_mode="updates"):
+        ending = govern_graph(builder, Budget(Limits(max_llm_calls=2)), on_exhausted="end")
+        seen.append(ending.invoke({"topic": "y"})["notes"])  # ends cleanly: its own run, not the stream's
+    assert seen and all(len(notes) == 2 for notes in seen)
+
+
+def test_budget_node_skip_records_its_marker_whatever_the_functions_annotation():
+    budget = Budget(Limits(max_llm_calls=0))
+    model = fake()
+
+    @budget_node(budget, on_exhausted="skip")
+    def critic(state):  # no annotation: the schema is not known to the wrapper
+        return {"notes": [model.invoke("c").content]}
+
+    builder = StateGraph(Research)
+    builder.add_node("critic", critic)
+    builder.add_edge(START, "critic")
+    state = builder.compile().invoke({"topic": "x"})
+    assert [m.agent for m in state["budget_skipped"]] == ["critic"] and model.calls.count == 0
+
+
+def test_budget_node_on_a_tool_node_answers_pending_tool_calls_when_skipped():
+    from langgraph.graph import MessagesState
+    from langgraph.prebuilt import ToolNode
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        raise AssertionError("a skipped tool must not run")
+
+    budget = Budget(Limits(max_tool_calls=0))
+    builder = StateGraph(MessagesState)
+    builder.add_node("tools", budget_node(ToolNode([lookup]), budget, on_exhausted="skip"))
+    builder.add_edge(START, "tools")
+    call = AIMessage("", tool_calls=[{"name": "lookup", "args": {"term": "otter"}, "id": "c1"}])
+    state = builder.compile().invoke({"messages": [call]})
+    assert [(m.type, m.tool_call_id, m.status) for m in state["messages"][1:]] == [("tool", "c1", "error")]
+
+
+def test_govern_graph_leaves_a_budget_node_of_the_same_budget_as_it_is():
+    model = fake()
+    budget = Budget()
+    builder = StateGraph(Research)
+    builder.add_node("w", budget_node(lambda state: {"notes": [model.invoke("w").content]}, budget, agent="writer"))
+    builder.add_edge(START, "w")
+    govern_graph(builder, budget).invoke({"topic": "x"})
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["writer"]  # entered once, its agent
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer"]
+
+
+def test_a_node_mapped_to_no_agent_charges_the_run():
+    model = fake()
+    budget = Budget()
+    govern_graph(research_builder(model), budget, agents={"critic": None}).invoke({"topic": "x"})
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "researcher", "writer", None]

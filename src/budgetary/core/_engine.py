@@ -371,7 +371,7 @@ class Engine:
                 amount=user_value(state.unit, amount), run_id=meta.run_id, location=meta.location,
                 reason=f"reallocated {user_value(state.unit, amount)} {_unit_name(state.unit)} from {donor!r}",
             )  # fmt: skip
-        if moved and run.fired:
+        if moved and run.fired and state.unit is not None:
             # A bigger allocation can put the agent's spend back under a threshold: fire again when re-crossed.
             spent, allocated = state.spent[state.unit], state.allocated
             run.fired -= {k for k in run.fired if k[0] == "allocation" and k[1] == agent and spent < k[2] * allocated}

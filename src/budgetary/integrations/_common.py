@@ -25,15 +25,18 @@ def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
     """
     if resume is None:
         return False
-    if not isinstance(resume, Mapping):
-        raise UsageError(
-            f"resume a budget interrupt with top_up keywords, e.g. {{'total_tokens': 5000}}; got {resume!r}"
-        )
     with _lock:
         marker = (id(budget), key)
         if marker in _applied:
             return False
+        # Marked before it is checked: LangGraph replays this answer on every later resume of the
+        # task, so a bad one is refused once; the interrupt that follows takes the next answer.
         _applied.add(marker)
+    if not isinstance(resume, Mapping):
+        raise UsageError(
+            f"resume a budget interrupt with top_up keywords, e.g. {{'total_tokens': 5000}}; got {resume!r}. "
+            "Resume again with a mapping."
+        )
     if resume:
         budget.top_up(**dict(resume))
     return True

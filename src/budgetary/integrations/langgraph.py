@@ -35,16 +35,15 @@ import copy
 import functools
 import inspect
 import threading
-import typing
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar, Token
+from contextvars import Token
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
 try:
     from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.runnables import Runnable, RunnableConfig
-    from langchain_core.runnables.config import set_config_context
+    from langchain_core.runnables.config import ensure_config, set_config_context, var_child_runnable_config
     from langgraph._internal._runnable import RunnableCallable  # pinned: langgraph>=1,<2
     from langgraph.config import get_config
     from langgraph.graph.state import StateGraph
@@ -81,8 +80,8 @@ class _EndRun(BudgetExceeded):
 class _RunState:
     resumable: bool = False
     """Whether the graph has a checkpointer: an ``end`` then stops at once, and a resume re-runs the node."""
-    skipped: dict[str, Any] = field(default_factory=dict)
-    """Node -> the step it was first skipped at."""
+    skipped: dict[tuple[str, str], Any] = field(default_factory=dict)
+    """(graph invocation, node) -> the step the node was first skipped at."""
     ending: _EndRun | None = None
     """Set by a node refused under ``end`` in a graph with no checkpointer: the run ends before its next step."""
     ending_at: tuple[str, Any] = ("", None)
@@ -98,7 +97,29 @@ class _RunState:
             self.latest = chunk.get("data")
 
 
-_run_state: ContextVar[_RunState | None] = ContextVar("budgetary_graph_run", default=None)
+_RUN_KEY = "__budgetary_run"
+"""Configurable key carrying a governed run's `_RunState` to its nodes and nested graphs.
+
+The config, not a context variable: a context variable set in a generator (``stream``)
+would leak into the caller's loop body between chunks. LangGraph keeps ``__`` keys out of
+checkpoint metadata.
+"""
+
+
+def _run_of(config: Mapping[str, Any] | None) -> _RunState | None:
+    """The governed run a node or nested graph belongs to (None outside `govern_graph`'s graphs)."""
+    configurable = (config or {}).get("configurable")
+    return configurable.get(_RUN_KEY) if configurable else None
+
+
+def _with_run(config: Mapping[str, Any] | None, run: _RunState) -> dict[str, Any]:
+    config = dict(ensure_config(cast(Any, config)))
+    config["configurable"] = {**config.get("configurable", {}), _RUN_KEY: run}
+    return config
+
+
+_ADMITTED_KEPT = 4096
+"""Admitted tasks a node remembers: far more than a run keeps paused at once."""
 
 
 @dataclass
@@ -110,18 +131,26 @@ class _Options:
 class _Governor:
     """Entry checks and refusal policy for one node (or one `budget_node` function)."""
 
-    def __init__(self, budget: Budget, node: str | None, agent: str | None, policy: str, options: _Options) -> None:
+    def __init__(
+        self, budget: Budget, node: str | None, agent: str | None, policy: str, options: _Options, by_node: bool
+    ) -> None:
+        """``by_node``: the agent is the node's name (``agent`` is ignored); else ``agent`` (``None``: the run)."""
         if policy not in POLICIES:
             raise ConfigurationError(f"on_exhausted must be one of {POLICIES}, got {policy!r}")
         self.budget, self.node, self.agent, self.policy, self.options = budget, node, agent, policy, options
+        self.by_node = by_node
+        self.admitted: dict[str, None] = {}
+        """Tasks (checkpoint namespaces) that passed entry, oldest first: see `_admit`."""
+        self.lock = threading.Lock()
 
     def names(self, config: Mapping[str, Any]) -> tuple[str, str | None]:
         node = self.node or config.get("metadata", {}).get("langgraph_node") or "node"
-        return node, self.agent if self.agent is not None else node
+        return node, node if self.by_node else self.agent
 
     def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
         """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
-        handler = BudgetCallbackHandler(self.budget, agent)  # it owns the node's calls: see `own`
+        # It owns the node's calls (see `own`); a node mapped to no agent charges the run.
+        handler = BudgetCallbackHandler(self.budget, agent) if agent is not None else _RunHandler(self.budget, rank=1)
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = [handler]
@@ -139,28 +168,52 @@ class _Governor:
         owners = _node_owners.get()
         return _node_owners.set({**owners, self.budget: handler} if owners else {self.budget: handler})
 
-    def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
-        """(True, None) to run the node, else (False, the node's result under the policy)."""
+    def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any, int]:
+        """(True, None, interrupts made) to run the node, else (False, the node's result under the policy, _)."""
         _end_if_ending(state, config)
+        task = self._task(config)
+        if task is not None and task in self.admitted:
+            return True, None, 0  # a resumed task: it took its slot when it first ran
         attempt = 0
         while not (decision := self.budget.begin_agent(agent, location=node)).allowed:
             again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt)
             if not again:
-                return False, result
+                return False, result, attempt
             attempt += 1
-        return True, None
+        self._admit(task)
+        return True, None, attempt
 
-    async def aenter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any]:
+    async def aenter(
+        self, state: Any, config: Mapping[str, Any], node: str, agent: str | None
+    ) -> tuple[bool, Any, int]:
         """`enter` for async nodes: every store call is awaited or made off the event loop."""
         _end_if_ending(state, config)
+        task = self._task(config)
+        if task is not None and task in self.admitted:
+            return True, None, 0
         attempt = 0
         while not (decision := await self.budget.abegin_agent(agent, location=node)).allowed:
             exc = await self.budget.aexceeded(decision, agent)
             again, result = await self.arefused(exc, state, config, attempt)
             if not again:
-                return False, result
+                return False, result, attempt
             attempt += 1
-        return True, None
+        self._admit(task)
+        return True, None, attempt
+
+    @staticmethod
+    def _task(config: Mapping[str, Any]) -> str | None:
+        """The task a node execution belongs to (its checkpoint namespace: the same when a resume re-runs it)."""
+        return config.get("metadata", {}).get("langgraph_checkpoint_ns") or None
+
+    def _admit(self, task: str | None) -> None:
+        """Remember an admitted task, so that a resume re-running it does not take a second ``max_agents`` slot."""
+        if task is None:
+            return
+        with self.lock:
+            self.admitted[task] = None
+            if len(self.admitted) > _ADMITTED_KEPT:
+                del self.admitted[next(iter(self.admitted))]
 
     def refused(self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int) -> tuple[bool, Any]:
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
@@ -199,7 +252,7 @@ class _Governor:
 
     def _skipped(self, marker: Skipped, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], node: str) -> Any:
         """The node's result once skipped: its state update, or the end of the run (``end``, or a loop)."""
-        governed = _run_state.get()  # None for a `budget_node` in a graph govern_graph did not wrap
+        governed = _run_of(config)  # None for a `budget_node` in a graph govern_graph did not wrap
         if self.policy == "end" or (governed is not None and _skipped_before(governed, node, config)):
             fields = {"budget": exc.budget, "agent": marker.agent, "resource": exc.resource, "limit": exc.limit,
                       "spent": exc.spent, "requested": exc.requested, "snapshot": exc.snapshot}  # fmt: skip
@@ -207,9 +260,10 @@ class _Governor:
                 raise BudgetExceeded(f"{exc}; the run ends here (govern_graph ends a run without raising)", **fields)
             end = _EndRun(str(exc), **fields)
             end.state, end.marker = state, marker
-            if self.policy == "end" and not governed.resumable:
-                # No checkpoint would keep what this node's siblings in the step finish: let the
-                # step end (this node skipped), then end the run before the next node starts.
+            if self.policy != "end" or not governed.resumable:
+                # Let the step end with this node skipped (its pending tool calls answered, what its
+                # siblings finish kept: no checkpoint may keep it), then end the run before the next
+                # node starts. Only `end` with a checkpointer stops at once, resumable at this node.
                 end.marker = None  # the skip update below records it
                 with governed.lock:
                     if governed.ending is None:
@@ -247,9 +301,16 @@ class _Governor:
     node_is_model = False
 
 
+class _RunHandler(BudgetCallbackHandler):
+    """A node's handler for a node mapped to the run (``agents={"node": None}``): metadata names no agent."""
+
+    def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
+        return None
+
+
 def _end_if_ending(state: Any, config: Mapping[str, Any]) -> None:
     """End the run at a node of a later step than one refused under ``end``, in the same graph (see `_skipped`)."""
-    run = _run_state.get()
+    run = _run_of(config)
     if run is not None and run.ending is not None:
         graph, step = _position(config)
         if graph != run.ending_at[0] or step == run.ending_at[1]:
@@ -266,7 +327,7 @@ def _end_after_subgraph(config: Mapping[str, Any]) -> None:
 
     The subgraph had no next step to end at, so the ending moves up to the graph this node runs in.
     """
-    run = _run_state.get()
+    run = _run_of(config)
     if run is None or run.ending is None:
         return
     namespace = config.get("metadata", {}).get("langgraph_checkpoint_ns", "")
@@ -287,12 +348,13 @@ def _skipped_before(run: _RunState, node: str, config: Mapping[str, Any]) -> boo
 
     Its `Send` siblings skipped in the same step are not a loop.
     """
-    step = config.get("metadata", {}).get("langgraph_step")
+    graph, step = _position(config)
+    key = (graph, node)  # the same node name in another graph invocation (a sub-agent's) is another node
     with run.lock:
-        if node not in run.skipped:
-            run.skipped[node] = step
+        if key not in run.skipped:
+            run.skipped[key] = step
             return False
-        return step is None or run.skipped[node] != step
+        return step is None or run.skipped[key] != step
 
 
 def _govern_call(
@@ -304,10 +366,10 @@ def _govern_call(
     """
     node, agent = governor.names(config)
     governor.budget.ensure_agent(agent)
-    go, result = governor.enter(state, config, node, agent)
+    go, result, attempt = governor.enter(state, config, node, agent)
     if not go:
         return result
-    attempt = 100  # interrupt indices distinct from the entry loop's
+    # One interrupt count per execution, in the order LangGraph matches resume values to them.
     while True:
         node_config, handler = governor.node_config(config, agent)
         owner = governor.own(handler)
@@ -337,10 +399,9 @@ async def _agovern_call(
     """Async twin of `_govern_call`; ``invoke`` returns an awaitable."""
     node, agent = governor.names(config)
     await governor.budget.aensure_agent(agent)
-    go, result = await governor.aenter(state, config, node, agent)
+    go, result, attempt = await governor.aenter(state, config, node, agent)
     if not go:
         return result
-    attempt = 100
     while True:
         node_config, handler = governor.node_config(config, agent)
         owner = governor.own(handler)
@@ -407,57 +468,49 @@ def _governed_class(base: Any) -> type:
     # Only the outermost call of a run turns `end` into a return: `invoke` runs through `stream`,
     # and a governed graph used as a subgraph must end its parent's run too.
     def invoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
-        if _run_state.get() is not None:
+        if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return base.invoke(self, input, config, **kwargs)
         run = _RunState(resumable=self.checkpointer is not None)
-        token = _run_state.set(run)
         try:
-            return base.invoke(self, input, config, **kwargs)
+            return base.invoke(self, input, _with_run(config, run), **kwargs)
         except _EndRun as end:
             return _ended(self, end, config, run)
-        finally:
-            _run_state.reset(token)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
-        if _run_state.get() is not None:
+        if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return await base.ainvoke(self, input, config, **kwargs)
         run = _RunState(resumable=self.checkpointer is not None)
-        token = _run_state.set(run)
         try:
-            return await base.ainvoke(self, input, config, **kwargs)
+            return await base.ainvoke(self, input, _with_run(config, run), **kwargs)
         except _EndRun as end:
             return _ended(self, end, config, run)
-        finally:
-            _run_state.reset(token)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
-        if (current := _run_state.get()) is not None:
+        current = _run_of(config) or _run_of(var_child_runnable_config.get())
+        if current is not None:
             for chunk in base.stream(self, input, config, **kwargs):
                 current.observe(chunk)
                 yield chunk
             return
-        token = _run_state.set(_RunState(resumable=self.checkpointer is not None))
         try:
-            yield from base.stream(self, input, config, **kwargs)
+            run = _RunState(resumable=self.checkpointer is not None)
+            yield from base.stream(self, input, _with_run(config, run), **kwargs)
         except _EndRun:
             return  # the run ended under the `end` policy: the stream simply stops
-        finally:
-            _run_state.reset(token)
 
     async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
-        if (current := _run_state.get()) is not None:
+        current = _run_of(config) or _run_of(var_child_runnable_config.get())
+        if current is not None:
             async for chunk in base.astream(self, input, config, **kwargs):
                 current.observe(chunk)
                 yield chunk
             return
-        token = _run_state.set(_RunState(resumable=self.checkpointer is not None))
         try:
-            async for chunk in base.astream(self, input, config, **kwargs):
+            run = _RunState(resumable=self.checkpointer is not None)
+            async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
                 yield chunk
         except _EndRun:
             return
-        finally:
-            _run_state.reset(token)
 
     namespace = {"invoke": invoke, "ainvoke": ainvoke, "stream": stream, "astream": astream, "_budgetary": True}
     cls = type(f"Governed{base.__name__}", (base,), namespace)
@@ -480,12 +533,13 @@ def govern_graph(
     """Return a governed compiled copy of ``graph`` (a ``StateGraph`` or a compiled graph).
 
     ``agents`` maps node names to budget agents (default: the node name,
-    registered on first use); ``on_exhausted`` is the default policy (default:
+    registered on first use; ``None``: the run); ``on_exhausted`` is the default policy (default:
     the budget's); ``policies`` overrides it per node. ``checkpointer`` is used
     when ``graph`` is a ``StateGraph`` to be compiled. The user's graph object is
     not changed. Governing a governed graph again returns it as it is, or, given other
     ``policies``/``agents``/``on_exhausted``, governs the original graph with those;
     another budget is refused (`ValueError`), as are names of nodes the graph lacks.
+    A node the user wrapped with `budget_node` of the same budget keeps its own settings.
 
     Example:
         ```python
@@ -519,15 +573,17 @@ def govern_graph(
     options = _Options()
 
     def governor(node: str, runnable: Any) -> _Governor:
-        g = _Governor(budget, node, agents.get(node, node), policies.get(node, default), options)
-        g.node_is_tools = type(runnable).__name__ == "ToolNode"
+        g = _Governor(budget, node, agents.get(node), policies.get(node, default), options, node not in agents)
+        g.node_is_tools = _is_tool_node(runnable)
         g.node_is_model = node in _AGENT_MODEL_NODES
         return g
 
     if isinstance(graph, StateGraph):
         builder = copy.copy(graph)
         builder.nodes = {
-            name: replace(spec, runnable=_wrap_runnable(cast(Any, spec.runnable), governor(name, spec.runnable)))
+            name: spec
+            if _governed_by(spec.runnable, budget)
+            else replace(spec, runnable=_wrap_runnable(cast(Any, spec.runnable), governor(name, spec.runnable)))
             for name, spec in graph.nodes.items()
         }
         compiled = builder.compile(checkpointer=checkpointer)
@@ -537,7 +593,7 @@ def govern_graph(
             {
                 "nodes": {
                     name: node
-                    if name.startswith("__")
+                    if name.startswith("__") or _governed_by(node.bound, budget)
                     else node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
                     for name, node in graph.nodes.items()
                 }
@@ -553,20 +609,6 @@ def govern_graph(
     compiled.__class__ = _governed_class(type(compiled))
     compiled._budgetary_source, compiled._budgetary_settings = graph, settings  # type: ignore[attr-defined]
     return compiled
-
-
-def _declares_skip_key(fn: Any) -> bool:
-    """Whether a node function's state annotation (a TypedDict or model) has a ``budget_skipped`` key."""
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
-        hints = typing.get_type_hints(fn) if parameters else {}
-    except (TypeError, ValueError, NameError):
-        return False
-    schema = hints.get(parameters[0].name) if parameters else None
-    try:
-        return SKIPPED_KEY in typing.get_type_hints(schema) if schema is not None else False
-    except (TypeError, NameError):
-        return False
 
 
 def budget_node(
@@ -594,9 +636,11 @@ def budget_node(
         raise ConfigurationError("budget_node needs a budget")
     if fn is None:
         return lambda f: budget_node(f, budget, agent=agent, on_exhausted=on_exhausted)
-    governor = _Governor(budget, None, agent, on_exhausted, _Options(skip_key=_declares_skip_key(fn)))
+    # The marker always goes in the update: LangGraph drops keys its state schema does not have.
+    governor = _Governor(budget, None, agent, on_exhausted, _Options(skip_key=True), agent is None)
     if isinstance(fn, Runnable):
-        return _wrap_runnable(fn, governor)
+        governor.node_is_tools = _is_tool_node(fn)
+        return _mark(_wrap_runnable(fn, governor), budget)
     func = fn
 
     def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
@@ -611,7 +655,7 @@ def budget_node(
                 lambda node_config: func(*args, **with_config(kwargs, node_config)),
             )  # fmt: skip
 
-        return async_node
+        return _mark(async_node, budget)
 
     @functools.wraps(func)
     def node(*args: Any, **kwargs: Any) -> Any:
@@ -620,4 +664,25 @@ def budget_node(
             lambda node_config: func(*args, **with_config(kwargs, node_config)),
         )  # fmt: skip
 
-    return node
+    return _mark(node, budget)
+
+
+_G = TypeVar("_G")
+
+
+def _mark(wrapper: _G, budget: Budget) -> _G:
+    """Mark a `budget_node` wrapper with its budget: `govern_graph` leaves such a node as the user set it."""
+    wrapper._budgetary_budget = budget  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _governed_by(runnable: Any, budget: Budget) -> bool:
+    """Whether a node is a `budget_node` of ``budget`` (itself, or the function LangGraph wrapped it in)."""
+    return any(
+        getattr(part, "_budgetary_budget", None) is budget
+        for part in (runnable, getattr(runnable, "func", None), getattr(runnable, "afunc", None))
+    )
+
+
+def _is_tool_node(runnable: Any) -> bool:
+    return type(runnable).__name__ == "ToolNode"
