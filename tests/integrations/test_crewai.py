@@ -305,3 +305,31 @@ def test_calls_that_raise_give_their_holds_back():
     assert len(released) == fake.calls.count  # every attempt's hold, none left renewed forever
     assert budget.snapshot().held_tokens == 0 and budget.snapshot().llm_calls == 0
     assert not [r for r in keeper.live.values() if r._budget is budget]  # nothing renewed any more
+
+
+def planner_aware(messages, index, agent, task):
+    if agent is not None and agent.role == "Task Execution Planner":
+        plan = {"list_of_plans_per_task": [{"task_number": 1, "task": "research", "plan": "look it up"}]}
+        return f"Thought: plan\nFinal Answer: {json.dumps(plan)}"
+    return "Thought: done\nFinal Answer: ok"
+
+
+def test_the_planners_calls_are_gated_and_charged_like_the_crews():
+    fake = llm(responder=planner_aware)
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=researcher)
+    crew = Crew(agents=[researcher], tasks=[task], planning=True, planning_llm=fake)
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    entries = budget.ledger.history(kind="llm")
+    assert [e.agent for e in entries] == ["Task Execution Planner", "Researcher"]
+    assert len(entries) == fake.calls.count == 2
+
+    capped = Budget(Limits(max_llm_calls=1))
+    crew = Crew(agents=[researcher], tasks=[task], planning=True, planning_llm=fake)
+    govern_crew(crew, capped)
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff()
+    assert info.value.agent == "Researcher" and fake.calls.count == 3  # the planner's call, not the task's
+    assert capped.snapshot().llm_calls == 1 and capped.snapshot().held_llm_calls == 0

@@ -97,6 +97,10 @@ class _Run:
     """One kickoff: its id, the roles of its tasks, and what the budget did in it."""
 
     gov: _Governance
+    owner: Any = None
+    """The crew (or standalone agent run) whose kickoff this is: only its own end closes the run."""
+    outer: _Run | None = None
+    """The run this kickoff is nested in, current again when this one ends."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     task_roles: dict[str, str | None] = field(default_factory=dict)
     skipped: dict[int, Skipped] = field(default_factory=dict)  # id(task) -> marker
@@ -148,12 +152,13 @@ class _SkipLLM(BaseLLM):
 
 
 def _execution_start(ctx: Any) -> None:
-    crew = getattr(ctx, "crew", None)
+    crew, enclosing = getattr(ctx, "crew", None), _run.get()
+    if crew is None and enclosing is not None:
+        return  # an agent's own executor inside a run (the planner, a kickoff in a tool): the run goes on
     gov = getattr(crew, _ATTR, None) or _scope.get()
     if gov is None:
-        _run.set(None)
-        return
-    run = _Run(gov)
+        return  # an ungoverned crew: nested in a run, its calls are that run's
+    run = _Run(gov, owner=crew if crew is not None else getattr(ctx, "flow", None), outer=enclosing)
     for task in getattr(crew, "tasks", None) or []:
         run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None)
     _run.set(run)
@@ -161,12 +166,14 @@ def _execution_start(ctx: Any) -> None:
 
 def _execution_end(ctx: Any) -> None:
     run = _run.get()
-    if run is not None:
-        _restore_all(run)
-        for reservation in list(run.open_calls.values()):  # calls that raised: no after-hook ran
-            reservation.release("the crew ended before the call answered")
-        run.open_calls.clear()
-    _run.set(None)
+    crew = getattr(ctx, "crew", None)
+    if run is None or run.owner is not (crew if crew is not None else getattr(ctx, "flow", None)):
+        return  # the end of something that runs inside this run
+    _restore_all(run)
+    for reservation in list(run.open_calls.values()):  # calls that raised: no after-hook ran
+        reservation.release("the crew ended before the call answered")
+    run.open_calls.clear()
+    _run.set(run.outer)
 
 
 def _pre_step(ctx: Any) -> None:
