@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from typing import Any
 
@@ -15,7 +16,7 @@ from crewai import Agent, Crew, Process, Task
 from crewai.hooks import HookAborted
 from crewai.tools import tool
 
-from budgetary import Budget, BudgetExceeded, Limits, Usage, is_budget_skipped
+from budgetary import Budget, BudgetExceeded, ConfigurationError, Limits, Usage, is_budget_skipped
 from budgetary.integrations.crewai import CrewBudgetExceeded, budget_scope, govern_crew
 from tests.fakes import FakeCrewLLM
 
@@ -333,3 +334,15 @@ def test_the_planners_calls_are_gated_and_charged_like_the_crews():
         crew.kickoff()
     assert info.value.agent == "Researcher" and fake.calls.count == 3  # the planner's call, not the task's
     assert capped.snapshot().llm_calls == 1 and capped.snapshot().held_llm_calls == 0
+
+
+@pytest.mark.parametrize(("budget_policy", "scope_policy"), [("interrupt", None), ("deny", "bogus")])
+def test_budget_scope_refuses_a_policy_crewai_cannot_apply(budget_policy, scope_policy):
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=1), on_exhausted=budget_policy)
+    bad = scope_policy or budget_policy
+    with pytest.raises(ConfigurationError, match=re.escape(f"CrewAI policies are 'deny', 'skip' or 'end', got {bad!r}")):
+        with budget_scope(budget, on_exhausted=scope_policy):
+            crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 0

@@ -404,13 +404,19 @@ def govern_crew(
         crew.kickoff(inputs={"topic": "otters"})
         ```
     """
+    gov = _governance(budget, agents, on_exhausted, policies)
+    _attach(crew, gov)
+    return crew
+
+
+def _governance(
+    budget: Budget, agents: Mapping[str, str] | None, on_exhausted: str | None, policies: Mapping[str, str] | None
+) -> _Governance:
     default = on_exhausted or budget.on_exhausted
     for policy in (default, *(policies or {}).values()):
         if policy not in POLICIES or policy == "interrupt":
             raise ConfigurationError(f"CrewAI policies are 'deny', 'skip' or 'end', got {policy!r}")
-    gov = _Governance(budget, dict(agents or {}), default, dict(policies or {}))
-    _attach(crew, gov)
-    return crew
+    return _Governance(budget, dict(agents or {}), default, dict(policies or {}))
 
 
 def _attach(crew: Any, gov: _Governance) -> None:
@@ -429,7 +435,7 @@ def _attach(crew: Any, gov: _Governance) -> None:
 @contextmanager
 def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator[Budget]:
     """Govern every crew kicked off inside the block (for crews built deep inside other code)."""
-    token = _scope.set(_Governance(budget, {}, on_exhausted or budget.on_exhausted, {}))
+    token = _scope.set(_governance(budget, None, on_exhausted, None))
     try:
         yield budget
     finally:
