@@ -346,3 +346,15 @@ def test_budget_scope_refuses_a_policy_crewai_cannot_apply(budget_policy, scope_
         with budget_scope(budget, on_exhausted=scope_policy):
             crew.kickoff(inputs={"topic": "otters"})
     assert fake.calls.count == 0
+
+
+def test_a_task_skipped_at_its_start_takes_no_agent_slot():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_agents=2))
+    budget.agent("Researcher", max_tokens=10)  # not enough for any call: its task is skipped at the start
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff(inputs={"topic": "otters"})
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [True, False, False]
+    assert [r["agent"] for r in fake.calls.records] == ["Writer", "Critic"]
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["Writer", "Critic"]

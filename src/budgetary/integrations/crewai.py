@@ -189,10 +189,11 @@ def _pre_step(ctx: Any) -> None:
     if run.ended is not None:
         _skip(run, agent_obj, task, gov.budget.skip(agent, run.ended.reason, location=location, run_id=run.run_id))
         return None
-    decision = gov.budget.begin_agent(agent, run_id=run.run_id, location=location)
-    exc = None if decision.allowed else gov.budget.exceeded(decision, agent)
-    if exc is None and policy != "deny":
-        exc = _first_call_refusal(run, agent_obj, agent, task, getattr(ctx, "payload", None))
+    # The first-call check comes first: a task skipped at its start takes no max_agents slot (SPEC §2).
+    exc = None if policy == "deny" else _first_call_refusal(run, agent_obj, agent, task, getattr(ctx, "payload", None))
+    if exc is None:
+        decision = gov.budget.begin_agent(agent, run_id=run.run_id, location=location)
+        exc = None if decision.allowed else gov.budget.exceeded(decision, agent)
     if exc is None:
         return None
     if policy == "deny":
