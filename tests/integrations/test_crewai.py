@@ -9,6 +9,7 @@ import threading
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 pytest.importorskip("crewai")
 
@@ -358,3 +359,23 @@ def test_a_task_skipped_at_its_start_takes_no_agent_slot():
     assert [is_budget_skipped(t.output) for t in crew.tasks] == [True, False, False]
     assert [r["agent"] for r in fake.calls.records] == ["Writer", "Critic"]
     assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["Writer", "Critic"]
+
+
+class Verdict(BaseModel):
+    answer: str
+
+
+@pytest.mark.parametrize("structured", ["output_pydantic", "output_json"])
+def test_a_skipped_task_with_structured_output_is_skipped_and_keeps_its_settings(structured):
+    fake = llm(responses=['{"answer": "x"}'])
+    crew = three_task_crew(fake)
+    writing = crew.tasks[1]
+    setattr(writing, structured, Verdict)
+    budget = Budget()
+    budget.agent("Writer", max_tokens=10)
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff(inputs={"topic": "otters"})
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True, False]
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher", "Critic"]
+    assert getattr(writing, structured) is Verdict  # put back for the next kickoff
+    assert crew.agents[1].llm is fake

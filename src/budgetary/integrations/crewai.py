@@ -55,6 +55,8 @@ __all__ = ["CrewBudgetExceeded", "budget_scope", "govern_crew"]
 
 logger = logging.getLogger("budgetary.crewai")
 _ATTR = "__budgetary__"
+_STRUCTURED = ("output_pydantic", "output_json", "converter_cls", "response_model")
+"""A task's structured-output settings, cleared while a skip placeholder stands in for its output."""
 MANAGER_ROLE = "Crew Manager"
 
 
@@ -104,7 +106,8 @@ class _Run:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     task_roles: dict[str, str | None] = field(default_factory=dict)
     skipped: dict[int, Skipped] = field(default_factory=dict)  # id(task) -> marker
-    swapped: dict[int, Any] = field(default_factory=dict)  # id(agent) -> its real LLM
+    swapped: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
+    """id(agent or task) -> it and the attributes a skip replaced, to put back when the task ends."""
     ended: Skipped | None = None
     nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
     """Soft limits to tell on the next call: per agent for its allocation, under None for the run's limits."""
@@ -230,9 +233,7 @@ def _post_step(ctx: Any) -> None:
     if run is None:
         return None
     marker = run.skipped.pop(id(getattr(ctx, "task", None)), None)
-    agent = getattr(ctx, "agent", None)
-    if agent is not None:
-        _restore(run, agent)
+    _restore(run, getattr(ctx, "agent", None), getattr(ctx, "task", None))
     output = getattr(ctx, "payload", None)
     if marker is not None and output is not None:
         mark_skipped(output, marker)
@@ -240,26 +241,36 @@ def _post_step(ctx: Any) -> None:
 
 
 def _skip(run: _Run, agent: Any, task: Any, marker: Skipped) -> None:
+    # A placeholder is no structured output: CrewAI would abort the kickoff converting it.
+    structured = {name: None for name in _STRUCTURED if hasattr(task, name)}
     with run.lock:
         run.skipped[id(task)] = marker
-        if id(agent) not in run.swapped:
-            run.swapped[id(agent)] = (agent, agent.llm)
-            agent.llm = _SkipLLM(model="budgetary/skip", reason=marker.reason)
+        for obj, stand_ins in ((agent, {"llm": _SkipLLM(model="budgetary/skip", reason=marker.reason)}),
+                               (task, structured)):  # fmt: skip
+            if obj is not None and id(obj) not in run.swapped:
+                run.swapped[id(obj)] = (obj, {name: getattr(obj, name) for name in stand_ins})
+                for name, value in stand_ins.items():
+                    setattr(obj, name, value)
 
 
-def _restore(run: _Run, agent: Any) -> None:
+def _restore(run: _Run, *objs: Any) -> None:
     with run.lock:
-        entry = run.swapped.pop(id(agent), None)
-    if entry is not None:
-        entry[0].llm = entry[1]
+        entries = [run.swapped.pop(id(obj), None) for obj in objs if obj is not None]
+    _put_back(entries)
 
 
 def _restore_all(run: _Run) -> None:
     with run.lock:
         entries = list(run.swapped.values())
         run.swapped.clear()
-    for agent, llm in entries:
-        agent.llm = llm
+    _put_back(entries)
+
+
+def _put_back(entries: list[tuple[Any, dict[str, Any]] | None]) -> None:
+    for entry in entries:
+        if entry is not None:
+            for name, value in entry[1].items():
+                setattr(entry[0], name, value)
 
 
 def _before_llm(ctx: Any) -> None:
