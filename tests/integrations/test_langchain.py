@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from decimal import Decimal
 from typing import Any
@@ -20,7 +21,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 from langchain_core.tools import tool
 
-from budgetary import Budget, BudgetExceeded, Limits, SoftLimit
+from budgetary import Budget, BudgetExceeded, ConfigurationError, Limits, SoftLimit
 from budgetary.integrations.langchain import (
     SOFT_LIMIT_EVENT,
     BudgetCallbackHandler,
@@ -711,3 +712,31 @@ def test_async_runs_await_a_redis_store_on_their_loop(redis_url: str, key_prefix
     store._call = call  # type: ignore[method-assign]
     assert budget.snapshot().llm_calls == 2 and budget.snapshot().held_llm_calls == 0
     store.close()
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: BudgetCallbackHandler(None), "budget must be a Budget, got NoneType None"),
+        (lambda: budget_scope("b").__enter__(), "budget must be a Budget, got str 'b'"),
+        (lambda: BudgetCallbackHandler(Budget(), agent=5), "agent must be a str or None, got int 5"),
+        (lambda: BudgetCallbackHandler(Budget(), on_soft_limit=3), "on_soft_limit must be a callable or None, got int"),
+    ],
+    ids=["handler-budget", "scope-budget", "handler-agent", "handler-on_soft_limit"],
+)
+def test_bad_arguments_fail_at_construction_naming_the_argument(build, message):
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        build()
+
+
+def test_bad_middleware_arguments_fail_at_construction():
+    pytest.importorskip("langchain.agents")
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    with pytest.raises(ConfigurationError, match=re.escape("budget must be a Budget, got NoneType None")):
+        BudgetMiddleware(None)
+    with pytest.raises(ConfigurationError, match=re.escape("agent must be a str or None, got int 5")):
+        BudgetMiddleware(Budget(), agent=5)

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from budgetary.core.budget import Budget, Reservation
-from budgetary.core.errors import UsageError
+from budgetary.core.errors import ConfigurationError, UsageError
 from budgetary.core.guard import Decision, SoftLimit
 from budgetary.core.usage import Usage
 
@@ -179,6 +179,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ) -> None:
         """Attach ``budget``; ``rank`` orders attribution when several handlers of one budget see a call."""
         super().__init__()
+        _check_arguments(budget, agent, on_soft_limit)
         self.budget = budget
         self.agent = agent
         self.on_soft_limit = on_soft_limit
@@ -444,6 +445,18 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             self.on_soft_limit(event)
 
 
+def _check_arguments(budget: Any, agent: Any, on_soft_limit: Any) -> None:
+    """Fail at construction, naming the argument, rather than with an unrelated error at run time."""
+    if not isinstance(budget, Budget):
+        raise ConfigurationError(f"budget must be a Budget, got {type(budget).__name__} {budget!r}")
+    if agent is not None and not isinstance(agent, str):
+        raise ConfigurationError(f"agent must be a str or None, got {type(agent).__name__} {agent!r}")
+    if on_soft_limit is not None and not callable(on_soft_limit):
+        raise ConfigurationError(
+            f"on_soft_limit must be a callable or None, got {type(on_soft_limit).__name__} {on_soft_limit!r}"
+        )
+
+
 def _ended_without_reply(reservation: Reservation, error: BaseException) -> None:
     """Close the hold of a call that ended without a reply.
 
@@ -566,7 +579,7 @@ def _build_middleware() -> type:
             'BudgetMiddleware needs LangChain v1 (langchain>=1.0): pip install "budgetary[langchain]"'
         ) from exc
 
-    from budgetary.core.errors import BudgetExceeded, ConfigurationError
+    from budgetary.core.errors import BudgetExceeded
     from budgetary.integrations._common import apply_top_up_once
 
     class BudgetMiddleware(AgentMiddleware):
@@ -587,6 +600,7 @@ def _build_middleware() -> type:
 
         def __init__(self, budget: Budget, *, agent: str | None = None, exit_behavior: str = "end") -> None:
             super().__init__()
+            _check_arguments(budget, agent, None)
             if exit_behavior not in _EXIT_BEHAVIORS:
                 raise ConfigurationError(f"exit_behavior must be one of {_EXIT_BEHAVIORS}, got {exit_behavior!r}")
             self.budget = budget
