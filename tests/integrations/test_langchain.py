@@ -561,6 +561,18 @@ def test_garbage_usage_from_the_provider_charges_the_estimate_flagged(caplog):
     assert "unreadable usage" in caplog.text
 
 
+def test_usage_metadata_that_is_not_a_mapping_charges_the_estimate_flagged(caplog):
+    reply = AIMessage("fine")
+    object.__setattr__(reply, "usage_metadata", "n/a")  # what model_construct or a late assignment allows
+    budget = Budget(Limits(max_total_tokens=100_000))
+    model = make_model(responses=[reply], usage=None, max_tokens=40)
+    assert model.invoke("hello", config={"callbacks": [BudgetCallbackHandler(budget)]}).content == "fine"
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.estimated and entry.usage.output_tokens == 40
+    assert budget.snapshot().held_tokens == 0
+    assert "unreadable usage 'n/a'" in caplog.text
+
+
 def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_is_charged_its_estimate_at_once():
     async def scenario() -> tuple[int, int, int, int, list[Any]]:
         budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=1.0)

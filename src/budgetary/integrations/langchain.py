@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MethodType
@@ -513,6 +513,8 @@ def _reported_usage(response: Any) -> tuple[Usage | dict[str, Any] | None, str |
     llm_output = getattr(response, "llm_output", None) or {}
     model = response_metadata.get("model_name") or response_metadata.get("model") or llm_output.get("model_name")
     if metadata:
+        if not isinstance(metadata, Mapping):  # built with model_construct or assigned after validation
+            return metadata, model, False  # unreadable: the lenient settle logs it and charges the estimate
         if metadata.get("total_cost") == 0:  # LangChain's only marker of an LLM-cache hit
             return None, model, True
         try:
