@@ -206,9 +206,11 @@ def test_hierarchical_crews_charge_the_manager_as_its_own_agent():
     budget = Budget()
     govern_crew(crew, budget)
     crew.kickoff()
-    agents = [e.agent for e in budget.ledger.history(kind="llm")]
+    entries = budget.ledger.history(kind="llm")
+    agents = [e.agent for e in entries]
     assert agents.count("Crew Manager") == manager.calls.count >= 2
     assert agents.count("Researcher") == worker_llm.calls.count >= 1
+    assert {e.location for e in entries} == {"report"}  # delegated work: the crew task it was done for
 
 
 def test_kickoff_async_and_budget_scope():
@@ -273,7 +275,7 @@ def test_the_forced_final_answer_after_max_iter_is_charged_to_the_tasks_agent():
     assert agentless, "CrewAI made no agent-less call"
     entries = budget.ledger.history(kind="llm")
     assert len(entries) == fake.calls.count
-    assert {e.agent for e in entries} == {"Researcher"}
+    assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}
 
 
 def test_a_slow_call_keeps_its_hold_past_the_lease():
@@ -379,3 +381,33 @@ def test_a_skipped_task_with_structured_output_is_skipped_and_keeps_its_settings
     assert [r["agent"] for r in fake.calls.records] == ["Researcher", "Critic"]
     assert getattr(writing, structured) is Verdict  # put back for the next kickoff
     assert crew.agents[1].llm is fake
+
+
+def test_a_call_no_hook_saw_is_still_charged_to_the_current_task():
+    class HooklessLLM(FakeCrewLLM):  # a custom LLM that never calls CrewAI's LLM-level hooks
+        def _invoke_before_llm_call_hooks(self, *args: Any, **kwargs: Any) -> bool:
+            return True
+
+        def _invoke_after_llm_call_hooks(self, messages: Any, response: Any, *args: Any) -> Any:
+            return response
+
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "more to read"
+
+    def responder(messages, index, agent, task):
+        if agent is None:
+            return "Thought: forced\nFinal Answer: best effort"
+        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    fake = HooklessLLM(responder=responder, prompt_tokens=100, completion_tokens=20, max_tokens=20)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    crew = Crew(agents=[agent], tasks=[task])
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher", None]
+    entries = budget.ledger.history(kind="llm")
+    assert [(e.agent, e.location, e.usage.input_tokens) for e in entries] == [("Researcher", "research", 100)] * 2

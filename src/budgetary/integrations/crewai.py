@@ -104,7 +104,8 @@ class _Run:
     outer: _Run | None = None
     """The run this kickoff is nested in, current again when this one ends."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    task_roles: dict[str, str | None] = field(default_factory=dict)
+    task_roles: dict[str, str | None] = field(default_factory=dict)  # crew task id -> its agent's role
+    task_names: dict[str, str | None] = field(default_factory=dict)  # crew task id -> its name
     skipped: dict[int, Skipped] = field(default_factory=dict)  # id(task) -> marker
     swapped: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     """id(agent or task) -> it and the attributes a skip replaced, to put back when the task ends."""
@@ -122,6 +123,11 @@ class _Run:
             task_id = str(getattr(task, "id", None) or get_current_task_id() or "")
             role = self.task_roles.get(task_id)
         return role
+
+    def location_for(self, task: Any) -> str | None:
+        """The task's name; for no task (the forced final answer) or an unnamed one (delegated work), the
+        name of the crew task under way."""
+        return getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
 
 
 _run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("budgetary_crew_run", default=None)
@@ -162,8 +168,11 @@ def _execution_start(ctx: Any) -> None:
     if gov is None:
         return  # an ungoverned crew: nested in a run, its calls are that run's
     run = _Run(gov, owner=crew if crew is not None else getattr(ctx, "flow", None), outer=enclosing)
+    # In a hierarchical crew the manager works every task.
+    default_role = MANAGER_ROLE if getattr(crew, "process", None) == "hierarchical" else None
     for task in getattr(crew, "tasks", None) or []:
-        run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None)
+        run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None) or default_role
+        run.task_names[str(task.id)] = getattr(task, "name", None)
     _run.set(run)
 
 
@@ -293,7 +302,7 @@ def _before_llm(ctx: Any) -> None:
         reservation = gov.budget.reserve(
             agent, model=model if isinstance(model, str) else None, messages=ctx.messages,
             max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id,
-            location=getattr(ctx.task, "name", None),
+            location=run.location_for(ctx.task),
         ).keep_alive()  # fmt: skip
     except BudgetExceeded as exc:
         raise CrewBudgetExceeded(exc) from exc
@@ -359,7 +368,7 @@ def _track_usage(original: Any) -> Any:
             agent = run.gov.agent(run.role_for(None, None))
             try:
                 run.gov.budget.record(agent, _usage_or_none(usage_data), model=getattr(self, "model", None),
-                                      run_id=run.run_id)  # fmt: skip
+                                      run_id=run.run_id, location=run.location_for(None))  # fmt: skip
             except UsageError:  # never crash the user's run on a provider's garbage; there is no estimate here
                 logger.warning("unreadable usage %r from %r was not recorded", usage_data, self)
 
