@@ -411,3 +411,34 @@ def test_a_call_no_hook_saw_is_still_charged_to_the_current_task():
     assert [r["agent"] for r in fake.calls.records] == ["Researcher", None]
     entries = budget.ledger.history(kind="llm")
     assert [(e.agent, e.location, e.usage.input_tokens) for e in entries] == [("Researcher", "research", 100)] * 2
+
+
+def researcher_twice(fake: Any, **agent_kwargs: Any) -> Crew:
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake, **agent_kwargs)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+        Task(name="research-more", description="Research more", expected_output="facts", agent=researcher),
+    ]
+    return Crew(agents=[researcher, writer], tasks=tasks, process=Process.sequential)
+
+
+def test_skip_at_the_start_counts_crewais_prompt_and_the_tools_it_describes():
+    @tool("lookup")
+    def lookup(query: str) -> str:
+        """Look a thing up in the encyclopedia and return a long, detailed article about it, with sources,
+        dates, cross-references to related entries and a summary of the scholarly debate around it."""
+        return "an article"
+
+    fake = llm()
+    crew = researcher_twice(fake, tools=[lookup])
+    budget = Budget(Limits(max_total_tokens=100_000))
+    # Each call holds its ~350-token prompt and is charged the 120 tokens the fake reports: after one call,
+    # 280 are left, room for the task's own fields but not for the prompt CrewAI builds around them.
+    budget.agent("Researcher", max_tokens=400)
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff()
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, False, True]
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher", "Writer"]
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["Researcher", "Writer"]  # at the start

@@ -221,20 +221,51 @@ def _first_call_refusal(run: _Run, agent_obj: Any, agent: str | None, task: Any,
     """Could the task's first LLM call be reserved? Probe with an estimate of its prompt, then give it back."""
     llm = getattr(agent_obj, "llm", None)
     model = getattr(llm, "model", None)
-    prompt = (
-        [str(getattr(agent_obj, name, "") or "") for name in ("role", "goal", "backstory")]
-        + [str(getattr(task, name, "") or "") for name in ("description", "expected_output")]
-        + [str(context or "")]
-    )
+    try:
+        messages: list[Any] = _first_messages(agent_obj, task, context)
+    except Exception:  # another CrewAI version: the call's own check decides (see _before_llm)
+        logger.debug("could not render the first prompt of %r; estimating from its fields", task, exc_info=True)
+        messages = [str(getattr(agent_obj, name, "") or "") for name in ("role", "goal", "backstory")]
+        messages += [str(getattr(task, name, "") or "") for name in ("description", "expected_output")]
+        messages.append(str(context or ""))
     try:
         probe = run.gov.budget.reserve(
-            agent, model=model if isinstance(model, str) else None, messages=prompt,
+            agent, model=model if isinstance(model, str) else None, messages=messages,
             max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id,
         )  # fmt: skip
     except BudgetExceeded as exc:
         return exc
     probe.release("task-start check: the task's first call fits")
     return None
+
+
+def _first_messages(agent: Any, task: Any, context: Any) -> list[dict[str, str]]:
+    """The task's first call as CrewAI renders it (templates, output schema, context, the declared tools).
+
+    What CrewAI adds later (memory, knowledge, tools the crew injects) is not in it: if the real first
+    call is then refused, `_before_llm` still skips the task.
+    """
+    from crewai.agent.utils import build_task_prompt_with_schema, format_task_with_context
+    from crewai.utilities.agent_utils import get_tool_names, parse_tools, render_text_description_and_args
+    from crewai.utilities.prompts import Prompts
+
+    tools = parse_tools(list(getattr(task, "tools", None) or agent.tools or []))
+    prompt = Prompts(
+        agent=agent, has_tools=bool(tools), use_native_tool_calling=bool(tools) and agent.llm.supports_function_calling(),
+        use_system_prompt=agent.use_system_prompt, system_template=agent.system_template,
+        prompt_template=agent.prompt_template, response_template=agent.response_template,
+    ).task_execution()  # fmt: skip
+    fill = {"{input}": format_task_with_context(build_task_prompt_with_schema(task, task.prompt()), context),
+            "{tool_names}": get_tool_names(tools), "{tools}": render_text_description_and_args(tools)}  # fmt: skip
+
+    def render(template: str) -> str:
+        for key, value in fill.items():
+            template = template.replace(key, value)
+        return template
+
+    if "system" in prompt:
+        return [{"role": "system", "content": render(prompt["system"])}, {"role": "user", "content": render(prompt["user"])}]
+    return [{"role": "user", "content": render(prompt["prompt"])}]
 
 
 def _post_step(ctx: Any) -> None:
