@@ -442,3 +442,42 @@ def test_skip_at_the_start_counts_crewais_prompt_and_the_tools_it_describes():
     assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, False, True]
     assert [r["agent"] for r in fake.calls.records] == ["Researcher", "Writer"]
     assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["Researcher", "Writer"]  # at the start
+
+
+def test_skip_when_the_tasks_first_real_call_is_refused_though_its_start_check_passed():
+    fake = llm()
+    # The crew gives a delegating agent coworker tools: their ~600-token descriptions reach the first call,
+    # which the task-start check cannot see.
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake, allow_delegation=True)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+    ]
+    crew = Crew(agents=[researcher, writer], tasks=tasks)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    budget.agent("Researcher", max_tokens=400)
+    govern_crew(crew, budget, on_exhausted="skip")
+    for _ in range(3):  # more kickoffs than the agent's max_retry_limit: each skip gives CrewAI's retry back
+        crew.kickoff()
+        assert [is_budget_skipped(t.output) for t in tasks] == [True, False]
+    assert [r["agent"] for r in fake.calls.records] == ["Writer"] * 3
+    assert [e.location for e in budget.ledger.history(kind="skip")] == ["research"] * 3
+    assert researcher.llm is fake and budget.snapshot().held_tokens == 0
+
+
+def test_end_when_the_first_real_call_is_refused_skips_the_rest():
+    fake = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake, allow_delegation=True)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+    ]
+    crew = Crew(agents=[researcher, writer], tasks=tasks)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    budget.agent("Researcher", max_tokens=400)
+    govern_crew(crew, budget, on_exhausted="end")
+    crew.kickoff()
+    assert [is_budget_skipped(t.output) for t in tasks] == [True, True]
+    assert fake.calls.count == 0

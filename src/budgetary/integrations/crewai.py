@@ -9,11 +9,16 @@ before each tool call it counts it or refuses it (the agent is told why).
 
 Policies (per task name, then per agent role, then the default):
 ``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
-(decided when a task starts: if its agent could not make a call, the task does
-not call its model and its output is a placeholder that `is_budget_skipped`
-detects), ``end`` (that task and every later one are skipped; kickoff returns
-normally). A refusal in the middle of a task that already started cannot
-abandon that task: it raises like ``deny``.
+(decided when a task starts: if its agent could not make its first call, as
+CrewAI will render it, the task does not call its model and its output is a
+placeholder that `is_budget_skipped` detects), ``end`` (that task and every
+later one are skipped; kickoff returns normally). The start check cannot see
+what CrewAI adds later (memory, knowledge, tools the crew injects): if the
+task's first real call is refused, the hook blocks it and CrewAI's own task
+retry runs the task on the placeholder instead (this needs a retry left under
+the agent's ``max_retry_limit``; the adapter gives it back). A refusal in the
+middle of a task that already started cannot abandon that task: it raises
+like ``deny``.
 
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
@@ -110,6 +115,8 @@ class _Run:
     swapped: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     """id(agent or task) -> it and the attributes a skip replaced, to put back when the task ends."""
     ended: Skipped | None = None
+    started: set[str] = field(default_factory=set)  # ids of the tasks that have made a call
+    retried: set[int] = field(default_factory=set)  # id(agent): agents whose task CrewAI retries with the stub
     nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
     """Soft limits to tell on the next call: per agent for its allocation, under None for the run's limits."""
     blocked_tools: dict[int, str] = field(default_factory=dict)  # thread id -> refusal reason
@@ -313,9 +320,12 @@ def _put_back(entries: list[tuple[Any, dict[str, Any]] | None]) -> None:
                 setattr(entry[0], name, value)
 
 
-def _before_llm(ctx: Any) -> None:
+def _before_llm(ctx: Any) -> bool | None:
     run = _run.get()
-    if run is None or isinstance(getattr(ctx, "llm", None), _SkipLLM):
+    if run is None:
+        return None
+    if isinstance(getattr(ctx, "llm", None), _SkipLLM):
+        _skip_retried(run, ctx.agent, ctx.task)
         return None
     previous = _call.get()
     if previous is not None and not previous.done:  # the last call in this thread raised: no after-hook ran
@@ -336,13 +346,50 @@ def _before_llm(ctx: Any) -> None:
             location=run.location_for(ctx.task),
         ).keep_alive()  # fmt: skip
     except BudgetExceeded as exc:
+        if _skip_first_call(run, ctx.agent, ctx.task, agent, exc):
+            return False  # blocked: CrewAI retries the task, now with the stub LLM
         raise CrewBudgetExceeded(exc) from exc
     except Exception as exc:  # our own bug: CrewAI would swallow it and run the call unchecked
         logger.exception("budget check failed; refusing the call")
         raise HookAborted(f"budget check failed: {exc!r}", source="budgetary") from exc
+    if ctx.task is not None:
+        run.started.add(str(ctx.task.id))
     _call.set(reservation)
     run.open_calls[reservation.hold_id] = reservation
     return None
+
+
+def _skip_first_call(run: _Run, agent_obj: Any, task: Any, agent: str | None, exc: BudgetExceeded) -> bool:
+    """Skip a task whose first call is refused under skip/end (the start check could not see all of it).
+
+    A hook cannot skip the call under way, but CrewAI retries a task whose call a hook blocks, up to the
+    agent's ``max_retry_limit``, with an executor rebuilt from ``agent.llm``: the stub, once swapped in.
+    """
+    if agent_obj is None or task is None or str(task.id) in run.started:
+        return False  # the task has started: it cannot be abandoned
+    policy = run.gov.policy(task, agent_obj.role)
+    if policy == "deny" or getattr(agent_obj, "_times_executed", 0) >= getattr(agent_obj, "max_retry_limit", 0):
+        return False
+    marker = run.gov.budget.skip(agent, str(exc), resource=exc.resource, location=run.location_for(task),
+                                 run_id=run.run_id)  # fmt: skip
+    if policy == "end":
+        run.ended = marker
+    _skip(run, agent_obj, task, marker)
+    run.retried.add(id(agent_obj))
+    return True
+
+
+def _skip_retried(run: _Run, agent_obj: Any, task: Any) -> None:
+    """The stub answers the retry `_skip_first_call` asked for: undo what only that retry needed."""
+    if id(agent_obj) not in run.retried:
+        return
+    run.retried.discard(id(agent_obj))
+    times = getattr(agent_obj, "_times_executed", None)
+    if isinstance(times, int) and times > 0:  # CrewAI counts the retry as a failure and never resets the count
+        agent_obj._times_executed = times - 1
+    if task is not None and str(task.id) != get_current_task_id():  # delegated work: no step hook restores it
+        run.skipped.pop(id(task), None)
+        _restore(run, agent_obj, task)
 
 
 def _after_llm(ctx: Any) -> None:
