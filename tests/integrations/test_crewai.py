@@ -481,3 +481,47 @@ def test_end_when_the_first_real_call_is_refused_skips_the_rest():
     crew.kickoff()
     assert [is_budget_skipped(t.output) for t in tasks] == [True, True]
     assert fake.calls.count == 0
+
+
+def delegating_manager(delegations: int) -> Any:
+    def script(messages, index, agent, task):
+        if index < delegations:
+            payload = {"task": f"Find fact {index} about otters", "context": "report", "coworker": "Researcher"}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: the report"
+
+    return llm(responder=script)
+
+
+def hierarchical_crew(manager: Any, worker_llm: Any) -> Crew:
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=worker_llm)
+    task = Task(name="report", description="Write a report on otters", expected_output="a report")
+    return Crew(agents=[researcher], tasks=[task], process=Process.hierarchical, manager_llm=manager)
+
+
+def test_a_workers_refusal_under_deny_ends_the_kickoff_though_delegation_swallows_it():
+    manager, worker_llm = delegating_manager(3), llm()
+    crew = hierarchical_crew(manager, worker_llm)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    budget.agent("Researcher", max_tokens=50)  # not one call
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff()
+    assert info.value.agent == "Researcher" and info.value.resource == "allocation"
+    assert manager.calls.count == 1 and worker_llm.calls.count == 0  # the manager made no paid call after it
+    assert budget.snapshot().held_tokens == 0
+
+
+def test_a_workers_refusal_under_skip_hands_the_manager_a_placeholder():
+    manager, worker_llm = delegating_manager(1), llm()
+    seen: list[str] = []
+    inner = manager.responder
+    manager.responder = lambda messages, *args: seen.append(json.dumps(messages)) or inner(messages, *args)
+    crew = hierarchical_crew(manager, worker_llm)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    budget.agent("Researcher", max_tokens=50)
+    govern_crew(crew, budget, policies={"Researcher": "skip"})
+    assert crew.kickoff().raw == "the report"
+    assert manager.calls.count == 2 and worker_llm.calls.count == 0
+    assert "skipped by budget" in seen[-1]
+    assert [e.agent for e in budget.ledger.history(kind="skip")] == ["Researcher"]

@@ -18,7 +18,10 @@ task's first real call is refused, the hook blocks it and CrewAI's own task
 retry runs the task on the placeholder instead (this needs a retry left under
 the agent's ``max_retry_limit``; the adapter gives it back). A refusal in the
 middle of a task that already started cannot abandon that task: it raises
-like ``deny``.
+like ``deny``. CrewAI's delegation tool swallows a worker's refusal and shows
+it to the manager as an observation: under ``deny`` the run's next LLM call
+raises it again (tools are refused until then), under ``end`` the remaining
+tasks are skipped, under ``skip`` the manager goes on without that work.
 
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
@@ -115,6 +118,9 @@ class _Run:
     swapped: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     """id(agent or task) -> it and the attributes a skip replaced, to put back when the task ends."""
     ended: Skipped | None = None
+    refused: BudgetExceeded | None = None
+    """A refusal under ``deny`` that CrewAI may swallow (a delegation tool turns it into an observation):
+    raised again at the run's next gate."""
     started: set[str] = field(default_factory=set)  # ids of the tasks that have made a call
     retried: set[int] = field(default_factory=set)  # id(agent): agents whose task CrewAI retries with the stub
     nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
@@ -331,6 +337,8 @@ def _before_llm(ctx: Any) -> bool | None:
     if previous is not None and not previous.done:  # the last call in this thread raised: no after-hook ran
         previous.release("the call failed before it answered")
         run.open_calls.pop(previous.hold_id, None)
+    if run.refused is not None:
+        raise CrewBudgetExceeded(run.refused)
     try:
         gov = run.gov
         agent = gov.agent(run.role_for(ctx.agent, ctx.task))
@@ -348,6 +356,7 @@ def _before_llm(ctx: Any) -> bool | None:
     except BudgetExceeded as exc:
         if _skip_first_call(run, ctx.agent, ctx.task, agent, exc):
             return False  # blocked: CrewAI retries the task, now with the stub LLM
+        _refused_mid_task(run, ctx.agent, ctx.task, exc)
         raise CrewBudgetExceeded(exc) from exc
     except Exception as exc:  # our own bug: CrewAI would swallow it and run the call unchecked
         logger.exception("budget check failed; refusing the call")
@@ -377,6 +386,15 @@ def _skip_first_call(run: _Run, agent_obj: Any, task: Any, agent: str | None, ex
     _skip(run, agent_obj, task, marker)
     run.retried.add(id(agent_obj))
     return True
+
+
+def _refused_mid_task(run: _Run, agent_obj: Any, task: Any, exc: BudgetExceeded) -> None:
+    """Make a refusal hold for the run even when CrewAI swallows it (delegated work, a kickoff in a tool)."""
+    policy = run.gov.policy(task, getattr(agent_obj, "role", None))
+    if policy == "deny" and run.refused is None:
+        run.refused = exc
+    elif policy == "end" and run.ended is None:
+        run.ended = Skipped(agent=exc.agent, reason=str(exc), resource=exc.resource, location=run.location_for(task))
 
 
 def _skip_retried(run: _Run, agent_obj: Any, task: Any) -> None:
@@ -416,6 +434,9 @@ def _before_tool(ctx: Any) -> Any:
     run = _run.get()
     if run is None:
         return None
+    if run.refused is not None:  # the run is over under deny: no more paid work before its next LLM gate
+        run.blocked_tools[threading.get_ident()] = run.refused.message
+        return False
     agent = run.gov.agent(run.role_for(ctx.agent, ctx.task))
     decision = run.gov.budget.check_tool(agent, ctx.tool_name, run_id=run.run_id)
     if decision.allowed:
