@@ -23,6 +23,12 @@ it to the manager as an observation: under ``deny`` the run's next LLM call
 raises it again (tools are refused until then), under ``end`` the remaining
 tasks are skipped, under ``skip`` the manager goes on without that work.
 
+A custom ``BaseLLM`` must call ``_invoke_before_llm_call_hooks`` and
+``_invoke_after_llm_call_hooks`` around its provider call, as CrewAI's native
+providers do: calls CrewAI makes without an agent (the forced final answer
+after ``max_iter``) reach the hooks only that way. Without them such a call is
+not checked; its usage is still charged, after the fact.
+
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
 into each agent executor when it is created.
