@@ -344,8 +344,8 @@ def test_budget_scope_refuses_a_policy_crewai_cannot_apply(budget_policy, scope_
     fake = llm()
     crew = three_task_crew(fake)
     budget = Budget(Limits(max_llm_calls=1), on_exhausted=budget_policy)
-    bad = scope_policy or budget_policy
-    with pytest.raises(ConfigurationError, match=re.escape(f"CrewAI policies are 'deny', 'skip' or 'end', got {bad!r}")):
+    message = f"CrewAI policies are 'deny', 'skip' or 'end', got {scope_policy or budget_policy!r}"
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
         with budget_scope(budget, on_exhausted=scope_policy):
             crew.kickoff(inputs={"topic": "otters"})
     assert fake.calls.count == 0

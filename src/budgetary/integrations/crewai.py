@@ -40,7 +40,7 @@ import contextvars
 import logging
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,8 +144,7 @@ class _Run:
         return role
 
     def location_for(self, task: Any) -> str | None:
-        """The task's name; for no task (the forced final answer) or an unnamed one (delegated work), the
-        name of the crew task under way."""
+        """The task's name, else the crew task's under way (the forced final answer, delegated work)."""
         return getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
 
 
@@ -269,8 +268,9 @@ def _first_messages(agent: Any, task: Any, context: Any) -> list[dict[str, str]]
     from crewai.utilities.prompts import Prompts
 
     tools = parse_tools(list(getattr(task, "tools", None) or agent.tools or []))
+    native = bool(tools) and agent.llm.supports_function_calling()
     prompt = Prompts(
-        agent=agent, has_tools=bool(tools), use_native_tool_calling=bool(tools) and agent.llm.supports_function_calling(),
+        agent=agent, has_tools=bool(tools), use_native_tool_calling=native,
         use_system_prompt=agent.use_system_prompt, system_template=agent.system_template,
         prompt_template=agent.prompt_template, response_template=agent.response_template,
     ).task_execution()  # fmt: skip
@@ -283,7 +283,10 @@ def _first_messages(agent: Any, task: Any, context: Any) -> list[dict[str, str]]
         return template
 
     if "system" in prompt:
-        return [{"role": "system", "content": render(prompt["system"])}, {"role": "user", "content": render(prompt["user"])}]
+        return [
+            {"role": "system", "content": render(prompt["system"])},
+            {"role": "user", "content": render(prompt["user"])},
+        ]
     return [{"role": "user", "content": render(prompt["prompt"])}]
 
 
@@ -325,7 +328,7 @@ def _restore_all(run: _Run) -> None:
     _put_back(entries)
 
 
-def _put_back(entries: list[tuple[Any, dict[str, Any]] | None]) -> None:
+def _put_back(entries: Sequence[tuple[Any, dict[str, Any]] | None]) -> None:
     for entry in entries:
         if entry is not None:
             for name, value in entry[1].items():
