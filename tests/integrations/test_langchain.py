@@ -410,6 +410,9 @@ def test_a_message_response_model_name_is_priced():
 # -- BudgetMiddleware for create_agent ---------------------------------------------------------
 
 
+MESSAGES = {"messages": [("user", "what is an otter?")]}
+
+
 def _agent_parts():
     pytest.importorskip("langchain.agents")
     from langchain.agents import create_agent
@@ -512,6 +515,22 @@ def test_middleware_and_handler_together_charge_once():
     agent.invoke({"messages": [("user", "q")]}, config={"callbacks": [BudgetCallbackHandler(budget)]})
     assert provider_calls(model) == 2 == budget.snapshot().llm_calls
     assert budget.snapshot().tool_calls == 1  # tools are counted by the handler
+
+
+def test_middleware_prices_with_the_billed_model_name():
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, _ = _agent_parts()
+    model = make_model(
+        model_name="my-azure-deployment", billed_model_name="gpt-4o-mini-2024-07-18", responses=[AIMessage("hi")]
+    )
+    for run in (lambda agent: agent.invoke(MESSAGES), lambda agent: asyncio.run(agent.ainvoke(MESSAGES))):
+        # No USD limit: the requested deployment name has no price, so only the billed name can price it.
+        budget = Budget(Limits(max_total_tokens=100_000))
+        run(create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget)]))
+        (entry,) = budget.ledger.history(kind="llm")
+        assert entry.model == "gpt-4o-mini-2024-07-18" and entry.cost_usd is not None and entry.cost_usd > 0
+        assert budget.snapshot().unpriced_calls == 0
 
 
 # -- a call longer than the lease keeps its hold ------------------------------------------------

@@ -503,15 +503,24 @@ def _event_data(event: SoftLimit) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _reported_usage(response: Any) -> tuple[Usage | dict[str, Any] | None, str | None, bool]:
-    """(usage, billed model, cache hit) from an ``LLMResult``; usage_metadata first, llm_output as fallback."""
+def _billed_model(message: Any) -> str | None:
+    """The model name the provider reported in a message's ``response_metadata``, if any."""
+    metadata = getattr(message, "response_metadata", None)
+    name = (metadata.get("model_name") or metadata.get("model")) if isinstance(metadata, Mapping) else None
+    return name if isinstance(name, str) else None
+
+
+def _reported_usage(response: Any) -> tuple[Any, str | None, bool]:
+    """(usage in any shape settle reads, billed model, cache hit) from an ``LLMResult``.
+
+    usage_metadata first, llm_output as fallback.
+    """
     generations = getattr(response, "generations", None) or []
     first = generations[0][0] if generations and generations[0] else None
     message = getattr(first, "message", None)
     metadata = getattr(message, "usage_metadata", None)
-    response_metadata = getattr(message, "response_metadata", None) or {}
     llm_output = getattr(response, "llm_output", None) or {}
-    model = response_metadata.get("model_name") or response_metadata.get("model") or llm_output.get("model_name")
+    model = _billed_model(message) or llm_output.get("model_name")
     if metadata:
         if not isinstance(metadata, Mapping):  # built with model_construct or assigned after validation
             return metadata, model, False  # unreadable: the lenient settle logs it and charges the estimate
@@ -702,11 +711,11 @@ def _build_middleware() -> type:
                 raise
             finally:
                 _middleware_budget.reset(token)
-            usage = _response_usage(response)
+            usage, billed = _response_usage(response)
             if usage is None:
                 reservation.charge_estimate()
             else:
-                reservation.settle(usage, lenient=True)
+                reservation.settle(usage, model=billed, lenient=True)
             return response
 
         async def awrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
@@ -722,17 +731,25 @@ def _build_middleware() -> type:
                 raise
             finally:
                 _middleware_budget.reset(token)
-            usage = _response_usage(response)
+            usage, billed = _response_usage(response)
             if usage is None:
                 await reservation.acharge_estimate()
             else:
-                await reservation.asettle(usage, lenient=True)
+                await reservation.asettle(usage, model=billed, lenient=True)
             return response
 
-    def _response_usage(response: Any) -> Any:
-        """The ``usage_metadata`` of a model call's response (a ``ModelResponse`` or a message), if any."""
+    def _response_usage(response: Any) -> tuple[Any, str | None]:
+        """(``usage_metadata``, billed model name) of a model call's response (a ``ModelResponse`` or a message).
+
+        The billed name (``gpt-4o-mini-2024-07-18`` for a request of an alias or an Azure deployment)
+        is what prices, as in the handler; None falls back to the requested model.
+        """
         messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
-        return next((m.usage_metadata for m in messages if getattr(m, "usage_metadata", None)), None)
+        for message in messages:
+            usage = getattr(message, "usage_metadata", None)
+            if usage:
+                return usage, _billed_model(message)
+        return None, None
 
     return BudgetMiddleware
 
