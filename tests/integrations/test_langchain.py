@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from decimal import Decimal
@@ -382,6 +383,32 @@ def test_soft_limits_reach_the_user_as_callback_and_custom_event():
     assert custom[0]["data"]["resource"] == "total_tokens"
 
 
+def test_on_soft_limit_is_called_once_per_crossing_not_on_every_later_call():
+    model = make_model(max_tokens=40)
+    budget = Budget(Limits(max_total_tokens=1_000, warn_at=(0.25, 0.5)))
+    seen: list[SoftLimit] = []
+    handler = BudgetCallbackHandler(budget, on_soft_limit=seen.append)
+    for _ in range(5):  # 150 tokens a call: 30% after the 2nd, 60% after the 4th
+        model.invoke("q", config={"callbacks": [handler]})
+    assert [e.threshold for e in seen] == [0.25, 0.5]
+
+
+def test_an_on_soft_limit_callback_that_raises_is_logged_and_the_calls_go_on(caplog):
+    model = make_model(max_tokens=40)
+    budget = Budget(Limits(max_total_tokens=1_000, warn_at=(0.25,)))
+
+    def broken(event: SoftLimit) -> None:
+        raise ValueError("dashboard down")
+
+    handler = BudgetCallbackHandler(budget, on_soft_limit=broken)
+    with caplog.at_level(logging.ERROR, logger="budgetary"):
+        for _ in range(3):
+            assert model.invoke("q", config={"callbacks": [handler]}).content
+    assert budget.snapshot().llm_calls == 3
+    assert budget.ledger.history(kind="soft_limit")  # the crossing is still recorded
+    assert "dashboard down" in caplog.text
+
+
 def test_handler_is_shared_not_copied():
     import copy
 
@@ -531,6 +558,26 @@ def test_middleware_prices_with_the_billed_model_name():
         (entry,) = budget.ledger.history(kind="llm")
         assert entry.model == "gpt-4o-mini-2024-07-18" and entry.cost_usd is not None and entry.cost_usd > 0
         assert budget.snapshot().unpriced_calls == 0
+
+
+def test_middleware_reports_soft_limits_by_callback_and_custom_event():
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, _ = _agent_parts()
+    budget = Budget(Limits(max_total_tokens=1_000, warn_at=(0.1,)))  # one call (150 tokens) crosses 10%
+    seen: list[SoftLimit] = []
+    agent = create_agent(
+        make_model(max_tokens=40, responses=[AIMessage("hi")]), tools=[lookup],
+        middleware=[BudgetMiddleware(budget, on_soft_limit=seen.append)],
+    )  # fmt: skip
+
+    async def go():
+        return [e async for e in agent.astream_events(MESSAGES, version="v2") if e["event"] == "on_custom_event"]
+
+    custom = asyncio.run(go())
+    assert [e.threshold for e in seen] == [0.1]
+    assert [e["name"] for e in custom] == [SOFT_LIMIT_EVENT]
+    assert custom[0]["data"]["resource"] == "total_tokens"
 
 
 # -- a call longer than the lease keeps its hold ------------------------------------------------

@@ -18,6 +18,7 @@ node do not see callbacks: use ``langchain_core.runnables.config.get_executor_fo
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import weakref
@@ -51,8 +52,15 @@ __all__ = [  # noqa: F822 - BudgetMiddleware is built on first access (it needs 
     "budget_scope",
 ]
 
+logger = logging.getLogger("budgetary")
+
 SOFT_LIMIT_EVENT = "budgetary_soft_limit"
-"""Name of the LangChain custom event dispatched on each soft-limit crossing."""
+"""Name of the LangChain custom event dispatched on each soft-limit crossing.
+
+LangChain attaches a custom event to the run it happens in, so it is dispatched only for calls
+inside a run (a chain, graph or agent: ``astream_events`` shows it); a bare ``model.invoke`` has
+no parent run to carry it. ``on_soft_limit`` is called either way.
+"""
 
 _AGENT_KEYS = ("agent", "budgetary_agent")
 
@@ -157,7 +165,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     A denial raises `BudgetExceeded` from the caller's ``invoke``/``stream``/...;
     the model or tool never runs. ``agent`` pins every call to one agent;
-    otherwise calls are attributed by `agent_from_metadata`.
+    otherwise calls are attributed by `agent_from_metadata`. Each soft-limit
+    threshold crossed calls ``on_soft_limit`` once (an error it raises is logged)
+    and dispatches `SOFT_LIMIT_EVENT`.
 
     Example:
         ```python
@@ -258,7 +268,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             reservation.settle(usage, model=model, lenient=True)
         for event in reservation.events:
-            self._soft_event(event)
+            _tell(self.on_soft_limit, event)
             _dispatch_soft_event(event)
 
     async def _aon_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -274,7 +284,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             await reservation.asettle(usage, model=model, lenient=True)
         for event in reservation.events:
-            self._soft_event(event)
+            _tell(self.on_soft_limit, event)
             await _adispatch_soft_event(event)
 
     on_llm_end = _AwaitedInAsyncRuns(_on_llm_end, _aon_llm_end)
@@ -390,11 +400,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         # Set first, then look: a handler taking the run over releases what it finds set, so
         # between the two of them the reservation is released at least once (release is idempotent).
         claim.reservation = reservation.keep_alive()  # a call longer than the lease keeps its hold
-        if self._claims.get(run_id) is not claim:
-            return False
-        if self.on_soft_limit is not None and isinstance(reservation.decision, SoftLimit):
-            self.on_soft_limit(reservation.decision)
-        return True
+        return self._claims.get(run_id) is claim
 
     def _ended(self, response: Any, run_id: UUID) -> tuple[Reservation, Any, str | None] | None:
         """(reservation, reported usage or None or `_CACHE_HIT`, billed model) of a finished call of ours."""
@@ -440,10 +446,6 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return None
         return self._claims.pop(run_id, None)  # atomic: None if a parent's chain error took it meanwhile
 
-    def _soft_event(self, event: SoftLimit) -> None:
-        if self.on_soft_limit is not None:
-            self.on_soft_limit(event)
-
 
 def _check_arguments(budget: Any, agent: Any, on_soft_limit: Any) -> None:
     """Fail at construction, naming the argument, rather than with an unrelated error at run time."""
@@ -480,6 +482,15 @@ async def _aended_without_reply(reservation: Reservation, error: BaseException) 
 
 _CACHE_HIT = object()
 """`BudgetCallbackHandler._ended`'s usage for an LLM-cache hit (no provider call, nothing to charge)."""
+
+
+def _tell(on_soft_limit: Callable[[SoftLimit], Any] | None, event: SoftLimit) -> None:
+    """Call the user's ``on_soft_limit``; its failure is logged, never turned into a failed LLM call."""
+    if on_soft_limit is not None:
+        try:
+            on_soft_limit(event)
+        except Exception:
+            logger.exception("on_soft_limit raised for %s; the call goes on", event.message)
 
 
 def _dispatch_soft_event(event: SoftLimit) -> None:
@@ -602,6 +613,7 @@ def _build_middleware() -> type:
         `BudgetExceeded`, ``"interrupt"`` pauses the agent (it needs a
         checkpointer) until it is resumed with ``Command(resume={...})`` carrying
         `Budget.top_up` keywords (``{}`` if the budget was raised elsewhere).
+        A soft-limit crossing calls ``on_soft_limit`` and dispatches `SOFT_LIMIT_EVENT`, as the handler does.
 
         Example:
             ```python
@@ -609,9 +621,13 @@ def _build_middleware() -> type:
             ```
         """
 
-        def __init__(self, budget: Budget, *, agent: str | None = None, exit_behavior: str = "end") -> None:
+        def __init__(
+            self, budget: Budget, *, agent: str | None = None, exit_behavior: str = "end",
+            on_soft_limit: Callable[[SoftLimit], Any] | None = None,
+        ) -> None:  # fmt: skip
             super().__init__()
-            _check_arguments(budget, agent, None)
+            _check_arguments(budget, agent, on_soft_limit)
+            self.on_soft_limit = on_soft_limit
             if exit_behavior not in _EXIT_BEHAVIORS:
                 raise ConfigurationError(f"exit_behavior must be one of {_EXIT_BEHAVIORS}, got {exit_behavior!r}")
             self.budget = budget
@@ -716,6 +732,9 @@ def _build_middleware() -> type:
                 reservation.charge_estimate()
             else:
                 reservation.settle(usage, model=billed, lenient=True)
+            for event in reservation.events:
+                _tell(self.on_soft_limit, event)
+                _dispatch_soft_event(event)
             return response
 
         async def awrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
@@ -736,6 +755,9 @@ def _build_middleware() -> type:
                 await reservation.acharge_estimate()
             else:
                 await reservation.asettle(usage, model=billed, lenient=True)
+            for event in reservation.events:
+                _tell(self.on_soft_limit, event)
+                await _adispatch_soft_event(event)
             return response
 
     def _response_usage(response: Any) -> tuple[Any, str | None]:
