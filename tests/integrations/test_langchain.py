@@ -434,6 +434,26 @@ def test_a_message_response_model_name_is_priced():
     assert budget.snapshot().cost_usd > 0
 
 
+def _tool_with_a_long_description():
+    @tool(description="Look an otter fact up. " + "Otters hold hands while they sleep. " * 300)
+    def otter_facts(term: str) -> str:
+        return term
+
+    return otter_facts
+
+
+def test_bound_tool_schemas_count_in_the_estimate_so_a_call_they_push_over_the_cap_is_refused():
+    # The schemas (about 2,400 tokens) are sent with every call; the message alone is tiny.
+    model = make_model(max_tokens=40)
+    bound = model.bind_tools([_tool_with_a_long_description()])
+    budget = Budget(Limits(max_input_tokens=1_000))
+    with pytest.raises(BudgetExceeded):
+        bound.invoke("hi", config={"callbacks": [BudgetCallbackHandler(budget)]})
+    assert provider_calls(model) == 0
+    model.invoke("hi", config={"callbacks": [BudgetCallbackHandler(budget)]})  # without the tools it fits
+    assert provider_calls(model) == 1
+
+
 # -- BudgetMiddleware for create_agent ---------------------------------------------------------
 
 
@@ -578,6 +598,20 @@ def test_middleware_reports_soft_limits_by_callback_and_custom_event():
     assert [e.threshold for e in seen] == [0.1]
     assert [e["name"] for e in custom] == [SOFT_LIMIT_EVENT]
     assert custom[0]["data"]["resource"] == "total_tokens"
+
+
+def test_middleware_counts_the_agents_tool_schemas_in_the_estimate():
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, _, _ = _agent_parts()
+    model = make_model(max_tokens=40, responses=[AIMessage("hi")])
+    budget = Budget(Limits(max_input_tokens=1_000))
+    agent = create_agent(
+        model, tools=[_tool_with_a_long_description()], middleware=[BudgetMiddleware(budget, exit_behavior="error")]
+    )
+    with pytest.raises(BudgetExceeded):
+        agent.invoke(MESSAGES)
+    assert provider_calls(model) == 0
 
 
 # -- a call longer than the lease keeps its hold ------------------------------------------------

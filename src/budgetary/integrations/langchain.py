@@ -18,6 +18,7 @@ node do not see callbacks: use ``langchain_core.runnables.config.get_executor_fo
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -34,6 +35,7 @@ try:
     from langchain_core.callbacks import manager as _manager
     from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
     from langchain_core.tracers.context import register_configure_hook
+    from langchain_core.utils.function_calling import convert_to_openai_tool
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'budgetary.integrations.langchain needs langchain-core: pip install "budgetary[langchain]"'
@@ -220,8 +222,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             try:
                 self.budget.ensure_agent(agent)
                 reservation = self.budget.reserve(
-                    agent, model=model, messages=messages, max_output_tokens=max_out, location=location
-                )
+                    agent, model=model, messages=_with_tools(messages, kwargs), max_output_tokens=max_out,
+                    location=location,
+                )  # fmt: skip
             except BaseException as exc:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
                 for held in _holds_of_other_budgets(run_id):
@@ -240,8 +243,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             try:
                 await self.budget.aensure_agent(agent)
                 reservation = await self.budget.areserve(
-                    agent, model=model, messages=messages, max_output_tokens=max_out, location=location
-                )
+                    agent, model=model, messages=_with_tools(messages, kwargs), max_output_tokens=max_out,
+                    location=location,
+                )  # fmt: skip
             except BaseException as exc:
                 self._release_claim(run_id)
                 for held in _holds_of_other_budgets(run_id):
@@ -484,6 +488,47 @@ _CACHE_HIT = object()
 """`BudgetCallbackHandler._ended`'s usage for an LLM-cache hit (no provider call, nothing to charge)."""
 
 
+# The JSON of tool sets already seen, by the ids of their tools (each kept alive by its entry).
+_tool_texts: dict[tuple[int, ...], tuple[tuple[Any, ...], str]] = {}
+
+
+def _tools_text(tools: Any) -> str | None:
+    """The tool schemas a call sends the provider, as JSON text: they are prompt tokens too.
+
+    ``tools`` are OpenAI-format dicts (a chat model's bound ``tools``) or tool objects
+    (``create_agent``'s). A set of tools is converted once: a bound model passes the same
+    objects on every call.
+    """
+    if not tools or not isinstance(tools, (list, tuple)):
+        return None
+    key = tuple(map(id, tools))
+    cached = _tool_texts.get(key)
+    if cached is not None and all(a is b for a, b in zip(cached[0], tools, strict=True)):
+        return cached[1]
+    text = json.dumps([_tool_schema(t) for t in tools], default=str)
+    if len(_tool_texts) >= 256:
+        _tool_texts.clear()
+    _tool_texts[key] = (tuple(tools), text)
+    return text
+
+
+def _tool_schema(tool: Any) -> Any:
+    if isinstance(tool, Mapping):
+        return tool
+    try:
+        return convert_to_openai_tool(tool)
+    except Exception:  # a tool LangChain cannot convert: its text still counts
+        return str(tool)
+
+
+def _with_tools(messages: Any, kwargs: Mapping[str, Any]) -> Any:
+    """The call's prompt for the estimate: its messages, plus the bound tools' schemas if any."""
+    params = kwargs.get("invocation_params")
+    tools = params.get("tools") or params.get("functions") if params else None
+    text = _tools_text(tools) if tools else None
+    return messages if text is None else [*messages, text]
+
+
 def _tell(on_soft_limit: Callable[[SoftLimit], Any] | None, event: SoftLimit) -> None:
     """Call the user's ``on_soft_limit``; its failure is logged, never turned into a failed LLM call."""
     if on_soft_limit is not None:
@@ -688,9 +733,11 @@ def _build_middleware() -> type:
             """`Budget.reserve` arguments for a model call."""
             model = request.model
             name = getattr(model, "model_name", None) or getattr(model, "model", None)
+            messages = [*([request.system_message] if request.system_message else []), *request.messages]
+            if tools := _tools_text(request.tools):
+                messages.append(tools)
             return {
-                "agent": self.agent, "model": name if isinstance(name, str) else None,
-                "messages": [*([request.system_message] if request.system_message else []), *request.messages],
+                "agent": self.agent, "model": name if isinstance(name, str) else None, "messages": messages,
                 "max_output_tokens": getattr(model, "max_tokens", None),
             }  # fmt: skip
 
