@@ -280,6 +280,38 @@ def test_scopes_of_different_budgets_nest_and_each_charges_its_own():
     assert tenant.snapshot().llm_calls == 2 and provider_calls(model) == 2
 
 
+@pytest.mark.parametrize("parent_first", [True, False], ids=["parent-handler-first", "child-handler-first"])
+def test_handlers_of_a_budget_and_its_parent_charge_the_parent_once(parent_first):
+    # A child budget's charge is also its parent's: both handlers reserving would count the call twice.
+    model = make_model()
+    day = Budget(Limits(max_total_tokens=100_000), name="day")
+    run = Budget(Limits(max_total_tokens=10_000), name="run", parent=day)
+    handlers = [BudgetCallbackHandler(day), BudgetCallbackHandler(run, agent="writer")]
+    make_chain(model).invoke({"question": "q"}, config={"callbacks": handlers if parent_first else handlers[::-1]})
+    assert day.snapshot().total_tokens == run.snapshot().total_tokens == 150
+    assert day.snapshot().llm_calls == 1 and day.snapshot().held_tokens == 0
+    assert [e.agent for e in run.ledger.history(kind="llm")] == ["writer"]  # the innermost budget charged it
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return term
+
+    lookup.invoke("otter", config={"callbacks": handlers if parent_first else handlers[::-1]})
+    assert day.snapshot().tool_calls == 1
+
+
+def test_nested_scopes_of_a_budget_and_its_parent_charge_the_parent_once():
+    model = make_model()
+    day = Budget(Limits(max_total_tokens=100_000), name="day")
+    run = Budget(Limits(max_total_tokens=10_000), name="run", parent=day)
+    with budget_scope(day), budget_scope(run):
+        asyncio.run(make_chain(model).ainvoke({"question": "q"}))
+        make_chain(model).invoke({"question": "q"})
+    assert day.snapshot().llm_calls == run.snapshot().llm_calls == 2
+    assert day.snapshot().total_tokens == 300 and day.snapshot().held_tokens == 0
+
+
 def test_a_call_refused_by_one_budget_gives_back_what_another_budget_held_for_it():
     # LangChain stops at the refusing handler and sends no event: the first budget's hold would
     # otherwise stay until its lease ran out (a bare invoke has no parent chain to clean up after it).

@@ -121,19 +121,34 @@ class _Claim:
 
     def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None) -> None:
         self.handler = handler
-        self.rank = handler.rank
+        self.rank = handler._precedence
         self.parent = parent
         self.reservation: Reservation | None = None
 
 
-# Claims per budget object, shared by every handler of that budget in this process.
+# Claims per family of budgets (a budget, its parent, ...: keyed by the top one), shared by every
+# handler of the family in this process. A child budget's charge is also its parents', so one
+# call seen by handlers of a budget and of its parent must be charged once, by the child's.
 _claims: weakref.WeakKeyDictionary[Budget, dict[UUID, _Claim]] = weakref.WeakKeyDictionary()
 _claims_lock = threading.Lock()
 
 
 def _claims_of(budget: Budget) -> dict[UUID, _Claim]:
     with _claims_lock:
-        return _claims.setdefault(budget, {})
+        return _claims.setdefault(_top(budget), {})
+
+
+def _top(budget: Budget) -> Budget:
+    while budget.parent is not None:
+        budget = budget.parent
+    return budget
+
+
+def _depth(budget: Budget) -> int:
+    depth = 0
+    while (budget := budget.parent) is not None:  # type: ignore[assignment]
+        depth += 1
+    return depth
 
 
 def _holds_of_other_budgets(run_id: UUID) -> list[Reservation]:
@@ -197,6 +212,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.on_soft_limit = on_soft_limit
         # An explicit agent is more specific than metadata: it wins a shared call.
         self.rank = rank if rank is not None else (1 if agent is not None else 0)
+        # The handler of the innermost budget charges a call its family shares, then the higher rank.
+        self._precedence = (_depth(budget), self.rank)
         self._claims = _claims_of(budget)
 
     def __copy__(self) -> BudgetCallbackHandler:
@@ -353,8 +370,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None, kwargs: dict[str, Any],
     ) -> tuple[str | None, str] | None:  # fmt: skip
         """(agent, tool name) to check, or None when another handler of this budget counts the call."""
-        # A tool call is counted by the first handler of this budget that sees it (no re-attribution:
-        # a count cannot be taken back), and the claim lasts until the tool ends.
+        # A tool call is counted by the first handler of this budget's family that sees it (no
+        # re-attribution: a count cannot be taken back), and the claim lasts until the tool ends. So
+        # a parent's handler listed before its child's counts the call for the parent only.
         if self._stands_aside():
             return None
         claim = _Claim(self, parent_run_id)
@@ -430,14 +448,14 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return owner is not None and owner is not self
 
     def _take(self, run_id: UUID, parent_run_id: UUID | None) -> _Claim | None:
-        """Claim ``run_id`` for this handler unless a handler of the same budget with a higher rank has it."""
+        """Claim ``run_id`` unless a handler of this budget's family that takes precedence has it."""
         claims = self._claims
         claim = _Claim(self, parent_run_id)
-        if claims.setdefault(run_id, claim) is claim:  # atomic: the usual case, one handler per budget
+        if claims.setdefault(run_id, claim) is claim:  # atomic: the usual case, one handler per family
             return claim
-        with _claims_lock:  # another handler of this budget saw the run first: the higher rank keeps it
+        with _claims_lock:  # another handler of the family saw the run first: precedence decides
             current = claims.get(run_id)
-            if current is not None and current.rank >= self.rank:
+            if current is not None and current.rank >= self._precedence:
                 return None
             claims[run_id] = claim
         if current is not None and current.reservation is not None:
@@ -614,8 +632,9 @@ def _scope_slot(budget: Budget) -> ContextVar[BudgetCallbackHandler | None]:
 def budget_scope(budget: Budget, agent: str | None = None) -> Iterator[BudgetCallbackHandler]:
     """Govern every LangChain/LangGraph run started inside the block, with no config change.
 
-    Scopes of different budgets nest (each charges its budget); an inner scope of the same
-    budget replaces the outer one until it ends (its ``agent`` applies).
+    Scopes of different budgets nest (each charges its budget; a child budget's scope inside its
+    parent's charges the parent once, through the child); an inner scope of the same budget
+    replaces the outer one until it ends (its ``agent`` applies).
 
     Example:
         ```python
