@@ -18,7 +18,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
-from budgetary.core._engine import UNPRICED, Meta, Outcome, Vector, user_value, zeros
+from budgetary.core._engine import UNPRICED, AgentState, Meta, Outcome, Vector, user_value, zeros
 from budgetary.core._lease import keeper
 from budgetary.core._units import COST, DIMENSIONS, IN, LLM, MAX_INT, OUT, TOTAL, nanos_to_usd, usd_to_nanos
 from budgetary.core.contract import AgentContract
@@ -487,9 +487,10 @@ class Budget:
             return self.contract(None)
         contract = self._contracts.get(name)
         if contract is None:
-            contract = AgentContract(name=name)
-            self._store.ensure_agent(self._key, contract, replace=False)
-            self._contracts[name] = contract
+            # Another worker may have registered the name with an allocation: replace=False keeps theirs,
+            # and the contract kept here is the one the store holds, never a blank one over it.
+            self._store.ensure_agent(self._key, AgentContract(name=name), replace=False)
+            contract = self._contracts[name] = self._stored_contract(name) or AgentContract(name=name)
         return contract
 
     async def aensure_agent(self, name: str | None) -> AgentContract:
@@ -499,12 +500,15 @@ class Budget:
         return await off_loop(self._store, self.ensure_agent, name)
 
     def contract(self, name: str | None) -> AgentContract:
-        """The contract registered for ``name``; raises `UnknownAgent`."""
-        if name in self._contracts:
-            return self._contracts[name]
-        if name is None:
-            return _RUN_CONTRACT
-        raise UnknownAgent(name, self.name)
+        """The contract registered for ``name`` (here or by another worker sharing the store); raises `UnknownAgent`."""
+        contract = self._contracts.get(name)
+        if contract is None:
+            if name is None:
+                return _RUN_CONTRACT
+            contract = self._remember(name, self._stored_contract(name))
+            if contract is None:
+                raise UnknownAgent(name, self.name)
+        return contract
 
     def has_agent(self, name: str | None) -> bool:
         """Whether ``name`` is registered (here or by another worker sharing the store)."""
@@ -654,6 +658,11 @@ class Budget:
         max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
     ) -> Reservation:  # fmt: skip
         """`_reserve` with the store's async twins (see `AsyncStore`): the same steps, awaited."""
+        if agent is not None and agent not in self._contracts and not self._cost_capped:
+            # `_usd_agent` must not read the store on the event loop: read the contract here, awaited.
+            # A name the store does not know is one it would refuse: refuse it the same way.
+            if self._remember(agent, await self._astored_contract(agent)) is None:
+                raise UnknownAgent(agent, self.name)
         req, meta, rates, exact, deny = self._reserve_request(
             agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location, False
         )
@@ -977,7 +986,32 @@ class Budget:
 
     def _usd_agent(self, agent: str | None) -> bool:
         contract = self._contracts.get(agent)
+        if contract is None and agent is not None:
+            # Not registered here: another worker may have given it a USD allocation.
+            contract = self._remember(agent, self._stored_contract(agent))
         return contract is not None and contract.unit == "usd"
+
+    def _stored_contract(self, name: str) -> AgentContract | None:
+        """``name``'s contract as the store holds it (whichever worker registered it), or ``None``."""
+        state = self._store.agents(self._key, self._clock()).get(name)
+        return None if state is None else _contract_of(name, state)
+
+    async def _astored_contract(self, name: str) -> AgentContract | None:
+        """`_stored_contract` for async code: never blocks the event loop."""
+        store = self._store
+        if not is_async_store(store):
+            return await off_loop(store, self._stored_contract, name)
+        state = (await cast(AsyncStore, store).aagents(self._key, self._clock())).get(name)
+        return None if state is None else _contract_of(name, state)
+
+    def _remember(self, name: str, contract: AgentContract | None) -> AgentContract | None:
+        """Keep a contract read from the store, so that later calls for ``name`` do not read it again.
+
+        A name the store does not know is not kept: another worker may register it later.
+        """
+        if contract is not None:
+            self._contracts[name] = contract
+        return contract
 
     def _after(self, outcome: Outcome, agent: str | None, usage: Usage) -> None:
         if self._guards is not None:
@@ -1021,6 +1055,24 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"Budget(name={self.name!r}, mode={self.mode!r}, store={self._store.url!r})"
+
+
+def _contract_of(name: str, state: AgentState) -> AgentContract:
+    """The contract of an agent as the store holds it.
+
+    The store keeps an agent's current allocation (transfers included), not the one it was
+    registered with, so that is the allocation this contract shows.
+    """
+    if state.unit is None:
+        return AgentContract(name=name, priority=state.priority, confidence_threshold=state.threshold)
+    # Re-registering can set a min_reserve above an allocation that transfers had lowered; the
+    # contract cannot hold more in reserve than it has.
+    reserve = min(state.min_reserve, state.allocated)
+    if state.unit == COST:
+        return AgentContract(name=name, priority=state.priority, max_cost_usd=nanos_to_usd(state.allocated),
+                             min_reserve=nanos_to_usd(reserve), confidence_threshold=state.threshold)  # fmt: skip
+    return AgentContract(name=name, priority=state.priority, max_tokens=state.allocated, min_reserve=reserve,
+                         confidence_threshold=state.threshold)  # fmt: skip
 
 
 def _config_count(value: Any, name: str) -> int:
