@@ -9,6 +9,7 @@ counts calls whose model had no price.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -101,7 +102,10 @@ class Level:
     limits: list[int | None] = field(init=False, repr=False, compare=False)
     spend_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
     count_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
-    soft_checks: list[tuple[int, int, float]] = field(init=False, repr=False, compare=False)
+    soft_checks: list[tuple[int, int, int, tuple[tuple[float, int], ...]]] = field(
+        init=False, repr=False, compare=False
+    )
+    """Per limited dimension: the limit, the count that reaches the first threshold, and each threshold's count."""
     warm: bool = field(init=False, repr=False, compare=False)
     """False when no counter has reached its first warning threshold, so soft-limit scans can be skipped."""
 
@@ -114,14 +118,18 @@ class Level:
         self.limits = limits
         self.spend_checks = [(d, lim) for d in SPEND_DIMS if (lim := limits[d]) is not None]
         self.count_checks = [(d, lim) for d in (LLM, TOOL, AGENTS) if (lim := limits[d]) is not None]
-        first = self.warn_at[0] if self.warn_at else None
-        self.soft_checks = [(d, lim, first * lim) for d in range(7) if (lim := limits[d])] if first is not None else []
+        warn_at = self.warn_at
+        self.soft_checks = []
+        for d in range(7) if warn_at else ():
+            if lim := limits[d]:
+                marks = tuple((t, _reach(t, lim)) for t in warn_at)
+                self.soft_checks.append((d, lim, marks[0][1], marks))
         self.rewarm()
 
     def rewarm(self) -> None:
         """Recompute `warm` after the counters changed."""
         spent = self.spent
-        self.warm = any(spent[d] >= floor for d, _, floor in self.soft_checks)
+        self.warm = any(spent[d] >= floor for d, _, floor, _ in self.soft_checks)
 
 
 @dataclass(slots=True)
@@ -341,7 +349,8 @@ class Engine:
                 break
         else:  # no level near a soft limit: only the agent's own allocation could be
             run = levels[0]
-            if u is None or not run.warn_at or state.spent[u] < run.warn_at[0] * state.allocated:
+            allocated = state.allocated
+            if u is None or not run.warn_at or allocated <= 0 or state.spent[u] / allocated < run.warn_at[0]:
                 return ALLOW, plan
         return self._soft(levels, agent, state) or ALLOW, plan
 
@@ -373,8 +382,8 @@ class Engine:
             )  # fmt: skip
         if moved and run.fired and state.unit is not None:
             # A bigger allocation can put the agent's spend back under a threshold: fire again when re-crossed.
-            spent, allocated = state.spent[state.unit], state.allocated
-            run.fired -= {k for k in run.fired if k[0] == "allocation" and k[1] == agent and spent < k[2] * allocated}
+            ratio = state.spent[state.unit] / state.allocated  # the allocation grew by `moved`, so it is > 0
+            run.fired -= {k for k in run.fired if k[0] == "allocation" and k[1] == agent and ratio < k[2]}
         return moved
 
     @staticmethod
@@ -384,7 +393,7 @@ class Engine:
             if not level.warm:
                 continue
             spent_v = level.spent
-            for d, limit, floor in level.soft_checks:
+            for d, limit, floor, _ in level.soft_checks:
                 spent = spent_v[d]
                 if floor <= spent < limit:
                     ratio = spent / limit
@@ -411,21 +420,27 @@ class Engine:
         for level in levels:
             warm = False
             spent_v = level.spent
-            for d, limit, floor in level.soft_checks:
+            for d, limit, floor, marks in level.soft_checks:
                 spent = spent_v[d]
                 if spent < floor:
                     continue
                 warm = True
-                for t in level.warn_at:
-                    if spent >= t * limit and (d, t) not in level.fired:
+                for t, mark in marks:
+                    if spent >= mark and (d, t) not in level.fired:
                         level.fired.add((d, t))
                         events.append(_soft_limit(level, levels[0], agent, d, spent, limit, t))
             level.warm = warm
         run = levels[0]
-        if state.unit is not None and run.warn_at and 0 < run.warn_at[0] * state.allocated <= state.spent[state.unit]:
+        # An allocation changes with every transfer, so its thresholds are judged by the ratio (the rule of `_reach`).
+        if (
+            state.unit is not None
+            and run.warn_at
+            and state.allocated > 0
+            and (ratio := state.spent[state.unit] / state.allocated) >= run.warn_at[0]
+        ):
             for t in run.warn_at:
                 key = ("allocation", agent, t)
-                if state.spent[state.unit] >= t * state.allocated and key not in run.fired:
+                if ratio >= t and key not in run.fired:
                     run.fired.add(key)
                     events.append(_soft_limit(None, run, agent, state.unit, state.spent[state.unit],
                                               state.allocated, t))  # fmt: skip
@@ -619,7 +634,7 @@ class Engine:
         # A raised limit can put spend back under a threshold: let it fire again when re-crossed.
         level.fired = {
             k for k in level.fired
-            if k[0] == "allocation" or (limits[k[0]] is not None and level.spent[k[0]] >= k[1] * limits[k[0]])
+            if k[0] == "allocation" or ((lim := limits[k[0]]) is not None and level.spent[k[0]] >= _reach(k[1], lim))
         }  # fmt: skip
 
     def levels_of(self, chain: tuple[str, ...], now: float) -> list[Level]:
@@ -700,6 +715,32 @@ def _usage_of(amounts: Vector, cost_known: bool = True) -> Usage:
 
 def _unit_name(dim: int) -> str:
     return "USD" if dim == COST else "tokens"
+
+
+_EXACT = 2**53
+"""Every integer below this is an exact double."""
+
+
+def _reach(t: float, limit: int) -> int:
+    """The least count ``n`` with ``n / limit >= t``: where consumption reaches the fraction ``t`` of ``limit``.
+
+    The one rule for every threshold, in every store (the Lua script computes the same count):
+    ``n / limit`` rounded as a float division, so 55 of 100 reaches 0.55 although
+    ``0.55 * 100 == 55.00000000000001``. Exact ``Fraction(0.55)`` would miss it too, as the
+    double nearest 0.55 is slightly above it. The ratios `_soft` and `_crossed` compare are
+    the same divisions, so a decision and the events agree.
+    """
+    if limit <= 0:
+        return 0
+    n = math.ceil(t * limit)
+    if n >= _EXACT:  # counts this large are not exact doubles (nor the Lua script's counters): keep the product
+        return n
+    # The product is rounded, so it may be one off: step to the least count that reaches t.
+    while n > 0 and (n - 1) / limit >= t:
+        n -= 1
+    while n / limit < t:
+        n += 1
+    return n
 
 
 def _crossed(warn_at: tuple[float, ...], ratio: float) -> float:

@@ -249,6 +249,48 @@ def test_an_allocation_warning_fires_again_after_reallocation_raises_the_allocat
     assert len(events) == 2
 
 
+# 0.55 * 100 is 55.00000000000001 in floating point (and 0.55 * $0.1 in nano-dollars likewise),
+# yet spending exactly 55% reaches the 55% threshold: every store must fire on it.
+EXACT_THRESHOLD_CASES = [
+    pytest.param(Limits(max_total_tokens=100, warn_at=(0.55,)), {}, 55, "total_tokens", id="tokens"),
+    pytest.param(Limits(max_cost_usd="0.1", warn_at=(0.55,)), {}, 55_000, "cost_usd", id="usd"),
+    pytest.param(Limits(warn_at=(0.55,)), {"max_tokens": 100}, 55, "allocation", id="token-allocation"),
+    pytest.param(Limits(warn_at=(0.55,)), {"max_cost_usd": "0.1"}, 55_000, "allocation", id="usd-allocation"),
+]
+
+
+@pytest.mark.parametrize(("limits", "contract", "tokens", "resource"), EXACT_THRESHOLD_CASES)
+@pytest.mark.parametrize("short", [1, 0], ids=["one-short", "exact"])
+def test_a_soft_limit_fires_when_spend_reaches_its_threshold_exactly(
+    open_store: Opener, limits: Limits, contract: dict[str, Any], tokens: int, resource: str, short: int
+) -> None:
+    events: list[SoftLimit] = []
+    budget = Budget(limits, name="b", store=open_store(), prices=PRICES, on_soft_limit=events.append)
+    agent = "a" if contract else None
+    if contract:
+        budget.agent(agent, **contract)
+    budget.reserve(agent, model=MODEL, prompt_tokens=tokens, max_output_tokens=1).settle(_usage(tokens - short, 0))
+    assert [(e.resource, e.threshold) for e in events] == ([] if short else [(resource, 0.55)])
+    assert len(budget.ledger.history(kind="soft_limit")) == len(events)
+    assert isinstance(budget.check(agent), SoftLimit) is (short == 0)
+
+
+def test_a_warning_at_its_exact_threshold_stays_fired_when_the_limit_grows_to_that_threshold(
+    open_store: Opener,
+) -> None:
+    events: list[SoftLimit] = []
+    budget = Budget(Limits(max_total_tokens=99, warn_at=(0.55,)), name="b", store=open_store(),
+                    on_soft_limit=events.append)  # fmt: skip
+    budget.agent("lead", priority=2, max_tokens=99)
+    budget.agent("idle", priority=1, max_tokens=1_000, min_reserve=0)
+    budget.record("lead", _usage(55, 0))
+    assert [(e.resource, e.consumed, e.limit) for e in events] == [("total_tokens", 55, 99), ("allocation", 55, 99)]
+    budget.top_up(total_tokens=1)  # 55 of 100: still at the 55% threshold
+    assert budget.reallocate("lead", 1) == 1  # 55 of 100 again
+    budget.record("lead", _usage(1, 0))
+    assert len(events) == 2 and len(budget.ledger.history(kind="soft_limit")) == 2
+
+
 def test_snapshot_reports_limits_with_top_ups(open_store: Opener) -> None:
     budget = Budget(Limits(max_total_tokens=100, max_cost_usd="0.5"), name="b", store=open_store())
     budget.top_up(total_tokens=50, cost_usd="0.25")

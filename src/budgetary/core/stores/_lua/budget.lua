@@ -144,6 +144,18 @@ end
 
 -- -- levels -------------------------------------------------------------------------------
 
+-- Engine._reach: the least count n with n / lim >= t, the one threshold rule of every store.
+-- Counts and limits below 2^53 are exact doubles, so the division rounds as Python's does;
+-- above, n - 1 == n and the product is kept, as in Python.
+local function reach(t, lim)
+  if lim <= 0 then return 0 end
+  local n = math.ceil(t * lim)
+  if n >= 9007199254740992 then return n end
+  while n > 0 and (n - 1) / lim >= t do n = n - 1 end
+  while n / lim < t do n = n + 1 end
+  return n
+end
+
 local function refresh(lv)
   lv.lim, lv.spend, lv.count, lv.soft = {}, {}, {}, {}
   for d = 1, 7 do
@@ -155,11 +167,15 @@ local function refresh(lv)
   for _, d in ipairs(COUNT) do
     if lv.lim[d] then lv.count[#lv.count + 1] = {d, lv.lim[d]} end
   end
-  local first = lv.warn[1]
-  if first then
+  -- Per limited dimension: {d, limit, the count of the first threshold, the count of each}.
+  if lv.warn[1] then
     for d = 1, 7 do
       local lim = lv.lim[d]
-      if lim and lim ~= 0 then lv.soft[#lv.soft + 1] = {d, lim, first * lim} end
+      if lim and lim ~= 0 then
+        local marks = {}
+        for i, t in ipairs(lv.warn) do marks[i] = reach(t, lim) end
+        lv.soft[#lv.soft + 1] = {d, lim, marks[1], marks}
+      end
     end
   end
 end
@@ -612,7 +628,7 @@ local function apply_plan(run, sj, st, pl, x)
     -- A bigger allocation can put the agent's spend back under a threshold: fire again when re-crossed.
     for i, t in ipairs(run.warn) do
       local key = "a|" .. st.k .. "|" .. run.warn_s[i]
-      if run.fired[key] and st.s[st.u] < t * st.al then
+      if run.fired[key] and st.s[st.u] / st.al < t then  -- st.al > 0: it grew by `moved`
         ctouch(run)
         own(run, "fired")[key] = nil
       end
@@ -675,12 +691,12 @@ local function fire(levels, sj, akey, st, x)
   local run = levels[1]
   for _, lv in ipairs(levels) do
     for _, c in ipairs(lv.soft) do
-      local d, lim, floor = c[1], c[2], c[3]
+      local d, lim, floor, marks = c[1], c[2], c[3], c[4]
       local sp = lv.spent[d]
       if sp >= floor then
-        for i, t in ipairs(lv.warn) do
+        for i = 1, #marks do
           local key = tostring(d - 1) .. "|" .. lv.warn_s[i]
-          if sp >= t * lim and not lv.fired[key] then
+          if sp >= marks[i] and not lv.fired[key] then
             ctouch(lv)
             own(lv, "fired")[key] = true
             events[#events + 1] = {t = "soft", n = lv.name, rn = run.name, d = d - 1, s = istr(sp), l = istr(lim),
@@ -691,9 +707,11 @@ local function fire(levels, sj, akey, st, x)
     end
   end
   if st.u and st.al > 0 then
+    -- An allocation changes with every transfer, so its thresholds are judged by the ratio (`reach`'s rule).
+    local r = st.s[st.u] / st.al
     for i, t in ipairs(run.warn) do
       local key = "a|" .. akey .. "|" .. run.warn_s[i]
-      if st.s[st.u] >= t * st.al and not run.fired[key] then
+      if r >= t and not run.fired[key] then
         ctouch(run)
         own(run, "fired")[key] = true
         events[#events + 1] = {t = "soft", rn = run.name, d = st.u - 1, s = istr(st.s[st.u]), l = istr(st.al),
@@ -815,22 +833,22 @@ local function fast_quiet(n, akey, c, al, as, ah)
   if u and as[u] + ah[u] - al > 0 then return false end
   for i = 1, n do
     local cfg, sp = FC[i], FS[i]
-    local soft, warn = cfg.soft, cfg.warn
+    local soft = cfg.soft
     for j = 1, #soft do
-      local d, lim = soft[j][1], soft[j][2]
+      local d, marks = soft[j][1], soft[j][4]
       local x = sp[d]
       if x >= soft[j][3] then
-        for k = 1, #warn do
-          if x >= warn[k] * lim and not cfg.fired[tostring(d - 1) .. "|" .. cfg.warn_s[k]] then return false end
+        for k = 1, #marks do
+          if x >= marks[k] and not cfg.fired[tostring(d - 1) .. "|" .. cfg.warn_s[k]] then return false end
         end
       end
     end
   end
   if u and al > 0 then
     local run = FC[1]
-    local warn = run.warn
+    local warn, r = run.warn, as[u] / al
     for k = 1, #warn do
-      if as[u] >= warn[k] * al and not run.fired["a|" .. akey .. "|" .. run.warn_s[k]] then return false end
+      if r >= warn[k] and not run.fired["a|" .. akey .. "|" .. run.warn_s[k]] then return false end
     end
   end
   return true
@@ -1113,7 +1131,7 @@ function ops.top_up(argv)
       keep[f] = true
     elseif d then
       local lim = lv.lim[tonumber(d) + 1]
-      if lim and lv.spent[tonumber(d) + 1] >= tonumber(t) * lim then keep[f] = true end
+      if lim and lv.spent[tonumber(d) + 1] >= reach(tonumber(t), lim) then keep[f] = true end
     end
   end
   lv.fired = keep
