@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -139,6 +140,22 @@ def test_a_child_must_share_its_parents_store():
     parent = Budget(name="p")
     with pytest.raises(ConfigurationError, match="parent's store"):
         Budget(name="c", parent=parent, store="memory://")
+    assert Budget(name="c", parent=parent).store is parent.store
+
+
+def test_a_child_given_its_parents_store_url_reuses_the_parents_store(tmp_path):
+    url = f"sqlite:///{tmp_path}/budget%20db.sqlite"  # the store's own URL spells the file name "budget db"
+    day = Budget(Limits(max_total_tokens=1_000), name="day", store=url)
+    run = Budget(Limits(max_total_tokens=400), name="run-1", parent=day, store=url)
+    assert run.store is day.store
+    again = Budget(name="run-2", parent=day, store=day.store.url)
+    assert again.store is day.store
+    _spend(run, None, 300)
+    assert day.snapshot().total_tokens == 300
+    other = f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(ConfigurationError, match=re.escape(f"must live in its parent's store ({day.store.url})")):
+        Budget(name="run-3", parent=day, store=other)
+    day.store.close()
 
 
 def test_names_are_data_not_keys():

@@ -31,7 +31,7 @@ from budgetary.core.limits import Limits
 from budgetary.core.prices import Price, PriceTable
 from budgetary.core.skip import Skipped
 from budgetary.core.snapshot import Snapshot
-from budgetary.core.stores import Store, open_store
+from budgetary.core.stores import MemoryStore, Store, open_store
 from budgetary.core.stores.base import AsyncStore, is_async_store, off_loop
 from budgetary.core.usage import Usage, coerce_cost, coerce_count
 
@@ -351,7 +351,8 @@ class Budget:
         parent: A parent budget (tenant, day) charged with everything this one spends.
         guards: Host guards (see `BudgetGuard`); every one must allow.
         store: A store, its URL, or a redis-py client (sync, cluster or asyncio); default: the
-            parent's store, else a new ``memory://``.
+            parent's store, else a new ``memory://``. A child shares its parent's store: it may be
+            given that store or its URL (not ``memory://``, which opens a new store), nothing else.
         on_exhausted: What adapters do on a refusal: ``deny``, ``skip``, ``interrupt`` or ``end``.
         on_soft_limit: Called once per ``warn_at`` crossing per scope with the `SoftLimit`.
         default_output_reserve: Output tokens held for a call that sets no ``max_tokens``.
@@ -420,9 +421,13 @@ class Budget:
         if parent is None:
             self._path: tuple[str, ...] = (name,)
             self._store = open_store(store)
+            # The URL the store was opened from: a child given it again shares the store, even where the
+            # store's own `url` spells it differently (a Redis password masked, a SQLite file name unescaped).
+            self._store_from: str | None = store if isinstance(store, str) else None
         else:
             self._path = (*parent._path, name)
-            if store is not None and store is not parent._store:
+            self._store_from = parent._store_from
+            if store is not None and store is not parent._store and not _names_store(store, parent):
                 raise ConfigurationError(
                     f"budget {name!r} must live in its parent's store ({parent._store.url}) so that one "
                     "atomic step can check every level"
@@ -1055,6 +1060,16 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"Budget(name={self.name!r}, mode={self.mode!r}, store={self._store.url!r})"
+
+
+def _names_store(url: Any, budget: Budget) -> bool:
+    """Whether the URL ``url`` names ``budget``'s store (so a child given it can share that store).
+
+    A ``memory://`` URL names a new, empty store every time, never one already open.
+    """
+    if not isinstance(url, str) or isinstance(budget._store, MemoryStore):
+        return False
+    return url == budget._store_from or url == budget._store.url
 
 
 def _contract_of(name: str, state: AgentState) -> AgentContract:
