@@ -200,6 +200,23 @@ async def test_concurrent_tasks_never_pass_a_cap(
 
 
 @pytest.mark.redis
+async def test_a_url_store_queues_more_concurrent_calls_than_its_pool_holds(
+    redis_url: str, key_prefix: str, anyio_backend: str
+) -> None:
+    # 200 calls in flight at once, twice redis-py's connection cap: the extra ones wait for a connection.
+    async with RedisStore(redis_url, key_prefix=key_prefix) as store:
+        budget = Budget(Limits(max_llm_calls=1_000), name="b", store=store)
+
+        async def call() -> None:
+            reservation = await budget.areserve(prompt_tokens=10, max_output_tokens=10)
+            await reservation.asettle(_usage(10, 5))
+
+        await asyncio.gather(*(call() for _ in range(200)))
+        snap = await budget.asnapshot()
+        assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (200, 3_000, 0)
+
+
+@pytest.mark.redis
 async def test_sync_calls_on_an_asyncio_only_store_work_from_the_loop_and_from_threads(
     key_prefix: str, async_client: Any, anyio_backend: str
 ) -> None:

@@ -7,6 +7,7 @@ there instead of skipping).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -161,3 +162,20 @@ async def test_a_redis_cluster_url_opens_an_asyncio_cluster_client_for_the_async
             await call.asettle({"input_tokens": 3, "output_tokens": 1})
         assert [type(c).__name__ for c in store._loop_clients.values()] == ["RedisCluster"]
         assert (await budget.asnapshot()).llm_calls == 1 == budget.snapshot().llm_calls
+
+
+@pytest.mark.anyio
+async def test_a_redis_cluster_url_queues_more_concurrent_calls_than_a_node_holds(
+    cluster: Any, prefix: str, anyio_backend: str
+) -> None:
+    # 200 calls start together on a new client: twice the connections per node, before it knows the slots.
+    async with RedisStore(_cluster_scheme_url(), key_prefix=prefix) as store:
+        budget = Budget(Limits(max_llm_calls=1_000), name="day", store=store)
+
+        async def call() -> None:
+            reservation = await budget.areserve(prompt_tokens=10, max_output_tokens=10)
+            await reservation.asettle({"input_tokens": 10, "output_tokens": 5})
+
+        await asyncio.gather(*(call() for _ in range(200)))
+        snap = await budget.asnapshot()
+        assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (200, 3_000, 0)

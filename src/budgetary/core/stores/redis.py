@@ -73,6 +73,9 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _vector = struct.Struct("<8d").pack
 _HELD = -6  # where a reserve request's amounts are, counted from its end (see `_reserve_request`)
 _CACHE_MAX = 4096  # entries per per-store cache of encoded arguments (chains, ledger metadata)
+# Connections per asyncio client a store opens (per node on a Cluster): redis-py's own default, so
+# no caller gets fewer than before. Calls beyond it wait for a free one (see `_async_client`).
+_MAX_CONNECTIONS = 100
 _ALLOWED = Outcome()
 """The common reserve outcome, shared (outcomes are never mutated)."""
 
@@ -147,6 +150,20 @@ def mapped_errors(url: str, what: str) -> Iterator[None]:
         raise StoreError(f"Redis store {url} failed ({what}): {type(exc).__name__}: {exc}") from exc
     except UnicodeEncodeError as exc:
         raise unencodable(f"Redis store {url}", exc) from None
+
+
+async def _take(slots: asyncio.Semaphore, timeout: float | None) -> None:
+    """Acquire one of ``slots``, or raise redis-py's ``ConnectionError`` after ``timeout`` seconds.
+
+    The error is the one redis-py's `BlockingConnectionPool` raises when it runs out of time, so
+    both clients fail the same way (`StoreError`, through `mapped_errors`).
+    """
+    import redis
+
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout)
+    except asyncio.TimeoutError as exc:
+        raise redis.ConnectionError("No connection available.") from exc
 
 
 def _bulk(args: list[Any]) -> bytes:
@@ -344,7 +361,10 @@ class RedisStore:
         key_prefix: Prepended to every key; must not contain ``{`` or ``}`` (they would change the
             Cluster hash tag).
         ledger_max_len: Ledger entries kept per budget family, newest last (0 keeps all).
-        socket_timeout: Seconds before a Redis command fails with `StoreError` (URL only).
+        socket_timeout: Seconds before a Redis command fails with `StoreError` (URL only). An async
+            call also waits up to this long for a free connection when 100 calls (a
+            ``max_connections`` URL parameter changes that number) are already in flight on the
+            running loop.
     """
 
     def __init__(
@@ -432,8 +452,12 @@ class RedisStore:
         self._setup_lock: asyncio.Lock | None = None
         # A store built on an asyncio client serves sync calls with a copy of it (see `_bridge`).
         self._twin: tuple[Any, int] | None = None
-        # A store that opened its clients from a URL: its asyncio client per event loop.
+        # A store that opened its clients from a URL: its asyncio client per event loop, and on a
+        # Cluster the slots that bound the calls in flight on it (see `_async_client`).
         self._loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._loop_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -549,8 +573,21 @@ class RedisStore:
         client = self._async_client()
         if self._setup:
             await self._run_setup()
+        slots = self._loop_slots.get(asyncio.get_running_loop()) if self._cluster_url is not None else None
         with mapped_errors(self.url, argv[0]):
-            raw = await self._ainvoke(client, keys, argv)
+            if slots is None:
+                raw = await self._ainvoke(client, keys, argv)
+            else:
+                # redis-py 8 routes a command before it learns the cluster's slots, so calls that
+                # start together on a new client go to the wrong node, and the MOVED replies make
+                # it reconnect, cutting the others' connections mid-call. Learn the slots first
+                # (this returns at once when the client has them).
+                await client.initialize()
+                await _take(slots, self._socket_timeout)
+                try:
+                    raw = await self._ainvoke(client, keys, argv)
+                finally:
+                    slots.release()
         return raw if type(raw) is str else raw.decode()
 
     async def _ainvoke(self, client: Any, keys: list[Any], argv: list[Any]) -> Any:
@@ -605,10 +642,26 @@ class RedisStore:
         if client is None:
             import redis.asyncio
 
-            opener = redis.asyncio.Redis if self._cluster_url is None else redis.asyncio.RedisCluster
-            url = self._cluster_url or self._from_url
-            assert url is not None  # a store that owns its clients opened them from a URL
-            client = self._loop_clients[loop] = opener.from_url(url, socket_timeout=self._socket_timeout)
+            # redis-py's default asyncio pools raise MaxConnectionsError when a call finds every
+            # connection in use, so `asyncio.gather` of more calls than that failed the extra
+            # ones. A blocking pool makes them wait for a connection instead. The Cluster client
+            # has no blocking pool (its nodes raise too): the store bounds its calls in flight to
+            # one node's connections, which no call can then exhaust (each holds one connection
+            # at a time). Both waits end after socket_timeout, as a command would.
+            if self._cluster_url is None:
+                assert self._from_url is not None  # a store that owns its clients opened them from a URL
+                pool = redis.asyncio.BlockingConnectionPool.from_url(
+                    self._from_url, socket_timeout=self._socket_timeout, max_connections=_MAX_CONNECTIONS,
+                    timeout=self._socket_timeout,
+                )  # fmt: skip
+                client = redis.asyncio.Redis.from_pool(pool)  # closes the pool with the client
+            else:
+                client = redis.asyncio.RedisCluster.from_url(
+                    self._cluster_url, socket_timeout=self._socket_timeout, max_connections=_MAX_CONNECTIONS
+                )
+                # A max_connections URL parameter overrides the argument: bound by what the nodes got.
+                self._loop_slots[loop] = asyncio.Semaphore(client.connection_kwargs["max_connections"])
+            self._loop_clients[loop] = client
         return client
 
     async def _run_setup(self) -> None:
@@ -951,7 +1004,9 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Close the asyncio client the store opened for the running loop (a client passed in is left open)."""
-        client = self._loop_clients.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        client = self._loop_clients.pop(loop, None)
+        self._loop_slots.pop(loop, None)
         if client is not None:
             with mapped_errors(self.url, "close"):
                 await client.aclose()
