@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -163,3 +164,58 @@ def test_a_forked_child_renews_its_own_leases(tmp_path: Any) -> None:
     child.join(timeout=30)
     assert child.exitcode == 0
     assert (budget.snapshot().llm_calls, budget.snapshot().held_llm_calls) == (2, 0)
+
+
+def _open_new_files_together(paths: list[str], start: Any, results: Any) -> None:
+    for path in paths:
+        start.wait(timeout=30)
+        try:
+            budget = Budget(Limits(max_llm_calls=100), name="b", store=f"sqlite:///{path}")
+            budget.reserve(prompt_tokens=10, max_output_tokens=10).settle({"input_tokens": 10, "output_tokens": 5})
+            budget.store.close()
+        except Exception as exc:  # reported by the parent: a child's traceback would be lost
+            results.put(f"{path}: {exc!r}")
+        else:
+            results.put(None)
+
+
+@pytest.mark.slow
+def test_processes_creating_the_same_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    # The first operations on a new file switch it to WAL and create the tables. Each round starts
+    # every process on a new file at the same moment, so that they contend for exactly that.
+    import multiprocessing
+
+    processes, rounds = 6, 15
+    paths = [str(tmp_path / f"b{i}.db") for i in range(rounds)]
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(processes), ctx.Queue()
+    children = [
+        ctx.Process(target=_open_new_files_together, args=(paths, start, results), daemon=True)
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    outcomes = [results.get(timeout=60) for _ in range(processes * rounds)]
+    for child in children:
+        child.join(timeout=30)
+    assert [o for o in outcomes if o is not None] == []
+    assert [child.exitcode for child in children] == [0] * processes
+    for path in paths:
+        with SQLiteStore(path) as store:
+            snap = Budget(Limits(max_llm_calls=100), name="b", store=store).snapshot()
+        assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (processes, 15 * processes, 0)
+
+
+def test_a_file_locked_for_longer_than_the_timeout_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN EXCLUSIVE")  # no other connection can switch the file to WAL meanwhile
+    began = time.monotonic()
+    with pytest.raises(StoreError, match=re.escape("OperationalError: database is locked")):
+        SQLiteStore(path, timeout=0.3)
+    assert 0.3 <= time.monotonic() - began < 5
+    other.execute("ROLLBACK")
+    with SQLiteStore(path, timeout=0.3) as store:  # the lock is gone: the same file opens
+        assert Budget(Limits(max_llm_calls=1), name="b", store=store).snapshot().llm_calls == 0
+    other.close()

@@ -6,7 +6,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,41 @@ class SQLiteStore(EngineStore):
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            try:
+                self._retry_while_locked(lambda: _use_wal(conn))
+                conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            except BaseException:
+                conn.close()
+                raise
             local.conn, local.pid = conn, os.getpid()
             with self._lock:
                 self._connections.append((os.getpid(), conn))
         if not self._ready:
-            conn.executescript(_SCHEMA)
+            self._retry_while_locked(lambda: conn.executescript(_SCHEMA))  # every statement is IF NOT EXISTS
             self._ready = True
         return conn
+
+    def _retry_while_locked(self, step: Callable[[], object]) -> None:
+        """Run ``step``, and again after a short pause while the database is locked, for up to ``timeout`` seconds.
+
+        SQLite's busy timeout does not cover every statement: switching the journal mode fails at
+        once when another connection holds a lock, as can a write in WAL mode that started reading
+        before another process wrote. Processes that open a new file together meet exactly these
+        (while one switches it to WAL and creates the tables), so they wait here instead. When the
+        time is up, the last failure is raised.
+        """
+        deadline = time.monotonic() + self._timeout
+        pause = 0.001
+        while True:
+            try:
+                step()
+                return
+            except sqlite3.OperationalError as exc:
+                left = deadline - time.monotonic()
+                if "database is locked" not in str(exc) or left <= 0:
+                    raise
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
 
     @contextmanager
     def _transaction(self) -> Iterator[Engine]:
@@ -164,6 +191,13 @@ class SQLiteStore(EngineStore):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the database to WAL mode unless it is in it already (the mode persists in the file)."""
+    (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+    if mode.lower() != "wal":
+        conn.execute("PRAGMA journal_mode=WAL")
 
 
 @contextmanager
