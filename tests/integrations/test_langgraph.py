@@ -154,6 +154,19 @@ def test_interrupt_without_a_checkpointer_is_refused_up_front():
         govern_graph(research_builder(fake()).compile(), Budget(), policies={"critic": "interrupt"})
 
 
+def test_a_checkpointer_given_with_a_compiled_graph_is_used_and_the_original_keeps_none():
+    # The error above tells the user to pass checkpointer= to govern_graph: that must work after compile() too.
+    model = fake()
+    compiled = research_builder(model).compile()
+    saver = InMemorySaver()
+    app = govern_graph(compiled, Budget(Limits(max_total_tokens=230)), on_exhausted="interrupt", checkpointer=saver)
+    assert app.checkpointer is saver and compiled.checkpointer is None
+    config = {"configurable": {"thread_id": "compiled-cp"}}
+    assert app.invoke({"topic": "otters"}, config)["__interrupt__"][0].value["node"] == "writer"
+    done = app.invoke(Command(resume={"total_tokens": 500}), config)
+    assert [n.split(":")[0] for n in done["notes"]] == ["planner", "researcher", "writer", "critic"]
+
+
 def test_end_returns_the_state_so_far_without_raising():
     model = fake()
     budget = Budget(Limits(max_total_tokens=230))

@@ -534,8 +534,8 @@ def govern_graph(
 
     ``agents`` maps node names to budget agents (default: the node name,
     registered on first use; ``None``: the run); ``on_exhausted`` is the default policy (default:
-    the budget's); ``policies`` overrides it per node. ``checkpointer`` is used
-    when ``graph`` is a ``StateGraph`` to be compiled. The user's graph object is
+    the budget's); ``policies`` overrides it per node. ``checkpointer`` is the
+    governed graph's (compiling a ``StateGraph``, or replacing a compiled graph's). The user's graph object is
     not changed. Governing a governed graph again returns it as it is, or, given other
     ``policies``/``agents``/``on_exhausted``, governs the original graph with those;
     another budget is refused (`ValueError`), as are names of nodes the graph lacks.
@@ -589,16 +589,17 @@ def govern_graph(
         compiled = builder.compile(checkpointer=checkpointer)
         compiled.builder = graph
     else:
-        compiled = graph.copy(
-            {
-                "nodes": {
-                    name: node
-                    if name.startswith("__") or _governed_by(node.bound, budget)
-                    else node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
-                    for name, node in graph.nodes.items()
-                }
+        update: dict[str, Any] = {
+            "nodes": {
+                name: node
+                if name.startswith("__") or _governed_by(node.bound, budget)
+                else node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
+                for name, node in graph.nodes.items()
             }
-        )
+        }
+        if checkpointer is not None:  # it wins over the compiled graph's, in the copy only
+            update["checkpointer"] = checkpointer
+        compiled = graph.copy(update)
     uses_interrupt = default == "interrupt" or "interrupt" in policies.values()
     if uses_interrupt and compiled.checkpointer is None:
         raise ValueError(
