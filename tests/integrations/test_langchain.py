@@ -596,6 +596,23 @@ def test_middleware_and_handler_together_charge_once():
     assert budget.snapshot().tool_calls == 1  # tools are counted by the handler
 
 
+def test_middleware_of_a_child_budget_and_a_scope_of_its_parent_charge_the_parent_once():
+    # The middleware's charge of the child budget is also the parent's: the parent's handler
+    # reserving the same model call again would count every call twice against the parent.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    day = Budget(Limits(max_total_tokens=100_000), name="day")
+    run = Budget(Limits(max_total_tokens=10_000), name="run", parent=day)
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(run)])
+    agent.invoke({"messages": [("user", "q")]}, config={"callbacks": [BudgetCallbackHandler(day)]})
+    with budget_scope(day):
+        asyncio.run(agent.ainvoke({"messages": [("user", "q")]}))
+    assert provider_calls(model) == 4 == run.snapshot().llm_calls == day.snapshot().llm_calls
+    assert day.snapshot().total_tokens == run.snapshot().total_tokens == 4 * 150
+    assert day.snapshot().held_tokens == 0 and day.snapshot().tool_calls == 2
+
+
 def test_middleware_prices_with_the_billed_model_name():
     from budgetary.integrations.langchain import BudgetMiddleware
 

@@ -404,7 +404,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
     ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
         """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
-        if _middleware_budget.get() is self.budget or self._stands_aside():
+        if self._middleware_charges() or self._stands_aside():
             return None  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
         claim = self._take(run_id, parent_run_id)
         if claim is None:
@@ -439,6 +439,19 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         orphans = [rid for rid, c in list(claims.items()) if c.parent == parent_run_id and c.handler is self]
         taken = (claims.pop(rid, None) for rid in orphans)  # None: the run ended meanwhile and settled itself
         return [c.reservation for c in taken if c is not None and c.reservation is not None]
+
+    def _middleware_charges(self) -> bool:
+        """Whether `BudgetMiddleware` reserved the current call on this budget or on a child of it.
+
+        A child budget's charge is also its parents': a parent's handler reserving again would
+        count the call twice.
+        """
+        budget = _middleware_budget.get()
+        while budget is not None:
+            if budget is self.budget:
+                return True
+            budget = budget.parent
+        return False
 
     def _stands_aside(self) -> bool:
         owners = _node_owners.get()
