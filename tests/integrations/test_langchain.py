@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("langchain_core")
 
 from langchain_core.caches import InMemoryCache
-from langchain_core.callbacks import UsageMetadataCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -423,6 +423,30 @@ def test_on_soft_limit_is_called_once_per_crossing_not_on_every_later_call():
     for _ in range(5):  # 150 tokens a call: 30% after the 2nd, 60% after the 4th
         model.invoke("q", config={"callbacks": [handler]})
     assert [e.threshold for e in seen] == [0.25, 0.5]
+
+
+def test_a_soft_limit_crossed_by_tool_calls_reaches_the_user_too():
+    @tool
+    def search(query: str) -> str:
+        """Search the web."""
+        return "results"
+
+    class Events(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, Any]] = []
+
+        def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            self.seen.append((name, data["resource"]))
+
+    budget = Budget(Limits(max_tool_calls=4, warn_at=(0.5,)))
+    seen: list[SoftLimit] = []
+    handler, events = BudgetCallbackHandler(budget, on_soft_limit=seen.append), Events()
+    chain = RunnableLambda(lambda q: q) | search
+    for _ in range(3):  # the 2nd call crosses 50%
+        chain.invoke("otters", config={"callbacks": [handler, events]})
+    asyncio.run(chain.ainvoke("otters", config={"callbacks": [handler, events]}))
+    assert [(e.resource, e.threshold) for e in seen] == [("tool_calls", 0.5)]
+    assert events.seen == [(SOFT_LIMIT_EVENT, "tool_calls")]
 
 
 def test_an_on_soft_limit_callback_that_raises_is_logged_and_the_calls_go_on(caplog):

@@ -349,8 +349,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if request is None:
             return
         self.budget.ensure_agent(request[0])
-        if not self._tool_allowed(run_id, decision := self.budget.check_tool(*request)):
+        with _tool_crossings(self.budget) as crossed:
+            decision = self.budget.check_tool(*request)
+        if not self._tool_allowed(run_id, decision):
             raise self.budget.exceeded(decision, request[0])
+        for event in crossed:
+            _tell(self.on_soft_limit, event)
+            _dispatch_soft_event(event)
 
     async def _aon_tool_start(
         self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
@@ -360,8 +365,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if request is None:
             return
         await self.budget.aensure_agent(request[0])
-        if not self._tool_allowed(run_id, decision := await self.budget.acheck_tool(*request)):
+        with _tool_crossings(self.budget) as crossed:
+            decision = await self.budget.acheck_tool(*request)
+        if not self._tool_allowed(run_id, decision):
             raise await self.budget.aexceeded(decision, request[0])
+        for event in crossed:
+            _tell(self.on_soft_limit, event)
+            await _adispatch_soft_event(event)
 
     on_tool_start = _AwaitedInAsyncRuns(_on_tool_start, _aon_tool_start)
 
@@ -558,6 +568,35 @@ def _with_tools(messages: Any, kwargs: Mapping[str, Any]) -> Any:
     tools = params.get("tools") or params.get("functions") if params else None
     text = _tools_text(tools) if tools else None
     return messages if text is None else [*messages, text]
+
+
+# `Budget.check_tool` returns only its decision and tells the budget's listeners of the thresholds
+# the count crossed: one listener per budget collects them for the tool call counting in this
+# context (asyncio.to_thread copies the context, so a store run in a worker thread is covered).
+_tool_events: ContextVar[list[SoftLimit] | None] = ContextVar("budgetary_tool_events", default=None)
+_listened: weakref.WeakSet[Budget] = weakref.WeakSet()
+
+
+def _collect_tool_event(event: SoftLimit) -> None:
+    sink = _tool_events.get()
+    if sink is not None and not any(seen is event for seen in sink):  # a parent's listener sees it too
+        sink.append(event)
+
+
+@contextmanager
+def _tool_crossings(budget: Budget) -> Iterator[list[SoftLimit]]:
+    """The soft-limit crossings of the tool count made in the block."""
+    if budget not in _listened:
+        with _claims_lock:
+            if budget not in _listened:
+                budget.add_soft_limit_listener(_collect_tool_event)
+                _listened.add(budget)
+    crossed: list[SoftLimit] = []
+    token = _tool_events.set(crossed)
+    try:
+        yield crossed
+    finally:
+        _tool_events.reset(token)
 
 
 def _tell(on_soft_limit: Callable[[SoftLimit], Any] | None, event: SoftLimit) -> None:
