@@ -525,3 +525,34 @@ def test_a_workers_refusal_under_skip_hands_the_manager_a_placeholder():
     assert manager.calls.count == 2 and worker_llm.calls.count == 0
     assert "skipped by budget" in seen[-1]
     assert [e.agent for e in budget.ledger.history(kind="skip")] == ["Researcher"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"budget": "budget"}, "budget must be a Budget, got str 'budget'"),
+        ({"budget": None}, "budget must be a Budget, got NoneType None"),
+        ({"crew": None}, "crew must be a crewai Crew, got NoneType None"),
+        ({"agents": ["Researcher"]}, "agents must map agent roles to budget agent names, got list ['Researcher']"),
+        (
+            {"agents": {"Researcher": 5}},
+            "agents must map agent roles to budget agent names, got dict {'Researcher': 5}",
+        ),
+        (
+            {"agents": {"Researcher": ""}},
+            "agents must map agent roles to budget agent names, got dict {'Researcher': ''}",
+        ),
+        ({"policies": "skip"}, "policies must map task names or agent roles to policies, got str 'skip'"),
+        ({"policies": {3: "skip"}}, "policies must map task names or agent roles to policies, got dict {3: 'skip'}"),
+    ],
+)
+def test_govern_crew_names_the_argument_it_cannot_use(arguments, message):
+    fake = llm()
+    crew = three_task_crew(fake)
+    given = {"crew": crew, "budget": Budget(), **arguments}
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        govern_crew(given.pop("crew"), given.pop("budget"), **given)
+    assert not hasattr(crew, "__budgetary__")
+    with pytest.raises(ConfigurationError, match=re.escape("budget must be a Budget, got str 'b'")):
+        with budget_scope("b"):  # type: ignore[arg-type]
+            pass

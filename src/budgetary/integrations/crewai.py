@@ -40,12 +40,13 @@ import contextvars
 import logging
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 try:
+    from crewai import Crew
     from crewai.context import get_current_task_id
     from crewai.hooks import (
         HookAborted,
@@ -533,6 +534,8 @@ def govern_crew(
         crew.kickoff(inputs={"topic": "otters"})
         ```
     """
+    if not isinstance(crew, Crew):
+        raise ConfigurationError(f"crew must be a crewai Crew, got {type(crew).__name__} {crew!r}")
     gov = _governance(budget, agents, on_exhausted, policies)
     _attach(crew, gov)
     return crew
@@ -541,11 +544,29 @@ def govern_crew(
 def _governance(
     budget: Budget, agents: Mapping[str, str] | None, on_exhausted: str | None, policies: Mapping[str, str] | None
 ) -> _Governance:
+    # Fail here, naming the argument, rather than mid-kickoff (where a hook error only aborts the call).
+    if not isinstance(budget, Budget):
+        raise ConfigurationError(f"budget must be a Budget, got {type(budget).__name__} {budget!r}")
+    if not _names_to_strings(agents, values=lambda v: isinstance(v, str) and v != ""):
+        raise ConfigurationError(
+            f"agents must map agent roles to budget agent names, got {type(agents).__name__} {agents!r}"
+        )
+    if not _names_to_strings(policies, values=lambda v: True):
+        raise ConfigurationError(
+            f"policies must map task names or agent roles to policies, got {type(policies).__name__} {policies!r}"
+        )
     default = on_exhausted or budget.on_exhausted
     for policy in (default, *(policies or {}).values()):
         if policy not in POLICIES or policy == "interrupt":
             raise ConfigurationError(f"CrewAI policies are 'deny', 'skip' or 'end', got {policy!r}")
     return _Governance(budget, dict(agents or {}), default, dict(policies or {}))
+
+
+def _names_to_strings(mapping: Any, values: Callable[[Any], bool]) -> bool:
+    """Whether ``mapping`` is None or maps strings to values that pass ``values``."""
+    if mapping is None:
+        return True
+    return isinstance(mapping, Mapping) and all(isinstance(k, str) and values(v) for k, v in mapping.items())
 
 
 def _attach(crew: Any, gov: _Governance) -> None:
