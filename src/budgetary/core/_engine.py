@@ -255,17 +255,23 @@ class Engine:
     def expire(self, now: float) -> None:
         """Release every hold whose lease has run out (its worker died)."""
         nearest = float("inf")
-        for hold in list(self.holds.values()):
+        due: list[Hold] = []
+        for hold in self.holds.values():
             if hold.expires <= now:
-                self._drop_hold(hold)
-                level = self.levels[hold.chain[0]]
-                self._append(
-                    now, level, hold.chain, agent=hold.agent, kind="release", model=hold.model,
-                    usage=_usage_of(hold.amounts), run_id=hold.run_id, location=hold.location,
-                    reason="lease expired",
-                )  # fmt: skip
+                due.append(hold)
             else:
                 nearest = min(nearest, hold.expires)
+        # Oldest lease first, ties by id (code points order as UTF-8 bytes do): the order the Redis
+        # script writes, so that the ledger reads the same in every store, whatever kept the holds.
+        due.sort(key=lambda h: (h.expires, h.id))
+        for hold in due:
+            self._drop_hold(hold)
+            level = self.levels[hold.chain[0]]
+            self._append(
+                now, level, hold.chain, agent=hold.agent, kind="release", model=hold.model,
+                usage=_usage_of(hold.amounts), run_id=hold.run_id, location=hold.location,
+                reason="lease expired",
+            )  # fmt: skip
         self.next_expiry = nearest
 
     def _drop_hold(self, hold: Hold) -> None:

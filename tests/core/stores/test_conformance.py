@@ -409,6 +409,22 @@ def test_leases_due_together_are_released_oldest_first(open_store: Opener, clock
     assert [e.usage.input_tokens for e in budget.ledger.history(kind="release") if e.usage] == [1, 2]
 
 
+def test_leases_due_together_are_released_in_the_order_they_ran_out(open_store: Opener, clock: FakeClock) -> None:
+    # A renewed lease runs out later than the ones taken after it: its release entry comes last,
+    # in every store (the ledger's order must not depend on where the holds were kept).
+    budget = Budget(Limits(max_llm_calls=5), name="b", store=open_store(), clock=clock, lease_ttl=10)
+    first = budget.reserve(prompt_tokens=1, max_output_tokens=1)
+    clock.advance(1)
+    budget.reserve(prompt_tokens=2, max_output_tokens=1)  # due at +11
+    clock.advance(1)
+    budget.reserve(prompt_tokens=3, max_output_tokens=1)  # due at +12
+    clock.advance(1)
+    assert first.renew()  # due at +13
+    clock.advance(30)
+    assert budget.snapshot().held_llm_calls == 0
+    assert [e.usage.input_tokens for e in budget.ledger.history(kind="release") if e.usage] == [2, 3, 1]
+
+
 def test_a_settle_that_fires_soft_limits_frees_its_hold_at_every_level(open_store: Opener) -> None:
     tenant = Budget(Limits(max_total_tokens=1_000, warn_at=(0.2,)), name="t", store=open_store())
     run = Budget(Limits(max_total_tokens=400, warn_at=(0.5,)), name="r", parent=tenant)
