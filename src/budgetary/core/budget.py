@@ -1176,6 +1176,6 @@ def _snapshot(fig: Any, base: Limits, parent: Snapshot | None) -> Snapshot:
         held_cost_usd=nanos_to_usd(fig.held[COST]),
         held_llm_calls=fig.held[LLM],
         exhausted_resources=exhausted,
-        window_resets_at=fig.window_start + fig.window if fig.window else None,
+        window_resets_at=float(fig.window_start + fig.window) if fig.window else None,
         parent=parent,
     )

@@ -322,6 +322,12 @@ def test_windows_reset_counters_at_utc_boundaries(open_store: Opener, clock: Fak
     assert budget.check().allowed
 
 
+def test_window_resets_at_is_a_float_in_every_store_even_with_a_clock_that_gives_ints(open_store: Opener) -> None:
+    budget = Budget(Limits(window="1h"), name="b", store=open_store(), clock=lambda: 1_800_000_000)
+    resets = budget.snapshot().window_resets_at
+    assert type(resets) is float and resets == 1_800_000_000 - 1_800_000_000 % 3600 + 3600
+
+
 def test_a_budget_built_again_with_another_window_keeps_its_spend_and_aligns_to_the_new_one(
     open_store: Opener, clock: FakeClock
 ) -> None:
