@@ -167,6 +167,18 @@ def test_a_checkpointer_given_with_a_compiled_graph_is_used_and_the_original_kee
     assert [n.split(":")[0] for n in done["notes"]] == ["planner", "researcher", "writer", "critic"]
 
 
+def test_interrupt_set_on_a_budget_node_is_refused_up_front_without_a_checkpointer_too():
+    # govern_graph keeps a budget_node's own policy: an interrupt there could never be resumed either.
+    budget = Budget(Limits(max_llm_calls=0))
+    builder = StateGraph(Research)
+    builder.add_node("w", budget_node(lambda state: {}, budget, agent="writer", on_exhausted="interrupt"))
+    builder.add_edge(START, "w")
+    for graph in (builder, builder.compile()):
+        with pytest.raises(ValueError, match=r"checkpointer.*\['w'\]"):
+            govern_graph(graph, budget)
+    assert govern_graph(builder, budget, checkpointer=InMemorySaver()).checkpointer is not None
+
+
 def test_end_returns_the_state_so_far_without_raising():
     model = fake()
     budget = Budget(Limits(max_total_tokens=230))

@@ -578,6 +578,9 @@ def govern_graph(
         g.node_is_model = node in _AGENT_MODEL_NODES
         return g
 
+    def runnable_of(node: Any) -> Any:  # a StateGraph's node spec, or a compiled graph's PregelNode
+        return node.runnable if isinstance(graph, StateGraph) else node.bound
+
     if isinstance(graph, StateGraph):
         builder = copy.copy(graph)
         builder.nodes = {
@@ -600,11 +603,21 @@ def govern_graph(
         if checkpointer is not None:  # it wins over the compiled graph's, in the copy only
             update["checkpointer"] = checkpointer
         compiled = graph.copy(update)
-    uses_interrupt = default == "interrupt" or "interrupt" in policies.values()
-    if uses_interrupt and compiled.checkpointer is None:
+
+    def may_interrupt(name: str, node: Any) -> bool:
+        # A budget_node keeps its own policy: alone for this budget, beside the node's for another budget.
+        runnable = runnable_of(node)
+        if _budget_node_policy(runnable) == "interrupt":
+            return True
+        return not _governed_by(runnable, budget) and policies.get(name, default) == "interrupt"
+
+    interrupting = sorted(
+        name for name, node in graph.nodes.items() if not name.startswith("__") and may_interrupt(name, node)
+    )
+    if interrupting and compiled.checkpointer is None:
         raise ValueError(
             "on_exhausted='interrupt' needs a checkpointer (compile with checkpointer=..., or pass checkpointer= "
-            "to govern_graph): an interrupt without one could never be resumed"
+            f"to govern_graph): an interrupt without one could never be resumed (interrupting nodes: {interrupting})"
         )
     options.skip_key = SKIPPED_KEY in getattr(compiled, "channels", {})
     compiled.__class__ = _governed_class(type(compiled))
@@ -641,7 +654,7 @@ def budget_node(
     governor = _Governor(budget, None, agent, on_exhausted, _Options(skip_key=True), agent is None)
     if isinstance(fn, Runnable):
         governor.node_is_tools = _is_tool_node(fn)
-        return _mark(_wrap_runnable(fn, governor), budget)
+        return _mark(_wrap_runnable(fn, governor), governor)
     func = fn
 
     def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
@@ -656,7 +669,7 @@ def budget_node(
                 lambda node_config: func(*args, **with_config(kwargs, node_config)),
             )  # fmt: skip
 
-        return _mark(async_node, budget)
+        return _mark(async_node, governor)
 
     @functools.wraps(func)
     def node(*args: Any, **kwargs: Any) -> Any:
@@ -665,24 +678,34 @@ def budget_node(
             lambda node_config: func(*args, **with_config(kwargs, node_config)),
         )  # fmt: skip
 
-    return _mark(node, budget)
+    return _mark(node, governor)
 
 
 _G = TypeVar("_G")
 
 
-def _mark(wrapper: _G, budget: Budget) -> _G:
-    """Mark a `budget_node` wrapper with its budget: `govern_graph` leaves such a node as the user set it."""
-    wrapper._budgetary_budget = budget  # type: ignore[attr-defined]
+def _mark(wrapper: _G, governor: _Governor) -> _G:
+    """Mark a `budget_node` wrapper with its budget and policy: `govern_graph` leaves it as the user set it."""
+    wrapper._budgetary_budget = governor.budget  # type: ignore[attr-defined]
+    wrapper._budgetary_policy = governor.policy  # type: ignore[attr-defined]
     return wrapper
 
 
+def _budget_node_parts(runnable: Any) -> list[Any]:
+    """The `budget_node` wrappers a node is made of (itself, or the function LangGraph wrapped it in)."""
+    parts = (runnable, getattr(runnable, "func", None), getattr(runnable, "afunc", None))
+    return [part for part in parts if getattr(part, "_budgetary_budget", None) is not None]
+
+
 def _governed_by(runnable: Any, budget: Budget) -> bool:
-    """Whether a node is a `budget_node` of ``budget`` (itself, or the function LangGraph wrapped it in)."""
-    return any(
-        getattr(part, "_budgetary_budget", None) is budget
-        for part in (runnable, getattr(runnable, "func", None), getattr(runnable, "afunc", None))
-    )
+    """Whether a node is a `budget_node` of ``budget``."""
+    return any(part._budgetary_budget is budget for part in _budget_node_parts(runnable))
+
+
+def _budget_node_policy(runnable: Any) -> str | None:
+    """The policy of a node that is a `budget_node` (of any budget), else None."""
+    parts = _budget_node_parts(runnable)
+    return parts[0]._budgetary_policy if parts else None
 
 
 def _is_tool_node(runnable: Any) -> bool:
