@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -556,3 +557,39 @@ def test_govern_crew_names_the_argument_it_cannot_use(arguments, message):
     with pytest.raises(ConfigurationError, match=re.escape("budget must be a Budget, got str 'b'")):
         with budget_scope("b"):  # type: ignore[arg-type]
             pass
+
+
+def test_a_kickoff_interrupted_before_crewais_end_leaves_no_run_or_hold_behind():
+    fake = llm(error=KeyboardInterrupt())  # Ctrl-C during the provider call: CrewAI dispatches no end
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=0.5)
+    govern_crew(crew, budget)
+    with pytest.raises(KeyboardInterrupt):
+        crew.kickoff(inputs={"topic": "otters"})
+    other = llm()
+    three_task_crew(other).kickoff(inputs={"topic": "otters"})  # not governed, same thread
+    assert other.calls.count == 3
+    snap = budget.snapshot()
+    assert snap.llm_calls == 0 and snap.held_tokens == 0 and snap.held_llm_calls == 0
+    assert len(budget.ledger.history(kind="release")) == 1  # the interrupted call's hold, given back at once
+
+
+def test_an_akickoff_cut_by_a_timeout_leaves_no_run_behind():
+    async def main() -> tuple[Budget, Any]:
+        crew = three_task_crew(llm(delay=1.0))
+        budget = Budget(Limits(max_total_tokens=100_000))
+        govern_crew(crew, budget)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):  # cancels akickoff; the task itself goes on
+                await crew.akickoff(inputs={"topic": "otters"})
+        other = llm()
+        await three_task_crew(other).akickoff(inputs={"topic": "otters"})
+        return budget, other
+
+    budget, other = asyncio.run(main())
+    assert other.calls.count == 3
+    deadline = time.monotonic() + 10
+    while budget.snapshot().llm_calls == 0 and time.monotonic() < deadline:  # CrewAI's worker finishes the call
+        time.sleep(0.05)  # the timeout cut: it is charged what it reported
+    snap = budget.snapshot()
+    assert snap.llm_calls == 1 and snap.total_tokens == 120 and snap.held_tokens == 0

@@ -37,6 +37,7 @@ into each agent executor when it is created.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import threading
 import uuid
@@ -200,11 +201,29 @@ def _execution_end(ctx: Any) -> None:
     crew = getattr(ctx, "crew", None)
     if run is None or run.owner is not (crew if crew is not None else getattr(ctx, "flow", None)):
         return  # the end of something that runs inside this run
+    _close(run, "the crew ended before the call answered")
+
+
+def _close(run: _Run, reason: str) -> None:
+    """End ``run``: put back what skips swapped, give back the holds of calls that never answered.
+
+    A call still running elsewhere (a cancelled ``akickoff`` leaves CrewAI's worker going) is charged
+    what it reports when it answers: `_track_usage` records it once its hold is gone.
+    """
     _restore_all(run)
-    for reservation in list(run.open_calls.values()):  # calls that raised: no after-hook ran
-        reservation.release("the crew ended before the call answered")
+    for reservation in list(run.open_calls.values()):  # no after-hook ran for these calls
+        reservation.release(reason)
     run.open_calls.clear()
     _run.set(run.outer)
+
+
+def _close_abandoned(outer: _Run | None) -> None:
+    """Close the runs a kickoff left current: it ended without CrewAI's end hook (a ``BaseException``)."""
+    run = _run.get()
+    while run is not None and run is not outer:
+        _close(run, "the kickoff was interrupted before the call answered")
+        run = run.outer
+    _run.set(outer)
 
 
 def _pre_step(ctx: Any) -> None:
@@ -489,6 +508,38 @@ def _usage_or_none(usage: Any) -> Any:
     return dump() if callable(dump) else usage
 
 
+def _closing_kickoff(kickoff: Any) -> Any:
+    """``Crew.kickoff`` that closes the runs CrewAI left current when it ended without its end hook.
+
+    CrewAI dispatches no end when a kickoff ends by a ``BaseException`` (Ctrl-C, a cancelled
+    ``akickoff``): its run would stay current in the caller's context, and charge whatever runs there next.
+    """
+
+    @functools.wraps(kickoff)
+    def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = _run.get()
+        try:
+            return kickoff(self, *args, **kwargs)
+        finally:
+            _close_abandoned(outer)
+
+    return closing
+
+
+def _closing_akickoff(akickoff: Any) -> Any:
+    """`_closing_kickoff` for ``Crew.akickoff``."""
+
+    @functools.wraps(akickoff)
+    async def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = _run.get()
+        try:
+            return await akickoff(self, *args, **kwargs)
+        finally:
+            _close_abandoned(outer)
+
+    return closing
+
+
 _install_lock = threading.Lock()
 _installed = False
 
@@ -509,6 +560,8 @@ def _install() -> None:
         register_after_tool_call_hook(_after_tool)
         # The one synchronous place where each call's provider-reported usage passes.
         BaseLLM._track_token_usage_internal = _track_usage(BaseLLM._track_token_usage_internal)  # type: ignore[method-assign]
+        Crew.kickoff = _closing_kickoff(Crew.kickoff)  # type: ignore[method-assign]
+        Crew.akickoff = _closing_akickoff(Crew.akickoff)  # type: ignore[method-assign]
         _installed = True
 
 
@@ -585,8 +638,9 @@ def _attach(crew: Any, gov: _Governance) -> None:
 @contextmanager
 def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator[Budget]:
     """Govern every crew kicked off inside the block (for crews built deep inside other code)."""
-    token = _scope.set(_governance(budget, None, on_exhausted, None))
+    token, outer = _scope.set(_governance(budget, None, on_exhausted, None)), _run.get()
     try:
         yield budget
     finally:
         _scope.reset(token)
+        _close_abandoned(outer)  # a kickoff in the block that ended without CrewAI's end hook
