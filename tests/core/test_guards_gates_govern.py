@@ -272,6 +272,26 @@ def test_govern_releases_on_error_and_handles_async():
     assert budget.snapshot().total_tokens == 7
 
 
+def test_govern_charges_an_estimate_when_usage_fn_reads_no_usage_and_returns_the_result():
+    # SPEC §1: garbage usage must not crash the run nor count as zero; §6: a paid result is never thrown away.
+    budget = Budget(Limits(max_total_tokens=10_000))
+
+    @budget.govern(model=MODEL, usage_fn=lambda r: r.get("usage"))
+    def step(text: str) -> dict:
+        return {"text": "an answer of several words"}  # this response came back without usage
+
+    @budget.govern(model=MODEL, usage_fn=lambda r: {"input_tokens": -1, "output_tokens": 2})
+    async def astep(text: str) -> str:
+        return "another answer"
+
+    assert step("a question of several words") == {"text": "an answer of several words"}
+    assert asyncio.run(astep("a question")) == "another answer"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == 2 and all(e.estimated and e.usage.input_tokens > 0 for e in entries)
+    snap = budget.snapshot()
+    assert snap.held_tokens == 0 and snap.llm_calls == 2
+
+
 def test_govern_fails_at_decoration_time():
     budget = Budget(Limits(max_cost_usd=1))
     with pytest.raises(UnknownAgent):

@@ -936,9 +936,14 @@ class Budget:
 
             def outcome(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> tuple[Any, bool, float | None]:
                 """What to record for a call: (usage, whether estimated, reported confidence)."""
+                usage: Usage | None = None
                 if usage_fn is not None:
-                    usage, estimated = usage_fn(result), False
-                else:
+                    try:
+                        usage, estimated = Usage.from_provider(usage_fn(result)), False
+                    except UsageError:
+                        # The function ran and was paid for: return its result, charge an estimate (SPEC §1, §6).
+                        logger.warning("usage_fn of %s read no usage; charging an estimate", location)
+                if usage is None:
                     prompt = estimate_text_tokens(_string_args(args, kwargs), model)
                     output = estimate_text_tokens(_string_args((result,), {}), model)
                     usage, estimated = Usage(input_tokens=prompt, output_tokens=output), True
