@@ -75,6 +75,18 @@ def test_unreachable_server_is_a_store_error() -> None:
         Budget(Limits(), name="b", store="redis://127.0.0.1:1/0")
 
 
+@pytest.mark.parametrize("value", [-1, 0, "5", float("nan"), float("inf"), True])
+def test_a_bad_socket_timeout_fails_at_construction(value: Any) -> None:
+    # It reached the socket layer, which raised a bare ValueError or TypeError at the first operation.
+    message = f"RedisStore socket_timeout must be a number of seconds > 0 or None, got {value!r}"
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        RedisStore("redis://127.0.0.1:1/0", socket_timeout=value)
+
+
+def test_socket_timeout_none_waits_without_a_limit() -> None:
+    RedisStore("redis://127.0.0.1:1/0", socket_timeout=None).close()
+
+
 def test_passwords_are_not_shown() -> None:
     store = RedisStore("redis://user:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in store.url and "s3cret" not in repr(store)

@@ -119,6 +119,22 @@ def test_synchronous_is_checked(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "b.db", synchronous="OFF")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"synchronous": 1}, "SQLiteStore synchronous must be 'NORMAL' or 'FULL', got 1"),
+        ({"timeout": "30"}, "SQLiteStore timeout must be a number of seconds >= 0, got '30'"),
+        ({"timeout": -1}, "SQLiteStore timeout must be a number of seconds >= 0, got -1"),
+        ({"timeout": float("nan")}, "SQLiteStore timeout must be a number of seconds >= 0, got nan"),
+        ({"timeout": True}, "SQLiteStore timeout must be a number of seconds >= 0, got True"),
+    ],
+)
+def test_bad_options_fail_at_construction(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
+    # Not an AttributeError at construction, nor a TypeError from sqlite3 at the first operation.
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        SQLiteStore(tmp_path / "b.db", **kwargs)
+
+
 def _reserve_in_child(budget: Budget, ids: Any) -> None:
     ids.put(budget.reserve(prompt_tokens=1, max_output_tokens=1).hold_id)
 

@@ -207,6 +207,25 @@ def checked_ledger_max_len(value: Any, store: str) -> int:
     return value
 
 
+def checked_seconds(value: Any, what: str, *, zero: bool = False, none: bool = False) -> Any:
+    """A store's timeout argument ``what`` (``"SQLiteStore timeout"``), checked: a finite number of seconds.
+
+    It must be > 0, or >= 0 with ``zero``; ``None`` passes with ``none``. Checked here, as the
+    socket or SQLite layer would raise a bare ``ValueError``/``TypeError`` at the first operation.
+    """
+    if value is None and none:
+        return value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value >= 0 if zero else value > 0)  # also refuses NaN
+        or value == float("inf")
+    ):
+        bound = (">= 0" if zero else "> 0") + (" or None" if none else "")
+        raise ConfigurationError(f"{what} must be a number of seconds {bound}, got {value!r}")
+    return value
+
+
 def checked_name(name: str | None, what: str, store: str) -> None:
     """Refuse a budget or agent name ``store`` cannot keep: one with a lone surrogate has no UTF-8 form."""
     if name is None:

@@ -50,7 +50,7 @@ from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
 from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc
-from budgetary.core.stores.base import LevelFigures, checked_ledger_max_len, checked_name, unencodable
+from budgetary.core.stores.base import LevelFigures, checked_ledger_max_len, checked_name, checked_seconds, unencodable
 from budgetary.core.usage import Usage
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ class RedisStore:
         *,
         key_prefix: str = "budgetary:",
         ledger_max_len: int = 100_000,
-        socket_timeout: float = 5.0,
+        socket_timeout: float | None = 5.0,
     ) -> None:
         try:
             import redis
@@ -383,6 +383,7 @@ class RedisStore:
         if not isinstance(key_prefix, str) or "{" in key_prefix or "}" in key_prefix:
             raise ConfigurationError(f"RedisStore key_prefix must be a string without braces, got {key_prefix!r}")
         ledger_max_len = checked_ledger_max_len(ledger_max_len, "RedisStore")
+        socket_timeout = checked_seconds(socket_timeout, "RedisStore socket_timeout", none=True)
         self._client: Any = None
         self._aclient: Any = None
         self._aloop: asyncio.AbstractEventLoop | None = None

@@ -17,7 +17,7 @@ from budgetary.core._engine import AgentState, Engine, Hold, Level
 from budgetary.core.errors import ConfigurationError, StoreError
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.stores._codec import hold_from_doc, hold_to_doc, level_from_doc, level_to_doc
-from budgetary.core.stores.base import EngineStore, LevelFigures, unencodable
+from budgetary.core.stores.base import EngineStore, LevelFigures, checked_seconds, unencodable
 
 __all__ = ["SQLiteStore", "sqlite_path"]
 
@@ -78,12 +78,12 @@ class SQLiteStore(EngineStore):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 30.0, synchronous: str = "NORMAL") -> None:
-        if synchronous.upper() not in ("NORMAL", "FULL"):
+        if not isinstance(synchronous, str) or synchronous.upper() not in ("NORMAL", "FULL"):
             raise ConfigurationError(f"SQLiteStore synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         self.path = os.fspath(path)
         # Escaped so that `sqlite_path` reads the URL back as the same path.
         self.url = "sqlite:///" + self.path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
-        self._timeout = timeout
+        self._timeout = checked_seconds(timeout, "SQLiteStore timeout", zero=True)
         self._synchronous = synchronous.upper()
         # sqlite3 connections must not be shared between threads, nor inherited across fork().
         self._local = threading.local()
