@@ -593,3 +593,15 @@ def test_an_akickoff_cut_by_a_timeout_leaves_no_run_behind():
         time.sleep(0.05)  # the timeout cut: it is charged what it reported
     snap = budget.snapshot()
     assert snap.llm_calls == 1 and snap.total_tokens == 120 and snap.held_tokens == 0
+
+
+@pytest.mark.parametrize("policy", ["skip", "end"])
+def test_delegated_work_follows_the_policy_of_the_crew_task_it_is_done_for(policy):
+    manager, worker_llm = delegating_manager(1), llm()
+    crew = hierarchical_crew(manager, worker_llm)
+    budget = Budget(Limits(max_total_tokens=100_000))
+    budget.agent("Researcher", max_tokens=50)  # not one call
+    govern_crew(crew, budget, policies={"report": policy})  # the crew task's name; the default stays deny
+    crew.kickoff()
+    assert worker_llm.calls.count == 0
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")][:1] == [("Researcher", "report")]

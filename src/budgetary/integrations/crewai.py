@@ -105,9 +105,8 @@ class _Governance:
         self.budget.ensure_agent(name)
         return name
 
-    def policy(self, task: Any, role: str | None) -> str:
-        name = getattr(task, "name", None)
-        return self.policies.get(name or "", self.policies.get(role or "", self.default))
+    def policy(self, task_name: str | None, role: str | None) -> str:
+        return self.policies.get(task_name or "", self.policies.get(role or "", self.default))
 
 
 @dataclass
@@ -144,6 +143,10 @@ class _Run:
             task_id = str(getattr(task, "id", None) or get_current_task_id() or "")
             role = self.task_roles.get(task_id)
         return role
+
+    def policy_for(self, task: Any, role: str | None) -> str:
+        """The policy of work on ``task``: by its name, else (delegated work) the crew task's, then by role."""
+        return self.gov.policy(self.location_for(task), role)
 
     def location_for(self, task: Any) -> str | None:
         """The task's name, else the crew task's under way (the forced final answer, delegated work)."""
@@ -234,7 +237,7 @@ def _pre_step(ctx: Any) -> None:
     gov = run.gov
     role = getattr(agent_obj, "role", None)
     agent = gov.agent(role)
-    policy = gov.policy(task, role)
+    policy = run.policy_for(task, role)
     location = getattr(task, "name", None) or getattr(ctx, "step_name", None)
     if run.ended is not None:
         _skip(run, agent_obj, task, gov.budget.skip(agent, run.ended.reason, location=location, run_id=run.run_id))
@@ -405,7 +408,7 @@ def _skip_first_call(run: _Run, agent_obj: Any, task: Any, agent: str | None, ex
     """
     if agent_obj is None or task is None or str(task.id) in run.started:
         return False  # the task has started: it cannot be abandoned
-    policy = run.gov.policy(task, agent_obj.role)
+    policy = run.policy_for(task, agent_obj.role)
     if policy == "deny" or getattr(agent_obj, "_times_executed", 0) >= getattr(agent_obj, "max_retry_limit", 0):
         return False
     marker = run.gov.budget.skip(agent, str(exc), resource=exc.resource, location=run.location_for(task),
@@ -419,7 +422,7 @@ def _skip_first_call(run: _Run, agent_obj: Any, task: Any, agent: str | None, ex
 
 def _refused_mid_task(run: _Run, agent_obj: Any, task: Any, exc: BudgetExceeded) -> None:
     """Make a refusal hold for the run even when CrewAI swallows it (delegated work, a kickoff in a tool)."""
-    policy = run.gov.policy(task, getattr(agent_obj, "role", None))
+    policy = run.policy_for(task, getattr(agent_obj, "role", None))
     if policy == "deny" and run.refused is None:
         run.refused = exc
     elif policy == "end" and run.ended is None:
