@@ -465,6 +465,51 @@ def test_end_at_a_governed_subgraphs_last_step_ends_the_outer_run_too():
         assert budget.snapshot().agents_started == 3 and model.calls.count == 1, runner  # publish never entered
 
 
+def test_end_inside_a_governed_subgraph_returns_the_outer_graphs_state():
+    # The outer run ends; what it returns is the outer graph's state so far, not the subgraph's.
+    model = fake()
+
+    class Outer(TypedDict, total=False):
+        topic: str
+        report: str
+        notes: Annotated[list[str], operator.add]
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    class Inner(TypedDict, total=False):
+        topic: str
+        drafts: Annotated[list[str], operator.add]
+
+    inner = StateGraph(Inner)
+    for name in ("draft", "polish", "final"):
+        inner.add_node(name, lambda state, name=name: {"drafts": [f"{name}:{model.invoke(name).content}"]})
+    inner.add_edge(START, "draft")
+    inner.add_edge("draft", "polish")
+    inner.add_edge("polish", "final")
+    for runner in ("sync", "async"):
+        budget = Budget(Limits(max_llm_calls=2))
+        team = govern_graph(inner, budget, on_exhausted="end")
+
+        def write(state: Outer, team: Any = team) -> dict:
+            return {"report": " ".join(team.invoke({"topic": state["topic"]})["drafts"])}
+
+        async def awrite(state: Outer, team: Any = team) -> dict:
+            return {"report": " ".join((await team.ainvoke({"topic": state["topic"]}))["drafts"])}
+
+        outer = StateGraph(Outer)
+        outer.add_node("plan", lambda state: {"notes": [model.invoke("plan").content]})
+        outer.add_node("write", write if runner == "sync" else awrite)
+        outer.add_node("publish", lambda state: {"notes": ["published"]})
+        outer.add_edge(START, "plan")
+        outer.add_edge("plan", "write")
+        outer.add_edge("write", "publish")
+        app = govern_graph(outer, budget, on_exhausted="end")
+        state = app.invoke({"topic": "x"}) if runner == "sync" else asyncio.run(app.ainvoke({"topic": "x"}))
+        assert {key: value for key, value in state.items() if key != "budget_skipped"} == {
+            "topic": "x", "notes": ["ok"],
+        }, runner  # fmt: skip
+        assert [m.location for m in state["budget_skipped"]] == ["polish"], runner  # where the run ended
+
+
 def test_a_users_handler_stands_aside_for_the_nodes_mapped_agents():
     from langgraph.prebuilt import ToolNode
 

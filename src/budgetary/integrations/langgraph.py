@@ -89,6 +89,18 @@ class _RunState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     latest: Any = None
     """The latest full state ``invoke`` saw (its ``values`` stream), returned when the run ends."""
+    unclaimed: bool = False
+    """Set by ``invoke``: the next stream of the run is its own graph's (see `claim`)."""
+
+    def claim(self) -> bool:
+        """Whether a stream of this run is the one ``invoke`` runs through, whose chunks `observe` keeps.
+
+        ``invoke`` streams its own graph before any node starts; every later stream of the run is a
+        nested graph's, whose state is not the run's.
+        """
+        with self.lock:
+            claimed, self.unclaimed = self.unclaimed, False
+        return claimed
 
     def observe(self, chunk: Any) -> None:
         if isinstance(chunk, tuple) and len(chunk) == 2 and chunk[0] == "values":
@@ -264,7 +276,6 @@ class _Governor:
                 # Let the step end with this node skipped (its pending tool calls answered, what its
                 # siblings finish kept: no checkpoint may keep it), then end the run before the next
                 # node starts. Only `end` with a checkpointer stops at once, resumable at this node.
-                end.marker = None  # the skip update below records it
                 with governed.lock:
                     if governed.ending is None:
                         governed.ending, governed.ending_at = end, _position(config)
@@ -461,8 +472,11 @@ def _governed_class(base: Any) -> type:
         thread = (config or {}).get("configurable", {}).get("thread_id")
         if self.checkpointer is not None and thread is not None:
             state = self.get_state(config).values  # what the checkpoint holds: resumable from here
+        # The marker is missing when the run stopped at once, or ended in a nested graph whose state never
+        # reached this one; a skip update that reached it already holds it.
         if end.marker is not None and isinstance(state, Mapping) and SKIPPED_KEY in getattr(self, "channels", {}):
-            state = {**state, SKIPPED_KEY: [*state.get(SKIPPED_KEY, []), end.marker]}
+            if end.marker not in (markers := state.get(SKIPPED_KEY) or []):
+                state = {**state, SKIPPED_KEY: [*markers, end.marker]}
         return state
 
     # Only the outermost call of a run turns `end` into a return: `invoke` runs through `stream`,
@@ -470,7 +484,7 @@ def _governed_class(base: Any) -> type:
     def invoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return base.invoke(self, input, config, **kwargs)
-        run = _RunState(resumable=self.checkpointer is not None)
+        run = _RunState(resumable=self.checkpointer is not None, unclaimed=True)
         try:
             return base.invoke(self, input, _with_run(config, run), **kwargs)
         except _EndRun as end:
@@ -479,7 +493,7 @@ def _governed_class(base: Any) -> type:
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return await base.ainvoke(self, input, config, **kwargs)
-        run = _RunState(resumable=self.checkpointer is not None)
+        run = _RunState(resumable=self.checkpointer is not None, unclaimed=True)
         try:
             return await base.ainvoke(self, input, _with_run(config, run), **kwargs)
         except _EndRun as end:
@@ -488,8 +502,10 @@ def _governed_class(base: Any) -> type:
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
         if current is not None:
+            observe = current.observe if current.claim() else None
             for chunk in base.stream(self, input, config, **kwargs):
-                current.observe(chunk)
+                if observe is not None:
+                    observe(chunk)
                 yield chunk
             return
         try:
@@ -501,8 +517,10 @@ def _governed_class(base: Any) -> type:
     async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
         if current is not None:
+            observe = current.observe if current.claim() else None
             async for chunk in base.astream(self, input, config, **kwargs):
-                current.observe(chunk)
+                if observe is not None:
+                    observe(chunk)
                 yield chunk
             return
         try:
