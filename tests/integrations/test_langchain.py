@@ -16,7 +16,8 @@ pytest.importorskip("langchain_core")
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.globals import set_llm_cache
-from langchain_core.messages import AIMessage
+from langchain_core.language_models.fake import FakeListLLM
+from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
@@ -323,6 +324,26 @@ def test_a_call_refused_by_one_budget_gives_back_what_another_budget_held_for_it
     assert provider_calls(model) == 0
     assert (tenant.snapshot().held_llm_calls, tenant.snapshot().llm_calls) == (0, 0)
     assert [e.reason for e in tenant.ledger.history(kind="release")] == ["refused by budget 'run'"]
+
+
+def test_prompts_started_with_a_refused_one_give_their_holds_back():
+    # A text LLM's batch is one generate call: LangChain starts a run per prompt, and when a later
+    # prompt is refused it sends the earlier ones no end or error event. Their holds were renewed
+    # for as long as the process lived, so the budget lost those calls for good.
+    llm = FakeListLLM(responses=["a"])
+    tenant, run = Budget(Limits(max_llm_calls=9), name="tenant"), Budget(Limits(max_llm_calls=2), name="run")
+    handlers = [BudgetCallbackHandler(tenant), BudgetCallbackHandler(run)]
+    with pytest.raises(BudgetExceeded):
+        llm.batch(["a", "b", "c"], config={"callbacks": handlers})
+    model = make_model()
+    prompts = [[HumanMessage(text)] for text in "abc"]
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(model.agenerate(prompts, callbacks=handlers))
+    assert model.calls.count == 0
+    for budget in (tenant, run):
+        assert (budget.snapshot().llm_calls, budget.snapshot().held_llm_calls) == (0, 0)
+    model.generate(prompts[:2], callbacks=handlers)  # the run's two calls are still there
+    assert model.calls.count == 2 == run.snapshot().llm_calls
 
 
 def test_an_inner_scope_of_the_same_budget_replaces_the_outer_one_until_it_ends():

@@ -117,12 +117,15 @@ class _AwaitedInAsyncRuns:
 class _Claim:
     """Which handler charges a run: the same budget attached twice must charge once."""
 
-    __slots__ = ("handler", "parent", "rank", "reservation")
+    __slots__ = ("batch", "handler", "parent", "rank", "reservation")
 
-    def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None) -> None:
+    def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None, batch: object = None) -> None:
         self.handler = handler
         self.rank = handler._precedence
         self.parent = parent
+        # The call's invocation_params: LangChain passes the same object to the start of every
+        # prompt of one generate call (a text LLM's batch), and a new one to every other call.
+        self.batch = batch
         self.reservation: Reservation | None = None
 
 
@@ -151,15 +154,21 @@ def _depth(budget: Budget) -> int:
     return depth
 
 
-def _holds_of_other_budgets(run_id: UUID) -> list[Reservation]:
-    """Take the claims other budgets' handlers hold on ``run_id``: the call was refused and will not run.
+def _holds_of_refused_start(run_id: UUID, batch: object) -> list[Reservation]:
+    """Take every claim on ``run_id`` and on the prompts started with it: none of them will run.
 
-    LangChain stops at the refusing handler and sends the call no end or error event, so the
-    handlers of other budgets that reserved before it would otherwise hold until their lease ends.
+    LangChain stops at the refusing handler and sends no end or error event, neither to the
+    refused call (other budgets' handlers may have reserved for it already) nor to the prompts of
+    the same generate call it started before (a text LLM's batch, ``agenerate`` of several
+    message lists). Their holds would otherwise be renewed for as long as the process lives.
     """
     with _claims_lock:
         tables = list(_claims.values())
-    taken = (table.pop(run_id, None) for table in tables)
+    taken: list[_Claim | None] = []
+    for table in tables:
+        # A snapshot (one atomic copy): other threads add and remove claims without the lock.
+        doomed = [rid for rid, c in list(table.items()) if rid == run_id or (batch is not None and c.batch is batch)]
+        taken.extend(table.pop(rid, None) for rid in doomed)
     return [c.reservation for c in taken if c is not None and c.reservation is not None]
 
 
@@ -244,7 +253,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 )  # fmt: skip
             except BaseException as exc:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
-                for held in _holds_of_other_budgets(run_id):
+                for held in _holds_of_refused_start(run_id, claim.batch):
                     held.release(_refused_elsewhere(exc))
                 raise
             if not self._started(claim, run_id, reservation):
@@ -265,7 +274,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 )  # fmt: skip
             except BaseException as exc:
                 self._release_claim(run_id)
-                for held in _holds_of_other_budgets(run_id):
+                for held in _holds_of_refused_start(run_id, claim.batch):
                     await held.arelease(_refused_elsewhere(exc))
                 raise
             if not self._started(claim, run_id, reservation):
@@ -416,11 +425,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
         if self._middleware_charges() or self._stands_aside():
             return None  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
-        claim = self._take(run_id, parent_run_id)
+        params = kwargs.get("invocation_params") or {}
+        claim = self._take(run_id, parent_run_id, params or None)
         if claim is None:
             return None
         metadata = metadata or {}
-        params = kwargs.get("invocation_params") or {}
         model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
         max_out = metadata.get("ls_max_tokens")
         if max_out is None:
@@ -470,10 +479,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         owner = owners.get(self.budget)
         return owner is not None and owner is not self
 
-    def _take(self, run_id: UUID, parent_run_id: UUID | None) -> _Claim | None:
+    def _take(self, run_id: UUID, parent_run_id: UUID | None, batch: object) -> _Claim | None:
         """Claim ``run_id`` unless a handler of this budget's family that takes precedence has it."""
         claims = self._claims
-        claim = _Claim(self, parent_run_id)
+        claim = _Claim(self, parent_run_id, batch)
         if claims.setdefault(run_id, claim) is claim:  # atomic: the usual case, one handler per family
             return claim
         with _claims_lock:  # another handler of the family saw the run first: precedence decides
