@@ -189,6 +189,41 @@ def test_end_returns_the_state_so_far_without_raising():
     assert model.calls.count == 2
 
 
+def test_end_returns_what_invoke_returns_for_its_output_schema_keys_mode_and_version():
+    from langgraph.types import GraphOutput
+
+    class Out(TypedDict, total=False):
+        notes: Annotated[list[str], operator.add]
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    class Full(Out, total=False):
+        topic: str
+        draft: str
+
+    model = fake()
+    builder = StateGraph(Full, output_schema=Out)
+    builder.add_node("plan", lambda state: {"draft": "d", "notes": [model.invoke("plan").content]})
+    for name in ("write", "review"):
+        builder.add_node(name, lambda state: {"notes": [model.invoke("more").content]})
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "write")
+    builder.add_edge("write", "review")
+
+    def ended(saver: InMemorySaver | None, **kwargs: Any) -> Any:
+        app = govern_graph(builder, Budget(Limits(max_llm_calls=1)), on_exhausted="end", checkpointer=saver)
+        return app.invoke({"topic": "x"}, {"configurable": {"thread_id": repr(kwargs)}}, **kwargs)
+
+    for saver in (None, InMemorySaver()):
+        state = ended(saver)
+        assert set(state) == {"notes", "budget_skipped"} and state["notes"] == ["ok"], saver  # the output schema
+        assert ended(saver, output_keys="notes") == ["ok"], saver
+        assert ended(saver, output_keys=["notes"]) == {"notes": ["ok"]}, saver
+        updates = ended(saver, stream_mode="updates")  # the chunks so far, as invoke returns for this mode
+        assert isinstance(updates, list) and updates[0] == {"plan": {"notes": ["ok"]}}, saver
+        output = ended(saver, version="v2")
+        assert isinstance(output, GraphOutput) and output.value["notes"] == ["ok"], saver
+
+
 def test_the_users_graph_is_left_alone_and_governing_twice_wraps_once():
     model = fake()
     builder = research_builder(model)

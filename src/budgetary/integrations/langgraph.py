@@ -35,7 +35,7 @@ import copy
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
@@ -47,7 +47,7 @@ try:
     from langgraph._internal._runnable import RunnableCallable  # pinned: langgraph>=1,<2
     from langgraph.config import get_config
     from langgraph.graph.state import StateGraph
-    from langgraph.types import interrupt
+    from langgraph.types import GraphOutput, interrupt
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError('budgetary.integrations.langgraph needs langgraph: pip install "budgetary[langgraph]"') from exc
 
@@ -91,6 +91,8 @@ class _RunState:
     """The latest full state ``invoke`` saw (its ``values`` stream), returned when the run ends."""
     unclaimed: bool = False
     """Set by ``invoke``: the next stream of the run is its own graph's (see `claim`)."""
+    chunks: list[Any] | None = None
+    """The chunks of that stream, kept when ``invoke`` returns them (a ``stream_mode`` other than ``values``)."""
 
     def claim(self) -> bool:
         """Whether a stream of this run is the one ``invoke`` runs through, whose chunks `observe` keeps.
@@ -103,6 +105,8 @@ class _RunState:
         return claimed
 
     def observe(self, chunk: Any) -> None:
+        if self.chunks is not None:
+            self.chunks.append(chunk)
         if isinstance(chunk, tuple) and len(chunk) == 2 and chunk[0] == "values":
             self.latest = chunk[1]
         elif isinstance(chunk, dict) and chunk.get("type") == "values":
@@ -467,17 +471,23 @@ def _governed_class(base: Any) -> type:
     if cached is not None:
         return cached
 
-    def _ended(self: Any, end: _EndRun, config: Any, run: _RunState) -> Any:
-        state = run.latest if run.latest is not None else end.state
+    def _ended(self: Any, end: _EndRun, config: Any, run: _RunState, kwargs: dict[str, Any]) -> Any:
+        """What ``invoke`` returns (its ``stream_mode``, ``output_keys`` and ``version``) for the run so far."""
+        if run.chunks is not None:
+            return run.chunks
+        keys = kwargs.get("output_keys")
+        keys = self.output_channels if keys is None else keys
         thread = (config or {}).get("configurable", {}).get("thread_id")
         if self.checkpointer is not None and thread is not None:
-            state = self.get_state(config).values  # what the checkpoint holds: resumable from here
+            state = _output(self.get_state(config).values, keys)  # what the checkpoint holds: resumable from here
+        else:  # what the run's stream returned (invoke's output already), else the ending node's input
+            state = run.latest if run.latest is not None else _output(end.state, keys)
         # The marker is missing when the run stopped at once, or ended in a nested graph whose state never
         # reached this one; a skip update that reached it already holds it.
-        if end.marker is not None and isinstance(state, Mapping) and SKIPPED_KEY in getattr(self, "channels", {}):
+        if end.marker is not None and isinstance(state, Mapping) and not isinstance(keys, str) and SKIPPED_KEY in keys:
             if end.marker not in (markers := state.get(SKIPPED_KEY) or []):
                 state = {**state, SKIPPED_KEY: [*markers, end.marker]}
-        return state
+        return GraphOutput(value=state, interrupts=()) if kwargs.get("version") == "v2" else state
 
     # Only the outermost call of a run turns `end` into a return: `invoke` runs through `stream`,
     # and a governed graph used as a subgraph must end its parent's run too.
@@ -485,19 +495,23 @@ def _governed_class(base: Any) -> type:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return base.invoke(self, input, config, **kwargs)
         run = _RunState(resumable=self.checkpointer is not None, unclaimed=True)
+        if kwargs.get("stream_mode", "values") != "values":
+            run.chunks = []
         try:
             return base.invoke(self, input, _with_run(config, run), **kwargs)
         except _EndRun as end:
-            return _ended(self, end, config, run)
+            return _ended(self, end, config, run, kwargs)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return await base.ainvoke(self, input, config, **kwargs)
         run = _RunState(resumable=self.checkpointer is not None, unclaimed=True)
+        if kwargs.get("stream_mode", "values") != "values":
+            run.chunks = []
         try:
             return await base.ainvoke(self, input, _with_run(config, run), **kwargs)
         except _EndRun as end:
-            return _ended(self, end, config, run)
+            return _ended(self, end, config, run, kwargs)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
@@ -537,6 +551,15 @@ def _governed_class(base: Any) -> type:
 
 
 _governed_classes: dict[type, type] = {}
+
+
+def _output(values: Any, keys: str | Sequence[str]) -> Any:
+    """A graph's output from its full state ``values``: the output channels ``keys`` (as ``invoke`` picks them)."""
+    if not isinstance(values, Mapping):
+        return values
+    if isinstance(keys, str):
+        return values.get(keys)
+    return {key: values[key] for key in keys if key in values}
 
 
 def govern_graph(
