@@ -605,3 +605,16 @@ def test_delegated_work_follows_the_policy_of_the_crew_task_it_is_done_for(polic
     crew.kickoff()
     assert worker_llm.calls.count == 0
     assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")][:1] == [("Researcher", "report")]
+
+
+def test_kickoff_for_each_of_a_governed_crews_model_copy_runs_the_copy():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget()
+    govern_crew(crew, budget)
+    solo = Agent(role="Solo", goal="Go", backstory="Alone.", llm=fake)
+    task = Task(name="solo", description="Solo on {topic}", expected_output="x", agent=solo)
+    clone = crew.model_copy(update={"agents": [solo], "tasks": [task]})
+    clone.kickoff_for_each(inputs=[{"topic": "otters"}])
+    assert [r["agent"] for r in fake.calls.records] == ["Solo"]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["Solo"]  # still under the budget

@@ -511,6 +511,24 @@ def _usage_or_none(usage: Any) -> Any:
     return dump() if callable(dump) else usage
 
 
+def _governed_copy(copy: Any) -> Any:
+    """``Crew.copy`` (what ``kickoff_for_each`` runs) that carries the budget over to the copy.
+
+    CrewAI rebuilds the crew from its fields, and the budget is no field. Patched on the class: a
+    per-crew function would stay bound to that crew in its ``model_copy`` clones.
+    """
+
+    @functools.wraps(copy)
+    def governed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        clone = copy(self, *args, **kwargs)
+        gov = getattr(self, _ATTR, None)
+        if gov is not None:
+            _attach(clone, gov)
+        return clone
+
+    return governed
+
+
 def _closing_kickoff(kickoff: Any) -> Any:
     """``Crew.kickoff`` that closes the runs CrewAI left current when it ended without its end hook.
 
@@ -563,6 +581,7 @@ def _install() -> None:
         register_after_tool_call_hook(_after_tool)
         # The one synchronous place where each call's provider-reported usage passes.
         BaseLLM._track_token_usage_internal = _track_usage(BaseLLM._track_token_usage_internal)  # type: ignore[method-assign]
+        Crew.copy = _governed_copy(Crew.copy)  # type: ignore[method-assign]
         Crew.kickoff = _closing_kickoff(Crew.kickoff)  # type: ignore[method-assign]
         Crew.akickoff = _closing_akickoff(Crew.akickoff)  # type: ignore[method-assign]
         _installed = True
@@ -626,16 +645,7 @@ def _names_to_strings(mapping: Any, values: Callable[[Any], bool]) -> bool:
 
 
 def _attach(crew: Any, gov: _Governance) -> None:
-    # Crew.copy() (kickoff_for_each) rebuilds the crew from its fields; carry the budget over.
-    original_copy = type(crew).copy
-
-    def copy_governed() -> Any:
-        clone = original_copy(crew)
-        _attach(clone, gov)
-        return clone
-
     object.__setattr__(crew, _ATTR, gov)
-    object.__setattr__(crew, "copy", copy_governed)
 
 
 @contextmanager
