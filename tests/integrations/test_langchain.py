@@ -200,6 +200,17 @@ def test_the_call_max_tokens_is_what_is_held():
     assert 0 < prompt_bound < 50  # "hello" plus framing, bounded by its bytes
 
 
+def test_a_max_tokens_that_is_not_a_count_holds_the_default_reserve_instead_of_failing_the_call():
+    # -1 is what LangChain's OpenAI text LLM takes for "as many as fit"; such values are the
+    # user's model settings, not a reason to crash their run.
+    budget = Budget(Limits(max_total_tokens=100_000))
+    handler = BudgetCallbackHandler(budget)
+    for value in (-1, True, 2.5):
+        assert make_model(usage=None).bind(max_tokens=value).invoke("hi", config={"callbacks": [handler]}).content
+    assert [e.usage.output_tokens for e in budget.ledger.history(kind="llm")] == [1024] * 3  # the default reserve
+    assert budget.snapshot().held_tokens == 0
+
+
 def test_llm_cache_hits_are_not_charged_as_provider_spend():
     model = make_model()
     budget = Budget()
@@ -656,6 +667,25 @@ def test_middleware_of_a_child_budget_and_a_scope_of_its_parent_charge_the_paren
     assert provider_calls(model) == 4 == run.snapshot().llm_calls == day.snapshot().llm_calls
     assert day.snapshot().total_tokens == run.snapshot().total_tokens == 4 * 150
     assert day.snapshot().held_tokens == 0 and day.snapshot().tool_calls == 2
+
+
+def test_middleware_holds_the_max_tokens_the_call_is_made_with():
+    from langchain.agents.middleware import AgentMiddleware
+
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    class Settings(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            return handler(request.override(model_settings={"max_tokens": 33}))
+
+    create_agent, lookup, _ = _agent_parts()
+    for middleware, model_max, reserved in (([], -1, 1024), ([Settings()], None, 33)):
+        model = make_model(responses=[AIMessage("Otters float.")], usage=None, max_tokens=model_max)
+        budget = Budget(Limits(max_total_tokens=100_000))
+        agent = create_agent(model, tools=[lookup], middleware=[*middleware, BudgetMiddleware(budget)])
+        agent.invoke({"messages": [("user", "q")]})
+        (entry,) = budget.ledger.history(kind="llm")  # no usage reported: the hold is what is charged
+        assert entry.estimated and entry.usage.output_tokens == reserved
 
 
 def test_middleware_prices_with_the_billed_model_name():

@@ -431,9 +431,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return None
         metadata = metadata or {}
         model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
-        max_out = metadata.get("ls_max_tokens")
-        if max_out is None:
-            max_out = params.get("max_tokens") or params.get("max_completion_tokens") or params.get("max_output_tokens")
+        max_out = _output_cap(
+            metadata.get("ls_max_tokens"), *(params.get(key) for key in _OUTPUT_CAP_KEYS)
+        )  # fmt: skip
         return claim, self._agent_for(metadata), model, max_out, metadata.get("langgraph_node")
 
     def _started(self, claim: _Claim, run_id: UUID, reservation: Reservation) -> bool:
@@ -499,6 +499,24 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if claim is None or claim.handler is not self:
             return None
         return self._claims.pop(run_id, None)  # atomic: None if a parent's chain error took it meanwhile
+
+
+_OUTPUT_CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def _output_cap(*values: Any) -> int | None:
+    """The call's cap on output tokens: the first value set; None (the default reserve) if it is no count.
+
+    Models take values that are not token counts (-1 means "as many as fit" to LangChain's OpenAI
+    text LLM): those are the user's settings, not a reason to fail the call.
+    """
+    for value in values:
+        if value is None:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if value >= 0 else None
+        return int(value) if isinstance(value, str) and value.isdigit() else None
+    return None
 
 
 def _check_arguments(budget: Any, agent: Any, on_soft_limit: Any) -> None:
@@ -816,9 +834,12 @@ def _build_middleware() -> type:
             messages = [*([request.system_message] if request.system_message else []), *request.messages]
             if tools := _tools_text(request.tools):
                 messages.append(tools)
+            settings = getattr(request, "model_settings", None) or {}  # what the call binds wins
+            caps = [settings.get(key) for key in _OUTPUT_CAP_KEYS]
+            caps += [getattr(model, key, None) for key in _OUTPUT_CAP_KEYS]
             return {
                 "agent": self.agent, "model": name if isinstance(name, str) else None, "messages": messages,
-                "max_output_tokens": getattr(model, "max_tokens", None),
+                "max_output_tokens": _output_cap(*caps),
             }  # fmt: skip
 
         def _reserve(self, request: Any) -> Reservation | AIMessage:
