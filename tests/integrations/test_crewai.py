@@ -618,3 +618,18 @@ def test_kickoff_for_each_of_a_governed_crews_model_copy_runs_the_copy():
     clone.kickoff_for_each(inputs=[{"topic": "otters"}])
     assert [r["agent"] for r in fake.calls.records] == ["Solo"]
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["Solo"]  # still under the budget
+
+
+def test_the_refusal_pickles_as_itself():
+    import pickle
+
+    fake = llm()
+    crew = three_task_crew(fake)
+    govern_crew(crew, Budget(Limits(max_llm_calls=1)))
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff(inputs={"topic": "otters"})
+    copy = pickle.loads(pickle.dumps(info.value))  # a kickoff in a process pool hands it back pickled
+    assert type(copy) is CrewBudgetExceeded
+    assert (copy.message, copy.agent, copy.resource, copy.limit, copy.reason, copy.source) == (
+        info.value.message, "Writer", "llm_calls", 1, info.value.message, "budgetary",
+    )  # fmt: skip

@@ -90,6 +90,11 @@ class CrewBudgetExceeded(BudgetExceeded, HookAborted):
         self.reason = exc.message
         self.source = "budgetary"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as the plain refusal it wraps, so that the copy is a CrewBudgetExceeded again.
+        rebuild, args = BudgetExceeded.__reduce__(self)[:2]
+        return (type(self), (rebuild(*args),))
+
 
 @dataclass(frozen=True)
 class _Governance:
