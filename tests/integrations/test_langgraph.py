@@ -253,6 +253,20 @@ def test_governing_again_with_new_policies_regoverns_the_original_and_another_bu
     assert [m.agent for m in state["budget_skipped"]] == ["critic"]  # the new policy applies
 
 
+def test_copies_of_a_governed_graph_stay_governed_and_can_be_governed_again():
+    # with_config and copy build a new graph object: it must still know how it was governed.
+    budget = Budget(Limits(max_llm_calls=3))
+    app = govern_graph(research_builder(fake()), budget)
+    for copied in (app.with_config({"recursion_limit": 30}), app.copy()):
+        assert govern_graph(copied, budget) is copied
+        regoverned = govern_graph(copied, budget, policies={"critic": "skip"})
+        assert regoverned.config == copied.config  # the copy's config is kept
+        assert [m.agent for m in regoverned.invoke({"topic": "x"})["budget_skipped"]] == ["critic"]
+        budget.top_up(llm_calls=3)
+        with pytest.raises(ValueError, match="already governed by budget"):
+            govern_graph(copied, Budget(name="other"))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

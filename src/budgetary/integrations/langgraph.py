@@ -544,7 +544,18 @@ def _governed_class(base: Any) -> type:
         except _EndRun:
             return
 
-    namespace = {"invoke": invoke, "ainvoke": ainvoke, "stream": stream, "astream": astream, "_budgetary": True}
+    def copy(self: Any, update: dict[str, Any] | None = None) -> Any:
+        # Pregel.copy (also behind with_config) rebuilds the graph from its constructor's arguments,
+        # which do not include how it was governed: carry that over.
+        own = {key: value for key, value in self.__dict__.items() if key.startswith("_budgetary_")}
+        attrs = {key: value for key, value in self.__dict__.items() if key not in own and key != "__orig_class__"}
+        new = self.__class__(**{**attrs, **(update or {})})
+        new.__dict__.update(own)
+        return new
+
+    namespace = {
+        "invoke": invoke, "ainvoke": ainvoke, "stream": stream, "astream": astream, "copy": copy, "_budgetary": True,
+    }  # fmt: skip
     cls = type(f"Governed{base.__name__}", (base,), namespace)
     _governed_classes[base] = cls
     return cls
@@ -592,6 +603,7 @@ def govern_graph(
     policies = dict(policies or {})
     agents = dict(agents or {})
     settings = (budget, default, policies, agents)
+    config = None
     if getattr(type(graph), "_budgetary", False):
         governed_by = graph._budgetary_settings
         if governed_by[0] is not budget:
@@ -603,6 +615,7 @@ def govern_graph(
             return graph  # governing twice wraps once
         if checkpointer is None:
             checkpointer = graph.checkpointer
+        config = graph.config  # a with_config copy's
         graph = graph._budgetary_source  # new policies or agents: govern the original again
     nodes = [name for name in graph.nodes if not name.startswith("__")]
     for what, keyed in (("policies", policies), ("agents", agents)):
@@ -663,6 +676,8 @@ def govern_graph(
     options.skip_key = SKIPPED_KEY in getattr(compiled, "channels", {})
     compiled.__class__ = _governed_class(type(compiled))
     compiled._budgetary_source, compiled._budgetary_settings = graph, settings  # type: ignore[attr-defined]
+    if config is not None:
+        compiled.config = config
     return compiled
 
 
