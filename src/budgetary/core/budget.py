@@ -161,6 +161,8 @@ class Reservation:
         self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
     ) -> LedgerEntry:
         budget = self._budget
+        if usage.cost_usd is not None:
+            usage = _as_charged(usage)
         actual, meta, cost_known = self._settle_request(usage, model, actual_cost)
         outcome = budget._store.settle(
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
@@ -175,6 +177,8 @@ class Reservation:
     ) -> LedgerEntry:
         """`_settle` with the store's async twin."""
         budget = self._budget
+        if usage.cost_usd is not None:
+            usage = _as_charged(usage)
         actual, meta, cost_known = self._settle_request(usage, model, actual_cost)
         outcome = await cast(AsyncStore, budget._store).asettle(
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
@@ -1093,6 +1097,17 @@ def _contract_of(name: str, state: AgentState) -> AgentContract:
                              min_reserve=nanos_to_usd(reserve), confidence_threshold=state.threshold)  # fmt: skip
     return AgentContract(name=name, priority=state.priority, max_tokens=state.allocated, min_reserve=reserve,
                          confidence_threshold=state.threshold)  # fmt: skip
+
+
+def _as_charged(usage: Usage) -> Usage:
+    """``usage`` with its reported cost as the stores charge it: whole nano-dollars, rounded up (saturated).
+
+    The ledger entry then shows what the counters added, so the entries' totals equal the
+    counters (SPEC §5) when a provider reports more digits than a nano-dollar.
+    """
+    assert usage.cost_usd is not None
+    charged = nanos_to_usd(usd_to_nanos(usage.cost_usd))
+    return usage if charged == usage.cost_usd else usage.with_cost(charged)
 
 
 def _config_count(value: Any, name: str) -> int:

@@ -23,6 +23,7 @@ from budgetary import (
     Price,
     SoftLimit,
     UnknownAgent,
+    Usage,
     UsageError,
 )
 from budgetary.core.stores import MemoryStore, Store
@@ -307,6 +308,20 @@ def test_ledger_exports_and_filters(open_store: Opener) -> None:
     assert [e.kind for e in budget.ledger.history(agent="a")] == ["tool", "deny", "llm"]
     assert [e.kind for e in budget.ledger.history(run_id="r2")] == ["llm"]
     assert budget.ledger.to_jsonl().count("\n") == 3
+
+
+def test_ledger_costs_add_up_to_the_counters_when_a_provider_reports_sub_nano_digits(open_store: Opener) -> None:
+    # SPEC §5: the entries' totals equal the counters; §10: stores count whole nano-dollars, rounded up.
+    budget = Budget(Limits(max_cost_usd=10), name="b", store=open_store(), prices=PRICES)
+    reported = [Decimal("0.00123456789123"), Decimal("1E-12"), Decimal("0.3333333333333333")]
+    for cost in reported:
+        budget.record(None, Usage(input_tokens=1, output_tokens=1, cost_usd=cost), model=MODEL)
+    with budget.llm_call(model=MODEL, prompt_tokens=1, max_output_tokens=1) as call:
+        call.settle({"prompt_tokens": 1, "completion_tokens": 1, "cost": 1.5e-10})  # OpenRouter's shape
+    entries = budget.ledger.history(kind="llm")
+    assert sum(e.cost_usd for e in entries) == budget.snapshot().cost_usd == Decimal("0.334567904")
+    assert all(e.cost_usd == e.usage.cost_usd for e in entries)
+    assert all(e.cost_usd >= c for e, c in zip(entries[:3], reported, strict=True))  # rounded up, never under
 
 
 def test_windows_reset_counters_at_utc_boundaries(open_store: Opener, clock: FakeClock) -> None:
