@@ -688,6 +688,21 @@ def test_middleware_holds_the_max_tokens_the_call_is_made_with():
         assert entry.estimated and entry.usage.output_tokens == reserved
 
 
+def test_middleware_of_two_budgets_govern_one_agent_together():
+    # A per-user and a per-feature budget, neither the parent of the other: LangChain refuses two
+    # middleware with one name, so each instance is named after its budget.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    user, feature = Budget(name="user"), Budget(Limits(max_llm_calls=1), name="feature")
+    middleware = [BudgetMiddleware(user), BudgetMiddleware(feature, agent="writer")]
+    assert [m.name for m in middleware] == ["BudgetMiddleware[user]", "BudgetMiddleware[feature/writer]"]
+    result = create_agent(model, tools=[lookup], middleware=middleware).invoke(MESSAGES)
+    assert "budget refused" in result["messages"][-1].content
+    assert provider_calls(model) == 1 == user.snapshot().llm_calls == feature.snapshot().llm_calls
+    assert BudgetMiddleware(Budget(name="a|b:c")).name == "BudgetMiddleware[a_b_c]"  # LangGraph's reserved characters
+
+
 def test_middleware_prices_with_the_billed_model_name():
     from budgetary.integrations.langchain import BudgetMiddleware
 

@@ -779,6 +779,16 @@ def _build_middleware() -> type:
             if agent is not None:
                 budget.ensure_agent(agent)
 
+        @property
+        def name(self) -> str:
+            """``BudgetMiddleware[<budget>]`` (``[<budget>/<agent>]``): unique per budget, so one agent takes several.
+
+            LangChain refuses two middleware of one name, and the name is in the agent's node names, so
+            it is stable across processes (a checkpointed run resumes elsewhere).
+            """
+            scope = self.budget.name if self.agent is None else f"{self.budget.name}/{self.agent}"
+            return f"BudgetMiddleware[{scope.replace('|', '_').replace(':', '_')}]"  # LangGraph's reserved characters
+
         def _refused(self, exc: BudgetExceeded, attempt: int) -> AIMessage | None:
             """Apply the exit behaviour; None means "try again" (after an interrupt's top-up)."""
             answer = self._exit(exc, attempt)
