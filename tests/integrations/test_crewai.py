@@ -633,3 +633,25 @@ def test_the_refusal_pickles_as_itself():
     assert (copy.message, copy.agent, copy.resource, copy.limit, copy.reason, copy.source) == (
         info.value.message, "Writer", "llm_calls", 1, info.value.message, "budgetary",
     )  # fmt: skip
+
+
+def test_a_custom_managers_agent_less_calls_are_charged_to_it():
+    def script(messages, index, agent, task):
+        if agent is None:  # the forced final answer after the manager's max_iter
+            return "Thought: forced\nFinal Answer: best effort"
+        if agent.role == "Boss":
+            payload = {"task": f"Find fact {index}", "context": "report", "coworker": "Researcher"}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: a fact"
+
+    fake = llm(responder=script)
+    boss = Agent(role="Boss", goal="Lead", backstory="In charge.", llm=fake, allow_delegation=True, max_iter=1)
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    task = Task(name="report", description="Write a report on otters", expected_output="a report")
+    crew = Crew(agents=[researcher], tasks=[task], process=Process.hierarchical, manager_agent=boss)
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    assert [r["agent"] for r in fake.calls.records] == ["Boss", "Researcher", None]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["Boss", "Researcher", "Boss"]
+    assert set(budget.report()) == {"Boss", "Researcher"}

@@ -196,8 +196,10 @@ def _execution_start(ctx: Any) -> None:
     if gov is None:
         return  # an ungoverned crew: nested in a run, its calls are that run's
     run = _Run(gov, owner=crew if crew is not None else getattr(ctx, "flow", None), outer=enclosing)
-    # In a hierarchical crew the manager works every task.
-    default_role = MANAGER_ROLE if getattr(crew, "process", None) == "hierarchical" else None
+    # In a hierarchical crew the manager works every task: the crew's own, else the one CrewAI builds.
+    default_role = None
+    if getattr(crew, "process", None) == "hierarchical":
+        default_role = getattr(getattr(crew, "manager_agent", None), "role", None) or MANAGER_ROLE
     for task in getattr(crew, "tasks", None) or []:
         run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None) or default_role
         run.task_names[str(task.id)] = getattr(task, "name", None)
