@@ -98,6 +98,8 @@ def test_passwords_are_not_shown() -> None:
         ("redis://127.0.0.1:1/abc", "its path must be a DB number"),
         ("redis://127.0.0.1:1/1/2", "its path must be a DB number"),  # redis-py would take DB 12
         ("redis-cluster://127.0.0.1:1/abc", "its path must be a DB number"),  # refused before connecting
+        ("redis-cluster://127.0.0.1:1/1", "a Redis Cluster has only DB 0"),  # was a StoreError from connecting
+        ("rediss-cluster://127.0.0.1:1/?db=2", "a Redis Cluster has only DB 0"),
         ("redis://127.0.0.1:1/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
         ("redis://127.0.0.1:1/0?no_such_option=1", "no_such_option"),
         ("unix:///tmp/no.sock?db=abc", "Invalid value for 'db'"),

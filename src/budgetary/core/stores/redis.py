@@ -29,7 +29,7 @@ from decimal import Decimal
 from importlib import resources
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from budgetary.core._engine import (
     AgentState,
@@ -310,6 +310,11 @@ def _checked_url(url: str, shown: str) -> None:
         raise ConfigurationError(
             f"Redis store URL {shown} is not valid: its path must be a DB number (redis://host:6379/0), got {db!r}"
         )
+    if url.startswith(tuple(_CLUSTER_SCHEMES)):
+        # redis-py refuses another DB only when it connects, as a cluster error (StoreError here).
+        dbs = [db, *parse_qs(urlsplit(url).query).get("db", [])]
+        if not all(d == "" or (d.isascii() and d.isdigit() and int(d) == 0) for d in dbs):
+            raise ConfigurationError(f"Redis store URL {shown} is not valid: a Redis Cluster has only DB 0")
 
 
 def _client_url(client: Any) -> str:
