@@ -697,7 +697,8 @@ def test_middleware_of_two_budgets_govern_one_agent_together():
     user, feature = Budget(name="user"), Budget(Limits(max_llm_calls=1), name="feature")
     middleware = [BudgetMiddleware(user), BudgetMiddleware(feature, agent="writer")]
     assert [m.name for m in middleware] == ["BudgetMiddleware[user]", "BudgetMiddleware[feature/writer]"]
-    result = create_agent(model, tools=[lookup], middleware=middleware).invoke(MESSAGES)
+    with budget_scope(user):  # the outer middleware's calls are not charged again by the user's scope
+        result = create_agent(model, tools=[lookup], middleware=middleware).invoke(MESSAGES)
     assert "budget refused" in result["messages"][-1].content
     assert provider_calls(model) == 1 == user.snapshot().llm_calls == feature.snapshot().llm_calls
     assert BudgetMiddleware(Budget(name="a|b:c")).name == "BudgetMiddleware[a_b_c]"  # LangGraph's reserved characters

@@ -177,8 +177,9 @@ def _refused_elsewhere(exc: BaseException) -> str:
     return f"refused by budget {budget!r}" if budget is not None else f"refused before it ran ({type(exc).__name__})"
 
 
-# Set while BudgetMiddleware makes a model call it has already reserved for.
-_middleware_budget: ContextVar[Budget | None] = ContextVar("budgetary_middleware_budget", default=None)
+# While BudgetMiddleware makes a model call: the budgets its instances (an agent may take several)
+# have already reserved it on.
+_middleware_budgets: ContextVar[tuple[Budget, ...]] = ContextVar("budgetary_middleware_budgets", default=())
 # Set while a governed LangGraph node runs: per budget, the handler of the innermost governed node.
 # It alone charges that budget's calls in the node; other handlers of the budget (a user's own, a
 # budget_scope, an outer node's) stand aside, so each call is reserved once, for the right agent,
@@ -465,11 +466,12 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         A child budget's charge is also its parents': a parent's handler reserving again would
         count the call twice.
         """
-        budget = _middleware_budget.get()
-        while budget is not None:
-            if budget is self.budget:
-                return True
-            budget = budget.parent
+        for budget in _middleware_budgets.get():
+            node: Budget | None = budget
+            while node is not None:
+                if node is self.budget:
+                    return True
+                node = node.parent
         return False
 
     def _stands_aside(self) -> bool:
@@ -877,14 +879,14 @@ def _build_middleware() -> type:
             reservation = self._reserve(request)
             if isinstance(reservation, AIMessage):
                 return ModelResponse(result=[reservation])
-            token = _middleware_budget.set(self.budget)
+            token = _middleware_budgets.set((*_middleware_budgets.get(), self.budget))
             try:
                 response = handler(request)
             except BaseException as exc:
                 _ended_without_reply(reservation, exc)
                 raise
             finally:
-                _middleware_budget.reset(token)
+                _middleware_budgets.reset(token)
             usage, billed = _response_usage(response)
             if usage is None:
                 reservation.charge_estimate()
@@ -900,14 +902,14 @@ def _build_middleware() -> type:
             reservation = await self._areserve(request)
             if isinstance(reservation, AIMessage):
                 return ModelResponse(result=[reservation])
-            token = _middleware_budget.set(self.budget)
+            token = _middleware_budgets.set((*_middleware_budgets.get(), self.budget))
             try:
                 response = await handler(request)
             except BaseException as exc:
                 await _aended_without_reply(reservation, exc)
                 raise
             finally:
-                _middleware_budget.reset(token)
+                _middleware_budgets.reset(token)
             usage, billed = _response_usage(response)
             if usage is None:
                 await reservation.acharge_estimate()
