@@ -152,6 +152,8 @@ def test_interrupt_without_a_checkpointer_is_refused_up_front():
         govern_graph(research_builder(fake()), Budget(), on_exhausted="interrupt")
     with pytest.raises(ValueError, match="checkpointer"):
         govern_graph(research_builder(fake()).compile(), Budget(), policies={"critic": "interrupt"})
+    with pytest.raises(ValueError, match="checkpointer"):  # False: not even the parent graph's
+        govern_graph(research_builder(fake()).compile(checkpointer=False), Budget(), on_exhausted="interrupt")
 
 
 def test_a_checkpointer_given_with_a_compiled_graph_is_used_and_the_original_keeps_none():
@@ -181,12 +183,14 @@ def test_interrupt_set_on_a_budget_node_is_refused_up_front_without_a_checkpoint
 
 def test_end_returns_the_state_so_far_without_raising():
     model = fake()
-    budget = Budget(Limits(max_total_tokens=230))
-    app = govern_graph(research_builder(model).compile(), budget, on_exhausted="end")
-    state = app.invoke({"topic": "otters"})
-    assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher"]
-    assert [m.agent for m in state["budget_skipped"]] == ["writer"]
-    assert model.calls.count == 2
+    for compiled in (research_builder(model).compile(), research_builder(model).compile(checkpointer=False)):
+        model.calls.records.clear()
+        budget = Budget(Limits(max_total_tokens=230))
+        app = govern_graph(compiled, budget, on_exhausted="end")
+        state = app.invoke({"topic": "otters"}, {"configurable": {"thread_id": "t"}})
+        assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher"]
+        assert [m.agent for m in state["budget_skipped"]] == ["writer"]
+        assert model.calls.count == 2
 
 
 def test_end_returns_what_invoke_returns_for_its_output_schema_keys_mode_and_version():

@@ -478,7 +478,7 @@ def _governed_class(base: Any) -> type:
         keys = kwargs.get("output_keys")
         keys = self.output_channels if keys is None else keys
         thread = (config or {}).get("configurable", {}).get("thread_id")
-        if self.checkpointer is not None and thread is not None:
+        if _persists(self) and thread is not None:
             state = _output(self.get_state(config).values, keys)  # what the checkpoint holds: resumable from here
         else:  # what the run's stream returned (invoke's output already), else the ending node's input
             state = run.latest if run.latest is not None else _output(end.state, keys)
@@ -494,7 +494,7 @@ def _governed_class(base: Any) -> type:
     def invoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return base.invoke(self, input, config, **kwargs)
-        run = _RunState(resumable=self.checkpointer is not None, unclaimed=True)
+        run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
         try:
@@ -505,7 +505,7 @@ def _governed_class(base: Any) -> type:
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
             return await base.ainvoke(self, input, config, **kwargs)
-        run = _RunState(resumable=self.checkpointer is not None, unclaimed=True)
+        run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
         try:
@@ -523,7 +523,7 @@ def _governed_class(base: Any) -> type:
                 yield chunk
             return
         try:
-            run = _RunState(resumable=self.checkpointer is not None)
+            run = _RunState(resumable=_persists(self))
             yield from base.stream(self, input, _with_run(config, run), **kwargs)
         except _EndRun:
             return  # the run ended under the `end` policy: the stream simply stops
@@ -538,7 +538,7 @@ def _governed_class(base: Any) -> type:
                 yield chunk
             return
         try:
-            run = _RunState(resumable=self.checkpointer is not None)
+            run = _RunState(resumable=_persists(self))
             async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
                 yield chunk
         except _EndRun:
@@ -562,6 +562,11 @@ def _governed_class(base: Any) -> type:
 
 
 _governed_classes: dict[type, type] = {}
+
+
+def _persists(graph: Any) -> bool:
+    """Whether a compiled graph checkpoints its runs (``checkpointer=False`` opts out of a parent graph's too)."""
+    return graph.checkpointer not in (None, False)
 
 
 def _output(values: Any, keys: str | Sequence[str]) -> Any:
@@ -668,7 +673,7 @@ def govern_graph(
     interrupting = sorted(
         name for name, node in graph.nodes.items() if not name.startswith("__") and may_interrupt(name, node)
     )
-    if interrupting and compiled.checkpointer is None:
+    if interrupting and not _persists(compiled):
         raise ValueError(
             "on_exhausted='interrupt' needs a checkpointer (compile with checkpointer=..., or pass checkpointer= "
             f"to govern_graph): an interrupt without one could never be resumed (interrupting nodes: {interrupting})"
