@@ -154,7 +154,7 @@ def _depth(budget: Budget) -> int:
     return depth
 
 
-def _holds_of_refused_start(run_id: UUID, batch: object) -> list[Reservation]:
+def _holds_of_refused_start(run_id: UUID, refused: _Claim) -> list[Reservation]:
     """Take every claim on ``run_id`` and on the prompts started with it: none of them will run.
 
     LangChain stops at the refusing handler and sends no end or error event, neither to the
@@ -162,13 +162,19 @@ def _holds_of_refused_start(run_id: UUID, batch: object) -> list[Reservation]:
     the same generate call it started before (a text LLM's batch, ``agenerate`` of several
     message lists). Their holds would otherwise be renewed for as long as the process lives.
     """
+    batch, parent = refused.batch, refused.parent
+
+    def doomed(rid: UUID, claim: _Claim) -> bool:
+        # Prompts of one generate call share their parent run too: a call elsewhere never matches
+        # both, even from a model that would reuse its invocation_params.
+        return rid == run_id or (batch is not None and claim.batch is batch and claim.parent == parent)
+
     with _claims_lock:
         tables = list(_claims.values())
     taken: list[_Claim | None] = []
     for table in tables:
         # A snapshot (one atomic copy): other threads add and remove claims without the lock.
-        doomed = [rid for rid, c in list(table.items()) if rid == run_id or (batch is not None and c.batch is batch)]
-        taken.extend(table.pop(rid, None) for rid in doomed)
+        taken.extend(table.pop(rid, None) for rid, c in list(table.items()) if doomed(rid, c))
     return [c.reservation for c in taken if c is not None and c.reservation is not None]
 
 
@@ -254,7 +260,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 )  # fmt: skip
             except BaseException as exc:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
-                for held in _holds_of_refused_start(run_id, claim.batch):
+                for held in _holds_of_refused_start(run_id, claim):
                     held.release(_refused_elsewhere(exc))
                 raise
             if not self._started(claim, run_id, reservation):
@@ -275,7 +281,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 )  # fmt: skip
             except BaseException as exc:
                 self._release_claim(run_id)
-                for held in _holds_of_refused_start(run_id, claim.batch):
+                for held in _holds_of_refused_start(run_id, claim):
                     await held.arelease(_refused_elsewhere(exc))
                 raise
             if not self._started(claim, run_id, reservation):
