@@ -655,3 +655,29 @@ def test_a_custom_managers_agent_less_calls_are_charged_to_it():
     assert [r["agent"] for r in fake.calls.records] == ["Boss", "Researcher", None]
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["Boss", "Researcher", "Boss"]
     assert set(budget.report()) == {"Boss", "Researcher"}
+
+
+def test_a_tool_call_soft_limit_tells_the_agent_on_its_next_call():
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "results"
+
+    seen: list[str] = []
+
+    def responder(messages, index, agent, task):
+        seen.append(json.dumps(messages))
+        if index == 0:
+            return 'Thought: search\nAction: search\nAction Input: {"query": "otters"}'
+        return "Thought: done\nFinal Answer: otters are great"
+
+    events = []
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search])
+    task = Task(name="research", description="Otters", expected_output="facts", agent=agent)
+    crew = Crew(agents=[agent], tasks=[task])
+    budget = Budget(Limits(max_tool_calls=2, warn_at=(0.5,)), on_soft_limit=events.append)
+    govern_crew(crew, budget)
+    crew.kickoff()
+    assert [e.resource for e in events] == ["tool_calls"]
+    assert ["Budget notice" in s for s in seen] == [False, True]

@@ -41,6 +41,7 @@ import functools
 import logging
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -462,11 +463,17 @@ def _after_llm(ctx: Any) -> None:
 
 
 def _settle(reservation: Reservation, usage: Any) -> None:
-    reservation.settle(usage, lenient=True)
+    reservation.settle(usage, lenient=True)  # the thresholds it crosses reach `_tell_agents`
+
+
+def _tell_agents(event: SoftLimit) -> None:
+    """Soft-limit listener of every governed budget: tell the crossing on the run's next call.
+
+    Crossings by a call, a tool or an agent start alike; the agent's own next call for its allocation.
+    """
     run = _run.get()
     if run is not None:
-        for event in reservation.events:  # tell the next call (this agent's, for its own allocation)
-            run.nudges[reservation.agent if event.resource == "allocation" else None] = event
+        run.nudges[event.agent if event.resource == "allocation" else None] = event
 
 
 def _before_tool(ctx: Any) -> Any:
@@ -570,6 +577,7 @@ def _closing_akickoff(akickoff: Any) -> Any:
 
 _install_lock = threading.Lock()
 _installed = False
+_telling: weakref.WeakSet[Budget] = weakref.WeakSet()  # the budgets `_tell_agents` listens to
 
 
 def _install() -> None:
@@ -641,6 +649,10 @@ def _governance(
     for policy in (default, *(policies or {}).values()):
         if policy not in POLICIES or policy == "interrupt":
             raise ConfigurationError(f"CrewAI policies are 'deny', 'skip' or 'end', got {policy!r}")
+    with _install_lock:
+        if budget not in _telling:
+            budget.add_soft_limit_listener(_tell_agents)
+            _telling.add(budget)
     return _Governance(budget, dict(agents or {}), default, dict(policies or {}))
 
 
