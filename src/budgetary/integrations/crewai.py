@@ -31,7 +31,10 @@ not checked; its usage is still charged, after the fact.
 
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
-into each agent executor when it is created.
+into each agent executor when it is created. Importing it also wraps
+``Crew.copy`` (copies keep the budget) and ``Crew.kickoff``/``akickoff`` (a
+kickoff ended by Ctrl-C or a cancellation, which CrewAI ends without its end
+hook, leaves no run or hold behind).
 """
 
 from __future__ import annotations
