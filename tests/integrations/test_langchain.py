@@ -337,6 +337,21 @@ def test_a_call_refused_by_one_budget_gives_back_what_another_budget_held_for_it
     assert [e.reason for e in tenant.ledger.history(kind="release")] == ["refused by budget 'run'"]
 
 
+def test_a_tool_call_refused_by_one_budget_leaves_no_claim_of_another_behind():
+    from budgetary.integrations.langchain import _claims_of
+
+    @tool
+    def search(query: str) -> str:
+        """Search the web."""
+        return "results"
+
+    tenant, run = Budget(name="tenant"), Budget(Limits(max_tool_calls=0), name="run")
+    for _ in range(3):
+        with pytest.raises(BudgetExceeded):
+            search.invoke("otters", config={"callbacks": [BudgetCallbackHandler(tenant), BudgetCallbackHandler(run)]})
+    assert not _claims_of(tenant) and not _claims_of(run)  # they would pile up for the life of the process
+
+
 def test_prompts_started_with_a_refused_one_give_their_holds_back():
     # A text LLM's batch is one generate call: LangChain starts a run per prompt, and when a later
     # prompt is refused it sends the earlier ones no end or error event. Their holds were renewed

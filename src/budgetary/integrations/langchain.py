@@ -408,8 +408,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return self._agent_for(metadata), str(name)
 
     def _tool_allowed(self, run_id: UUID, decision: Decision) -> bool:
-        if not decision.allowed:
-            self._release_claim(run_id)  # a refused start gets no end or error event
+        if not decision.allowed:  # a refused start gets no end or error event
+            claim = self._release_claim(run_id)
+            if claim is not None:
+                _holds_of_refused_start(run_id, claim)  # other budgets' handlers' claims on it: no hold to give back
         return decision.allowed
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
