@@ -96,6 +96,8 @@ def test_a_per_agent_cap_skips_that_agents_later_task_and_the_crew_finishes():
     assert [is_budget_skipped(t.output) for t in tasks] == [False, False, True]
     assert "skipped by budget" in output.raw
     assert budget.ledger.history(kind="skip")[0].agent == "Researcher"
+    refusals = budget.ledger.history(kind="deny")  # the task-start check's, at the task it refused
+    assert [(e.agent, e.location) for e in refusals] == [("Researcher", "research-more")]
 
 
 def test_priority_reallocation_lets_the_important_agent_finish():

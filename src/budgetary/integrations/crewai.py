@@ -283,7 +283,7 @@ def _first_call_refusal(run: _Run, agent_obj: Any, agent: str | None, task: Any,
     try:
         probe = run.gov.budget.reserve(
             agent, model=model if isinstance(model, str) else None, messages=messages,
-            max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id,
+            max_output_tokens=getattr(llm, "max_tokens", None), run_id=run.run_id, location=run.location_for(task),
         )  # fmt: skip
     except BudgetExceeded as exc:
         return exc
