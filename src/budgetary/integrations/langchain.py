@@ -432,7 +432,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
     ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
         """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
-        if self._middleware_charges() or self._stands_aside():
+        if (_middleware_budgets.get() and self._middleware_charges()) or self._stands_aside():
             return None  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
         params = kwargs.get("invocation_params") or {}
         claim = self._take(run_id, parent_run_id, params or None)
@@ -440,9 +440,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return None
         metadata = metadata or {}
         model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
-        max_out = _output_cap(
-            metadata.get("ls_max_tokens"), *(params.get(key) for key in _OUTPUT_CAP_KEYS)
-        )  # fmt: skip
+        max_out = metadata.get("ls_max_tokens")
+        for key in _OUTPUT_CAP_KEYS:
+            if max_out is not None:
+                break
+            max_out = params.get(key)
+        if max_out is not None and (type(max_out) is not int or max_out < 0):
+            max_out = _output_cap(max_out)
         return claim, self._agent_for(metadata), model, max_out, metadata.get("langgraph_node")
 
     def _started(self, claim: _Claim, run_id: UUID, reservation: Reservation) -> bool:
