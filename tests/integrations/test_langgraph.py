@@ -697,6 +697,21 @@ def test_budget_node_decorates_sync_and_async_nodes_keeping_their_signature():
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "writer"]
 
 
+def test_budget_node_wraps_a_callable_object_with_an_async_call():
+    model = fake()
+
+    class Writer:
+        async def __call__(self, state: Research) -> dict:
+            return {"notes": [(await model.ainvoke("write")).content]}
+
+    budget = Budget(Limits(max_llm_calls=1))
+    builder = StateGraph(Research)
+    builder.add_node("write", budget_node(Writer(), budget, agent="writer"))
+    builder.add_edge(START, "write")
+    assert asyncio.run(builder.compile().ainvoke({"topic": "x"}))["notes"] == ["ok"]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer"]
+
+
 def test_budget_node_takes_the_budget_positionally_as_a_decorator_or_a_call():
     model = fake()
     budget = Budget(Limits(max_llm_calls=5))

@@ -721,7 +721,8 @@ def budget_node(
     def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
         return {**kwargs, "config": node_config} if "config" in kwargs else kwargs
 
-    if inspect.iscoroutinefunction(func):
+    # An object whose __call__ is async is an async node too (LangGraph awaits it).
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
 
         @functools.wraps(func)
         async def async_node(*args: Any, **kwargs: Any) -> Any:
