@@ -22,7 +22,10 @@ node, follows the node's policy:
 - ``end``: stop the run without raising and return the state reached so far.
 
 A resumed node re-runs from its start and repeats the LLM calls it made before
-the refusal: keep one LLM call per node where that matters. Error handlers that
+the refusal: keep one LLM call per node where that matters. Of parallel branches
+(``Send``), those finished when a sibling is denied are kept on resume; LangGraph may
+drop the result of one still running then (it finishes after its step has failed), and
+that branch runs again. Error handlers that
 catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
 ``error_handler``) also catch `BudgetExceeded`: a denied tool then becomes an
 error message to the model and the run goes on. Re-raise it there if it must stop the run.
