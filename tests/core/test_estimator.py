@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budgetary import Budget, BudgetExceeded, Limits
+from budgetary import Budget, BudgetExceeded, Limits, UsageError
 from budgetary.core import estimator
 from budgetary.core.estimator import (
     DEFAULT_ENCODING,
@@ -338,4 +338,14 @@ def test_near_the_limit_a_prompt_that_does_not_fit_even_exactly_is_refused(encod
         budget.reserve(model="gpt-4o", messages=prompt, max_output_tokens=100)
     assert encoder_loads == ["gpt-4o"]
     assert info.value.resource == "total_tokens"
+    assert budget.snapshot().held_tokens == 0
+
+
+@pytest.mark.parametrize("messages", [12345, 1.5, object()])
+def test_messages_that_are_no_prompt_are_a_usage_error(messages: Any) -> None:
+    # A ValueError naming the argument, not a TypeError from iterating an int.
+    budget = Budget(Limits(max_total_tokens=1_000))
+    with pytest.raises(UsageError, match=re.escape(f"messages must be a string, a message or a list of messages, "
+                                                   f"got {type(messages).__name__}")):  # fmt: skip
+        budget.reserve(messages=messages)
     assert budget.snapshot().held_tokens == 0

@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from budgetary.core.errors import UsageError
+
 __all__ = [
     "DEFAULT_ENCODING",
     "EstimationWarning",
@@ -65,8 +67,14 @@ def message_texts(messages: Any) -> list[str]:
         return [messages]
     if type(messages) is not list and (isinstance(messages, Mapping) or hasattr(messages, "content")):
         messages = [messages]  # one message
+    try:
+        items = iter(messages)
+    except TypeError:
+        raise UsageError(
+            f"messages must be a string, a message or a list of messages, got {type(messages).__name__}"
+        ) from None
     texts: list[str] = []
-    for message in messages:
+    for message in items:
         if isinstance(message, str):
             texts.append(message)
         elif isinstance(message, (list, tuple)):  # LangChain passes list[list[BaseMessage]]
