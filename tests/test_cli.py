@@ -62,6 +62,20 @@ def test_ledger_exports_round_trip_and_filter(tmp_path: Path) -> None:
     assert len(rows) == 2 and rows[1].split()[3:6] == ["tool", "critic", "search"]
 
 
+def test_an_unknown_ledger_kind_is_refused_not_an_empty_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo (`--kind denied`) printed no entries with status 0, as if nothing had been refused.
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    _spend(url)
+    with pytest.raises(SystemExit) as info:
+        _cli("--store", url, "ledger", "tenant acme", "--kind", "denied")
+    assert info.value.code == 2
+    assert "invalid choice: 'denied'" in capsys.readouterr().err
+    code, text = _cli("--store", url, "ledger", "tenant acme", "--kind", "tool")
+    assert code == 0 and len(text.splitlines()) == 2  # the header and the one tool call
+
+
 def test_errors_are_one_line_and_a_nonzero_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'b.db'}"
     _spend(url)

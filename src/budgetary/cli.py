@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from budgetary.core._units import DIMENSIONS
 from budgetary.core.budget import agent_report, figures_snapshot, top_up_vector
 from budgetary.core.errors import BudgetError, ConfigurationError
-from budgetary.core.ledger import Ledger, LedgerEntry, csv_text, jsonl_text
+from budgetary.core.ledger import KINDS, Ledger, LedgerEntry, csv_text, jsonl_text
 from budgetary.core.snapshot import Snapshot
 from budgetary.core.stores import Store, open_store
 
@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     ledger = commands.add_parser("ledger", help="the budget's ledger entries (its own and its child budgets')")
     ledger.add_argument("budget", nargs="+", help="the budget's path, outermost first (tenant run)")
     ledger.add_argument("--agent", help="only this agent's entries")
-    ledger.add_argument("--kind", help="only entries of this kind (llm, tool, deny, skip, release, ...)")
+    ledger.add_argument("--kind", choices=KINDS, help="only entries of this kind")
     ledger.add_argument("--last", type=int, help="only the last N entries")
     ledger.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     top_up = commands.add_parser("top-up", help="raise the budget's limits by these amounts, then report")
