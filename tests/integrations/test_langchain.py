@@ -17,8 +17,10 @@ from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.globals import set_llm_cache
 from langchain_core.language_models.fake import FakeListLLM
+from langchain_core.language_models.llms import BaseLLM
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import Generation, LLMResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 from langchain_core.tools import tool
@@ -209,6 +211,35 @@ def test_a_max_tokens_that_is_not_a_count_holds_the_default_reserve_instead_of_f
         assert make_model(usage=None).bind(max_tokens=value).invoke("hi", config={"callbacks": [handler]}).content
     assert [e.usage.output_tokens for e in budget.ledger.history(kind="llm")] == [1024] * 3  # the default reserve
     assert budget.snapshot().held_tokens == 0
+
+
+class _BatchUsageLLM(BaseLLM):
+    """A text LLM that reports one usage for a whole batch of prompts, as OpenAI's completions API does."""
+
+    model_name: str = "gpt-3.5-turbo-instruct"
+    max_tokens: int = 200
+
+    @property
+    def _llm_type(self) -> str:
+        return "batch-usage-fake"
+
+    def _generate(self, prompts: list[str], stop: Any = None, run_manager: Any = None, **kwargs: Any) -> LLMResult:
+        n = len(prompts)
+        usage = {"prompt_tokens": 11 * n, "completion_tokens": 7 * n, "total_tokens": 18 * n}
+        return LLMResult(generations=[[Generation(text="answer")] for _ in prompts], llm_output={"token_usage": usage})
+
+
+def test_a_text_llm_batch_reported_as_one_usage_is_charged_that_usage_once():
+    # LangChain hands a batch's usage to the first prompt's run and an empty one to the others:
+    # charging those their estimates would count the batch again.
+    llm = _BatchUsageLLM()
+    budget = Budget()
+    llm.batch(["a", "b", "c"], config={"callbacks": [BudgetCallbackHandler(budget)]})
+    asyncio.run(llm.abatch(["a", "b", "c"], config={"callbacks": [BudgetCallbackHandler(budget)]}))
+    entries = budget.ledger.history(kind="llm")
+    assert [(e.usage.input_tokens, e.usage.output_tokens) for e in entries] == [(33, 21), (0, 0), (0, 0)] * 2
+    assert not any(e.estimated for e in entries)
+    assert budget.snapshot().total_tokens == 2 * 54 and budget.snapshot().llm_calls == 6
 
 
 def test_llm_cache_hits_are_not_charged_as_provider_spend():

@@ -117,7 +117,7 @@ class _AwaitedInAsyncRuns:
 class _Claim:
     """Which handler charges a run: the same budget attached twice must charge once."""
 
-    __slots__ = ("batch", "handler", "parent", "rank", "reservation")
+    __slots__ = ("batch", "covered", "handler", "parent", "rank", "reservation")
 
     def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None, batch: object = None) -> None:
         self.handler = handler
@@ -126,6 +126,7 @@ class _Claim:
         # The call's invocation_params: LangChain passes the same object to the start of every
         # prompt of one generate call (a text LLM's batch), and a new one to every other call.
         self.batch = batch
+        self.covered = False  # a sibling prompt's result reported the usage of the whole generate call
         self.reservation: Reservation | None = None
 
 
@@ -462,7 +463,24 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if claim is None or claim.reservation is None:
             return None
         usage, model, cache_hit = _reported_usage(response)
-        return claim.reservation, _CACHE_HIT if cache_hit else usage, model or claim.reservation.model
+        if cache_hit:
+            usage = _CACHE_HIT
+        elif type(usage) is not Usage and claim.batch is not None:  # llm_output's usage, or none
+            usage = self._batch_usage(claim, usage)
+        return claim.reservation, usage, model or claim.reservation.model
+
+    def _batch_usage(self, claim: _Claim, usage: Any) -> Any:
+        """``llm_output`` usage for one prompt of a generate call; zero if a sibling reported the call's.
+
+        A text LLM's batch is one provider call: LangChain gives its usage to the first prompt's
+        run and an emptied ``token_usage`` to the others (``LLMResult.flatten``), in that order.
+        """
+        if usage:
+            for other in list(self._claims.values()):  # a snapshot: other threads add and remove claims
+                if other.batch is claim.batch and other.parent == claim.parent:
+                    other.covered = True
+            return usage
+        return _NO_USAGE if claim.covered else usage
 
     def _orphans(self, parent_run_id: UUID) -> list[Reservation]:
         """Take the claims of this handler's LLM runs under ``parent_run_id``; their reservations."""
@@ -565,6 +583,9 @@ async def _aended_without_reply(reservation: Reservation, error: BaseException) 
     else:
         await reservation.acharge_estimate()
 
+
+_NO_USAGE = Usage(input_tokens=0, output_tokens=0)
+"""What a prompt whose usage a sibling prompt's result reported is charged (it still counts as a call)."""
 
 _CACHE_HIT = object()
 """`BudgetCallbackHandler._ended`'s usage for an LLM-cache hit (no provider call, nothing to charge)."""
