@@ -577,13 +577,21 @@ def test_a_kickoff_interrupted_before_crewais_end_leaves_no_run_or_hold_behind()
 
 
 def test_an_akickoff_cut_by_a_timeout_leaves_no_run_behind():
+    async def cut_when_called(timeout: Any, fake: Any) -> None:
+        while fake.calls.count == 0:
+            await asyncio.sleep(0.01)
+        timeout.reschedule(asyncio.get_running_loop().time())
+
     async def main() -> tuple[Budget, Any]:
-        crew = three_task_crew(llm(delay=1.0))
+        fake = llm(delay=1.0)
+        crew = three_task_crew(fake)
         budget = Budget(Limits(max_total_tokens=100_000))
         govern_crew(crew, budget)
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.3):  # cancels akickoff; the task itself goes on
+            async with asyncio.timeout(None) as timeout:  # cancels akickoff mid-call; the task itself goes on
+                cut = asyncio.ensure_future(cut_when_called(timeout, fake))
                 await crew.akickoff(inputs={"topic": "otters"})
+        await cut
         other = llm()
         await three_task_crew(other).akickoff(inputs={"topic": "otters"})
         return budget, other
