@@ -282,18 +282,25 @@ def test_the_forced_final_answer_after_max_iter_is_charged_to_the_tasks_agent():
 
 
 def test_a_slow_call_keeps_its_hold_past_the_lease():
-    fake = llm(delay=2.5)
+    fake = llm(delay=3.0)
     researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
     crew = Crew(agents=[researcher], tasks=[Task(description="Research otters", expected_output="facts",
                                                  agent=researcher)])  # fmt: skip
     budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=1.0)
     govern_crew(crew, budget)
     seen: list[int] = []
-    sampler = threading.Timer(2.0, lambda: seen.append(budget.snapshot().held_tokens))
+
+    def sample() -> None:  # a lease and a half after the call reached the provider
+        while fake.calls.count == 0:
+            time.sleep(0.01)
+        time.sleep(1.5)
+        seen.append(budget.snapshot().held_tokens)
+
+    sampler = threading.Thread(target=sample)
     sampler.start()
     crew.kickoff()
     sampler.join()
-    assert seen[0] > 20  # two leases in, the call still held its prompt and output reserve
+    assert seen[0] > 20  # past its first lease, the call still holds its prompt and output reserve
     assert budget.ledger.history(kind="release") == []
     assert budget.snapshot().total_tokens == 120 and budget.snapshot().held_tokens == 0
 
