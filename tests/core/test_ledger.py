@@ -115,6 +115,23 @@ def test_counters_equal_ledger_totals_whatever_happens(calls):
         assert snap.total_tokens <= 20_000
 
 
+@settings(max_examples=50, deadline=None)
+@given(costs=st.lists(st.decimals(min_value=0, max_value=1, places=15) | st.none(), max_size=20))
+def test_ledger_costs_equal_the_counters_whatever_a_provider_reports(costs):
+    # Provider-reported costs may carry more digits than the nano-dollars the counters keep.
+    budget = Budget(Limits(max_cost_usd=100))
+    for i, cost in enumerate(costs):
+        usage = Usage(input_tokens=i, output_tokens=1, cost_usd=cost)
+        if i % 2:
+            budget.record(None, usage, model=MODEL)
+        else:
+            with budget.llm_call(model=MODEL, prompt_tokens=i, max_output_tokens=1) as c:
+                c.settle(usage)
+    llm = budget.ledger.history(kind="llm")
+    assert sum((e.cost_usd for e in llm), Decimal(0)) == budget.snapshot().cost_usd
+    assert all(e.cost_usd >= c for e, c in zip(llm, costs, strict=True) if c is not None)
+
+
 def test_an_llm_entry_prices_its_usage_and_behaves_like_a_plain_entry(tmp_path):
     """Entries price their usage on first read; to the reader they are ordinary frozen dataclasses."""
     import copy
