@@ -698,3 +698,26 @@ def test_a_tool_call_soft_limit_tells_the_agent_on_its_next_call():
     crew.kickoff()
     assert [e.resource for e in events] == ["tool_calls"]
     assert ["Budget notice" in s for s in seen] == [False, True]
+
+
+@pytest.mark.parametrize("crewai", ["missing", "too old"])
+def test_without_a_supported_crewai_the_import_names_the_extra(crewai, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if crewai == "too old":  # a crewai without the interception layer of 1.15
+        (tmp_path / "crewai").mkdir()
+        (tmp_path / "crewai" / "__init__.py").write_text("__version__ = '1.14.0'\n")
+        (tmp_path / "crewai" / "context.py").write_text("def get_current_task_id(): return None\n")
+    hide = "import sys; sys.modules['crewai'] = None\n" if crewai == "missing" else ""
+    script = hide + (
+        "import budgetary\n"
+        "assert 'crewai' not in sys.modules or sys.modules['crewai'] is None\n"
+        "import budgetary.integrations.crewai\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", "import sys\n" + script], capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    message = 'budgetary.integrations.crewai needs crewai>=1.15.30,<1.16: pip install "budgetary[crewai]"'
+    assert f"ImportError: {message}" in done.stderr

@@ -63,8 +63,11 @@ try:
         register_hook,
     )
     from crewai.llms.base_llm import BaseLLM
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError('budgetary.integrations.crewai needs crewai: pip install "budgetary[crewai]"') from exc
+except ImportError as exc:  # pragma: no cover - exercised only without the extra (in a subprocess)
+    # The version too: an older crewai imports, but lacks the interception layer this module is built on.
+    raise ImportError(
+        'budgetary.integrations.crewai needs crewai>=1.15.30,<1.16: pip install "budgetary[crewai]"'
+    ) from exc
 
 from budgetary.core.budget import POLICIES, Budget, Reservation
 from budgetary.core.errors import BudgetExceeded, ConfigurationError, UsageError
