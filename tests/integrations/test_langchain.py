@@ -527,6 +527,25 @@ def test_a_soft_limit_crossed_by_tool_calls_reaches_the_user_too():
     assert events.seen == [(SOFT_LIMIT_EVENT, "tool_calls")]
 
 
+def test_on_soft_limit_of_a_handler_that_stood_aside_for_another_of_its_budget_is_still_called():
+    # One handler of a budget family charges a shared call; the others' users still asked to hear
+    # of their budget's crossings (and only of those: not of a child's).
+    model = make_model(max_tokens=40)
+    day = Budget(Limits(max_total_tokens=1_000, warn_at=(0.1,)), name="day")
+    run = Budget(Limits(max_total_tokens=1_000, warn_at=(0.1,)), name="run", parent=day)
+    heard_day: list[SoftLimit] = []
+    heard_run: list[SoftLimit] = []
+    handlers = [
+        BudgetCallbackHandler(day, on_soft_limit=heard_day.append),
+        BudgetCallbackHandler(run, on_soft_limit=heard_run.append),
+        BudgetCallbackHandler(run, agent="writer"),  # outranks both: it charges the call
+    ]
+    make_chain(model).invoke({"question": "q"}, config={"callbacks": handlers})
+    assert day.snapshot().llm_calls == 1 and [e.agent for e in run.ledger.history(kind="llm")] == ["writer"]
+    assert [e.budget for e in heard_day] == ["day"]
+    assert sorted(e.budget for e in heard_run) == ["day", "run"]
+
+
 def test_an_on_soft_limit_callback_that_raises_is_logged_and_the_calls_go_on(caplog):
     model = make_model(max_tokens=40)
     budget = Budget(Limits(max_total_tokens=1_000, warn_at=(0.25,)))

@@ -117,7 +117,7 @@ class _AwaitedInAsyncRuns:
 class _Claim:
     """Which handler charges a run: the same budget attached twice must charge once."""
 
-    __slots__ = ("batch", "covered", "handler", "parent", "rank", "reservation")
+    __slots__ = ("also", "batch", "covered", "handler", "parent", "rank", "reservation")
 
     def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None, batch: object = None) -> None:
         self.handler = handler
@@ -127,6 +127,8 @@ class _Claim:
         # prompt of one generate call (a text LLM's batch), and a new one to every other call.
         self.batch = batch
         self.covered = False  # a sibling prompt's result reported the usage of the whole generate call
+        # Handlers of the family with an on_soft_limit that stood aside for this one: they hear too.
+        self.also: tuple[BudgetCallbackHandler, ...] = ()
         self.reservation: Reservation | None = None
 
 
@@ -146,6 +148,13 @@ def _top(budget: Budget) -> Budget:
     while budget.parent is not None:
         budget = budget.parent
     return budget
+
+
+def _level_names(budget: Budget) -> Iterator[str]:
+    node: Budget | None = budget
+    while node is not None:
+        yield node.name
+        node = node.parent
 
 
 def _depth(budget: Budget) -> int:
@@ -231,6 +240,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.rank = rank if rank is not None else (1 if agent is not None else 0)
         # The handler of the innermost budget charges a call its family shares, then the higher rank.
         self._precedence = (_depth(budget), self.rank)
+        self._levels = frozenset(_level_names(budget))  # the budgets whose soft limits this handler reports
         self._claims = _claims_of(budget)
 
     def __copy__(self) -> BudgetCallbackHandler:
@@ -297,7 +307,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         ended = self._ended(response, run_id)
         if ended is None:
             return
-        reservation, usage, model = ended
+        reservation, usage, model, also = ended
         if usage is _CACHE_HIT:
             reservation.release("served from the LLM cache: no provider call")
             return
@@ -306,14 +316,14 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             reservation.settle(usage, model=model, lenient=True)
         for event in reservation.events:
-            _tell(self.on_soft_limit, event)
+            self._tell(event, also)
             _dispatch_soft_event(event)
 
     async def _aon_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         ended = self._ended(response, run_id)
         if ended is None:
             return
-        reservation, usage, model = ended
+        reservation, usage, model, also = ended
         if usage is _CACHE_HIT:
             await reservation.arelease("served from the LLM cache: no provider call")
             return
@@ -322,7 +332,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             await reservation.asettle(usage, model=model, lenient=True)
         for event in reservation.events:
-            _tell(self.on_soft_limit, event)
+            self._tell(event, also)
             await _adispatch_soft_event(event)
 
     on_llm_end = _AwaitedInAsyncRuns(_on_llm_end, _aon_llm_end)
@@ -457,8 +467,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         claim.reservation = reservation.keep_alive()  # a call longer than the lease keeps its hold
         return self._claims.get(run_id) is claim
 
-    def _ended(self, response: Any, run_id: UUID) -> tuple[Reservation, Any, str | None] | None:
-        """(reservation, reported usage or None or `_CACHE_HIT`, billed model) of a finished call of ours."""
+    def _ended(
+        self, response: Any, run_id: UUID
+    ) -> tuple[Reservation, Any, str | None, tuple[BudgetCallbackHandler, ...]] | None:
+        """(reservation, reported usage or None or `_CACHE_HIT`, billed model, ``_Claim.also``) of a call of ours."""
         claim = self._release_claim(run_id)
         if claim is None or claim.reservation is None:
             return None
@@ -467,7 +479,17 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             usage = _CACHE_HIT
         elif type(usage) is not Usage and claim.batch is not None:  # llm_output's usage, or none
             usage = self._batch_usage(claim, usage)
-        return claim.reservation, usage, model or claim.reservation.model
+        return claim.reservation, usage, model or claim.reservation.model, claim.also
+
+    def _tell(self, event: SoftLimit, also: tuple[BudgetCallbackHandler, ...]) -> None:
+        """Call this handler's ``on_soft_limit``, and those of the handlers in ``also`` whose budget crossed."""
+        _tell(self.on_soft_limit, event)
+        told = [self.on_soft_limit]
+        for other in also:
+            callback = other.on_soft_limit
+            if event.budget in other._levels and not any(callback is seen for seen in told):
+                told.append(callback)
+                _tell(callback, event)
 
     def _batch_usage(self, claim: _Claim, usage: Any) -> Any:
         """``llm_output`` usage for one prompt of a generate call; zero if a sibling reported the call's.
@@ -520,7 +542,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         with _claims_lock:  # another handler of the family saw the run first: precedence decides
             current = claims.get(run_id)
             if current is not None and current.rank >= self._precedence:
+                if self.on_soft_limit is not None:
+                    current.also += (self,)
                 return None
+            if current is not None:
+                claim.also = current.also + ((current.handler,) if current.handler.on_soft_limit is not None else ())
             claims[run_id] = claim
         if current is not None and current.reservation is not None:
             current.reservation.release("re-attributed to a more specific handler")
