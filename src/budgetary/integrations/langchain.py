@@ -14,6 +14,8 @@ Streaming: usage arrives only if the provider sends a usage chunk. With
 ``stream_usage=True``; otherwise the call is charged its estimate and flagged
 ``estimated`` in the ledger. Calls made from a bare ``ThreadPoolExecutor`` inside a
 node do not see callbacks: use ``langchain_core.runnables.config.get_executor_for_config``.
+``Runnable.with_retry()`` retries every ``Exception`` by default, a refusal too (with backoff, to
+the same refusal): pass ``retry_if_exception_type`` naming the errors worth retrying.
 """
 
 from __future__ import annotations
