@@ -349,6 +349,7 @@ class RedisStore:
         # asyncio code: the async API awaits the store on the running loop
         store = RedisStore(redis.asyncio.Redis(host="cache"))
         run = Budget(Limits(max_cost_usd=2), name="run-8", store=store)
+        run.agent("writer")
         async with run.llm_call("writer", model="gpt-4o", messages=msgs, max_output_tokens=500) as call:
             ...
         ```
