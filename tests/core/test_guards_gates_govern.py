@@ -292,6 +292,34 @@ def test_govern_charges_an_estimate_when_usage_fn_reads_no_usage_and_returns_the
     assert snap.held_tokens == 0 and snap.llm_calls == 2
 
 
+def test_govern_callbacks_that_raise_leave_no_hold_behind():
+    # The function ran and was paid for: a usage_fn that raises (the result lacks the field it reads)
+    # is an unreadable report, charged as an estimate; a confidence_fn that raises does so after the
+    # call was charged. Either way the hold is gone, not kept until its lease runs out.
+    budget = Budget(Limits(max_llm_calls=4))
+    budget.agent("critic", confidence_threshold=0.8)
+
+    @budget.govern(model=MODEL, usage_fn=lambda r: r.usage)
+    def step(text: str) -> str:
+        return "an answer without a usage attribute"
+
+    @budget.govern("critic", model=MODEL, confidence_fn=lambda r: r["confidence"])
+    def review(text: str) -> str:
+        return "no confidence in a string"
+
+    @budget.govern(model=MODEL, usage_fn=lambda r: r.usage)
+    async def astep(text: str) -> str:
+        return "another answer"
+
+    assert step("a question") == "an answer without a usage attribute"
+    assert asyncio.run(astep("a question")) == "another answer"
+    with pytest.raises(TypeError):
+        review("a draft")
+    snap = budget.snapshot()
+    assert snap.held_llm_calls == 0 and snap.held_tokens == 0 and snap.llm_calls == 3
+    assert [e.estimated for e in budget.ledger.history(kind="llm")] == [True, True, True]
+
+
 def test_govern_fails_at_decoration_time():
     budget = Budget(Limits(max_cost_usd=1))
     with pytest.raises(UnknownAgent):

@@ -938,28 +938,27 @@ class Budget:
                         return self.skip(agent, str(exc), resource=exc.resource, location=location)
                     raise
 
-            def outcome(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> tuple[Any, bool, float | None]:
-                """What to record for a call: (usage, whether estimated, reported confidence)."""
+            def outcome(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> tuple[Any, bool]:
+                """What to record for a call: (usage, whether estimated)."""
                 usage: Usage | None = None
                 if usage_fn is not None:
                     try:
                         usage, estimated = Usage.from_provider(usage_fn(result)), False
-                    except UsageError:
-                        # The function ran and was paid for: return its result, charge an estimate (SPEC §1, §6).
-                        logger.warning("usage_fn of %s read no usage; charging an estimate", location)
+                    except Exception:
+                        # The function ran and was paid for: return its result, charge an estimate (SPEC §1,
+                        # §6). A usage_fn that raises (the result lacks what it reads) reported no usage either.
+                        logger.warning("usage_fn of %s read no usage; charging an estimate", location, exc_info=True)
                 if usage is None:
                     prompt = estimate_text_tokens(_string_args(args, kwargs), model)
                     output = estimate_text_tokens(_string_args((result,), {}), model)
                     usage, estimated = Usage(input_tokens=prompt, output_tokens=output), True
-                return usage, estimated, confidence_fn(result) if confidence_fn is not None else None
+                return usage, estimated
 
-            def record(r: Reservation, usage: Any, estimated: bool, confidence: float | None) -> None:
+            def record(r: Reservation, usage: Any, estimated: bool) -> None:
                 if estimated:
                     r._settle(usage, model, estimated=True)
                 else:
                     r.settle(usage)
-                if confidence is not None:
-                    self.set_confidence(agent, confidence)
 
             if inspect.iscoroutinefunction(fn):
 
@@ -975,6 +974,9 @@ class Budget:
                         await r.arelease(f"function raised {type(exc).__name__}")
                         raise
                     await self.off_loop(record, r, *outcome(args, kwargs, result))
+                    # Charged before confidence_fn runs: an exception there leaves no hold behind.
+                    if confidence_fn is not None and (confidence := confidence_fn(result)) is not None:
+                        await self.off_loop(self.set_confidence, agent, confidence)
                     return result
 
                 return cast(F, async_wrapper)
@@ -990,6 +992,9 @@ class Budget:
                     r.release(f"function raised {type(exc).__name__}")
                     raise
                 record(r, *outcome(args, kwargs, result))
+                # Charged before confidence_fn runs: an exception there leaves no hold behind.
+                if confidence_fn is not None and (confidence := confidence_fn(result)) is not None:
+                    self.set_confidence(agent, confidence)
                 return result
 
             return cast(F, wrapper)
