@@ -391,6 +391,27 @@ def test_a_price_override_lets_the_model_run_under_a_usd_cap():
     assert budget.snapshot().cost_usd == (1_000 * 1 + 500 * 2) / MTOK
 
 
+def test_a_child_budget_with_prices_of_its_own_keeps_its_parents_prices():
+    # One price table charges every level: a child's overrides add to the parent's and win over them,
+    # they do not hide them (the tenant's fine-tune would be refused as unpriced in the run).
+    tenant = Budget(
+        Limits(max_cost_usd=5), name="tenant", prices={"budgetary-test-finetune": Price(input_mtok=1, output_mtok=2)}
+    )
+    run = Budget(
+        name="run", parent=tenant,
+        prices={"budgetary-test-finetune-3": Price(input_mtok=3, output_mtok=4),
+                "gpt-4o-mini": Price(input_mtok=10, output_mtok=10)},
+    )  # fmt: skip
+    run.record(None, {"prompt_tokens": 1_000, "completion_tokens": 500}, model="budgetary-test-finetune")
+    run.record(None, {"prompt_tokens": 1_000, "completion_tokens": 500}, model="budgetary-test-finetune-3")
+    assert tenant.snapshot().cost_usd == Decimal(2_000 + 5_000) / MTOK
+    with run.llm_call(model="budgetary-test-finetune", prompt_tokens=10, max_output_tokens=10) as call:
+        call.settle({"prompt_tokens": 10, "completion_tokens": 10})
+    run.record(None, {"prompt_tokens": 1_000, "completion_tokens": 0}, model="gpt-4o-mini")
+    assert run.snapshot().cost_usd == Decimal(2_000 + 5_000 + 30 + 10_000) / MTOK
+    assert tenant.ledger.history(kind="llm")[-1].cost_usd == Decimal(10_000) / MTOK  # the child's override wins
+
+
 def test_the_hold_is_the_worst_case_cost():
     # A cache write can cost more than plain input; the hold assumes no cache discount.
     price = Price(input_mtok=1, output_mtok=2, cache_write_mtok="1.25", cache_read_mtok="0.1")

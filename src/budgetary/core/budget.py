@@ -413,7 +413,8 @@ class Budget:
         self._limits = limits
         self._clock = clock
         self._gate = mode == "gate"
-        self._prices: PriceTable = PriceTable(prices) if prices or parent is None else parent._prices
+        # One table prices a charge for every level: a child's overrides add to its parent's and win.
+        self._prices: PriceTable = PriceTable(prices) if parent is None else parent._prices.extended(prices)
         self._guards = combine_guards(guards) if guards else None
         self._listeners: list[Callable[[SoftLimit], Any]] = [on_soft_limit] if on_soft_limit else []
         self._contracts: dict[str | None, AgentContract] = {}

@@ -252,6 +252,14 @@ class PriceTable:
                 raise ConfigurationError(f"price for {model!r} must be a Price or a mapping, got {price!r}")
             self._overrides[model] = _ModelRates(_Rates.of(price))
 
+    def extended(self, overrides: Mapping[str, Price | Mapping[str, Any]] | None) -> PriceTable:
+        """A table with this one's overrides and ``overrides``, which win (a child budget's table)."""
+        if not overrides:
+            return self
+        table = PriceTable(overrides)
+        table._overrides = {**self._overrides, **table._overrides}
+        return table
+
     def rates(self, model: str | None, provider: str | None = None) -> _ModelRates | None:
         """The model's rates, or ``None`` when no price is known."""
         if model is None:
