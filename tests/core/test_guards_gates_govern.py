@@ -101,6 +101,26 @@ def test_a_guard_that_raises_fails_closed():
     assert budget.snapshot().held_tokens == 0
 
 
+def test_a_guard_that_answers_no_decision_fails_closed():
+    # A guard that returns False (or any non-decision) is broken like one that raises: it denies,
+    # naming itself and what it returned, instead of crashing the call with an AttributeError.
+    class Boolean:
+        def check_before_llm(self, agent, estimated_prompt_tokens):
+            return False
+
+        def check_before_tool(self, agent, tool_name):
+            return True
+
+    budget = Budget(guards=[Boolean()])
+    decision = budget.check()
+    assert not decision.allowed and decision.resource == "Boolean"
+    assert decision.reason == "guard Boolean returned False, not a Decision"
+    with pytest.raises(BudgetExceeded, match="guard Boolean returned False, not a Decision"):
+        budget.reserve(model=MODEL, prompt_tokens=1)
+    assert not budget.check_tool(None, "search").allowed
+    assert budget.snapshot().held_tokens == 0 and budget.snapshot().tool_calls == 0
+
+
 def test_a_guard_that_fails_to_record_does_not_throw_away_a_paid_result(caplog):
     seen = []
 

@@ -152,8 +152,11 @@ class _AllGuards:
                 decision = fn(*args)
             except Exception as exc:  # a broken host guard must not let calls through silently
                 return Deny(resource=type(guard).__name__, reason=f"guard {type(guard).__name__} failed: {exc!r}")
-            if decision is None or (decision.allowed is True and not isinstance(decision, SoftLimit)):
+            if decision is None or isinstance(decision, Allow):
                 continue
+            if not isinstance(decision, (SoftLimit, Deny)):  # broken like a guard that raises: fail closed
+                name = type(guard).__name__
+                return Deny(resource=name, reason=f"guard {name} returned {decision!r}, not a Decision")
             if not decision.allowed:
                 return cast(Decision, decision)
             if soft is ALLOW:
