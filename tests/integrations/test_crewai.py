@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 pytest.importorskip("crewai")
 
-from crewai import Agent, Crew, Process, Task
+from crewai import Agent, Crew, PlanningConfig, Process, Task
 from crewai.hooks import HookAborted
 from crewai.tools import tool
 
@@ -721,3 +721,46 @@ def test_without_a_supported_crewai_the_import_names_the_extra(crewai, tmp_path)
     assert done.returncode == 1
     message = 'budgetary.integrations.crewai needs crewai>=1.15.30,<1.16: pip install "budgetary[crewai]"'
     assert f"ImportError: {message}" in done.stderr
+
+
+def planning_writer(fake: Any) -> Crew:
+    """A researcher, then a writer who plans before it works (no bound on the plan's refinements)."""
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake, planning_config=PlanningConfig())
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+    ]
+    return Crew(agents=[researcher, writer], tasks=tasks)
+
+
+def kickoff_within(crew: Crew, seconds: float) -> None:
+    """Kick ``crew`` off in a daemon thread and fail if it has not returned after ``seconds``."""
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _run_into(crew, failure), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"kickoff still running after {seconds} s"
+    if failure:
+        raise failure[0]
+
+
+def _run_into(crew: Crew, failure: list[BaseException]) -> None:
+    try:
+        crew.kickoff()
+    except BaseException as exc:  # handed to the test's thread
+        failure.append(exc)
+
+
+def test_a_skipped_task_of_a_planning_agent_ends():
+    # The stub never says the plan is ready: planning on it would refine forever.
+    ready = "Thought: done\nFinal Answer: READY: I am ready to execute the task. the line"
+    fake = llm(responder=lambda *args: ready)
+    crew = planning_writer(fake)
+    budget = Budget()
+    budget.agent("Writer", max_tokens=10)  # not one call: the writing is skipped at its start
+    govern_crew(crew, budget, on_exhausted="skip")
+    kickoff_within(crew, 30)
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True]
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher"]
+    assert crew.agents[1].planning_config is not None  # put back for the next kickoff

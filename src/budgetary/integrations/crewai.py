@@ -80,6 +80,9 @@ logger = logging.getLogger("budgetary.crewai")
 _ATTR = "__budgetary__"
 _STRUCTURED = ("output_pydantic", "output_json", "converter_cls", "response_model")
 """A task's structured-output settings, cleared while a skip placeholder stands in for its output."""
+_PLANNING = {"planning": False, "planning_config": None}
+"""An agent's planning settings, off while the stub stands in: it never says a plan is ready, and CrewAI
+refines an unbounded plan (``reasoning=True``, ``PlanningConfig()``) until one is."""
 MANAGER_ROLE = "Crew Manager"
 
 
@@ -342,10 +345,11 @@ def _post_step(ctx: Any) -> None:
 def _skip(run: _Run, agent: Any, task: Any, marker: Skipped) -> None:
     # A placeholder is no structured output: CrewAI would abort the kickoff converting it.
     structured = {name: None for name in _STRUCTURED if hasattr(task, name)}
+    stub: dict[str, Any] = {"llm": _SkipLLM(model="budgetary/skip", reason=marker.reason)}
+    stub.update({name: off for name, off in _PLANNING.items() if hasattr(agent, name)})
     with run.lock:
         run.skipped[id(task)] = marker
-        for obj, stand_ins in ((agent, {"llm": _SkipLLM(model="budgetary/skip", reason=marker.reason)}),
-                               (task, structured)):  # fmt: skip
+        for obj, stand_ins in ((agent, stub), (task, structured)):
             if obj is not None and id(obj) not in run.swapped:
                 run.swapped[id(obj)] = (obj, {name: getattr(obj, name) for name in stand_ins})
                 for name, value in stand_ins.items():
