@@ -764,3 +764,18 @@ def test_a_skipped_task_of_a_planning_agent_ends():
     assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True]
     assert [r["agent"] for r in fake.calls.records] == ["Researcher"]
     assert crew.agents[1].planning_config is not None  # put back for the next kickoff
+
+
+def test_skip_when_a_planning_agents_first_call_the_plan_is_refused():
+    ready = "Thought: done\nFinal Answer: READY: I am ready to execute the task. the line"
+    fake = llm(responder=lambda *args: ready)
+    crew = planning_writer(fake)
+    budget = Budget()
+    # Room for the task's own first call (the start check passes), not for the larger planning prompt.
+    budget.agent("Writer", max_tokens=150)
+    govern_crew(crew, budget, on_exhausted="skip")
+    kickoff_within(crew, 30)
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True]
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher"]
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Writer", "write")]
+    assert crew.agents[1].llm is fake and budget.snapshot().held_tokens == 0

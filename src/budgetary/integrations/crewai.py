@@ -136,6 +136,7 @@ class _Run:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     task_roles: dict[str, str | None] = field(default_factory=dict)  # crew task id -> its agent's role
     task_names: dict[str, str | None] = field(default_factory=dict)  # crew task id -> its name
+    tasks: dict[str, Any] = field(default_factory=dict)  # crew task id -> the task
     skipped: dict[int, Skipped] = field(default_factory=dict)  # id(task) -> marker
     swapped: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     """id(agent or task) -> it and the attributes a skip replaced, to put back when the task ends."""
@@ -158,6 +159,13 @@ class _Run:
             task_id = str(getattr(task, "id", None) or get_current_task_id() or "")
             role = self.task_roles.get(task_id)
         return role
+
+    def own_task(self, agent: Any, task: Any) -> Any:
+        """The task, else the crew task under way when ``agent`` is its own (an agent's planning call)."""
+        if task is not None or agent is None:
+            return task
+        current = self.tasks.get(str(get_current_task_id() or ""))
+        return current if getattr(current, "agent", None) is agent else None
 
     def policy_for(self, task: Any, role: str | None) -> str:
         """The policy of work on ``task``: by its name, else (delegated work) the crew task's, then by role."""
@@ -213,6 +221,7 @@ def _execution_start(ctx: Any) -> None:
     for task in getattr(crew, "tasks", None) or []:
         run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None) or default_role
         run.task_names[str(task.id)] = getattr(task, "name", None)
+        run.tasks[str(task.id)] = task
     _run.set(run)
 
 
@@ -389,6 +398,9 @@ def _before_llm(ctx: Any) -> bool | None:
         run.open_calls.pop(previous.hold_id, None)
     if run.refused is not None:
         raise CrewBudgetExceeded(run.refused)
+    task = run.own_task(ctx.agent, ctx.task)
+    if task is not None and id(task) in run.skipped and id(ctx.agent) in run.retried:
+        return False  # the task was skipped at its planning call: blocked again until CrewAI retries it
     try:
         gov = run.gov
         agent = gov.agent(run.role_for(ctx.agent, ctx.task))
@@ -404,7 +416,7 @@ def _before_llm(ctx: Any) -> bool | None:
             location=run.location_for(ctx.task),
         ).keep_alive()  # fmt: skip
     except BudgetExceeded as exc:
-        if _skip_first_call(run, ctx.agent, ctx.task, agent, exc):
+        if _skip_first_call(run, ctx.agent, task, agent, exc):
             return False  # blocked: CrewAI retries the task, now with the stub LLM
         _refused_mid_task(run, ctx.agent, ctx.task, exc)
         raise CrewBudgetExceeded(exc) from exc
