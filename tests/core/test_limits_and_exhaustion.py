@@ -63,6 +63,24 @@ def test_bad_window_is_refused(window):
         Limits(window=window)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"guards": 5}, "guards must be an iterable of guards, got 5"),
+        ({"guards": [object()]}, "guards[0] has none of check_before_llm, record_after_llm, check_before_tool"),
+        ({"on_soft_limit": "log"}, "on_soft_limit must be callable, got 'log'"),
+        ({"charge_failed_calls": "no"}, "charge_failed_calls must be True or False, got 'no'"),
+        ({"allow_unpriced": 1}, "allow_unpriced must be True or False, got 1"),
+        ({"clock": 12.0}, "clock must be callable, got 12.0"),
+        ({"run_id": 7}, "run_id must be a string, got 7"),
+    ],
+)
+def test_budget_arguments_are_checked_naming_the_argument_and_value(kwargs, message):
+    # A truthy "no" would have charged every failed call; a float clock would have failed at the first call.
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Budget(**kwargs)
+
+
 # -- exhaustion rules (§2) -------------------------------------------------------------------
 
 

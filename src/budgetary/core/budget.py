@@ -401,6 +401,17 @@ class Budget:
             raise ConfigurationError(f"parent must be a Budget, got {type(parent).__name__}")
         if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, (int, float)) or not lease_ttl > 0:
             raise ConfigurationError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
+        flags: dict[str, object] = {"charge_failed_calls": charge_failed_calls, "allow_unpriced": allow_unpriced}
+        for flag, value in flags.items():
+            if not isinstance(value, bool):  # a truthy "no" must not turn the option on
+                raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
+        hooks: dict[str, object] = {"on_soft_limit": on_soft_limit, "clock": clock}
+        for hook, value in hooks.items():
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"{hook} must be callable, got {value!r}")
+        if run_id is not None and not isinstance(run_id, str):
+            raise ConfigurationError(f"run_id must be a string, got {run_id!r}")
+        guards = _checked_guards(guards)
         self.name = name
         self.mode = mode
         self.parent = parent
@@ -1114,6 +1125,22 @@ def _as_charged(usage: Usage) -> Usage:
     assert usage.cost_usd is not None
     charged = nanos_to_usd(usd_to_nanos(usage.cost_usd))
     return usage if charged == usage.cost_usd else usage.with_cost(charged)
+
+
+def _checked_guards(guards: Iterable[Any] | None) -> list[Any] | None:
+    """``guards`` as a list, refusing what cannot be one: a guard with none of the methods does nothing."""
+    if guards is None:
+        return None
+    if isinstance(guards, (str, bytes)) or not isinstance(guards, Iterable):
+        raise ConfigurationError(f"guards must be an iterable of guards, got {guards!r}")
+    checked = list(guards)
+    for i, guard in enumerate(checked):
+        if not any(callable(getattr(guard, m, None)) for m in _GUARD_METHODS):
+            raise ConfigurationError(f"guards[{i}] has none of {', '.join(_GUARD_METHODS)}: {guard!r}")
+    return checked
+
+
+_GUARD_METHODS = ("check_before_llm", "record_after_llm", "check_before_tool")
 
 
 def _config_count(value: Any, name: str) -> int:
