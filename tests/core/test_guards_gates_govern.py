@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -19,6 +20,7 @@ from budgetary import (
     SoftLimit,
     UnknownAgent,
     Usage,
+    UsageError,
     is_budget_skipped,
 )
 from budgetary.core.skip import mark_skipped
@@ -210,6 +212,17 @@ def test_budget_skip_records_an_entry_and_returns_the_marker():
     marker = budget.skip("critic", "no tokens left", resource="total_tokens", location="review")
     assert marker == Skipped(agent="critic", reason="no tokens left", resource="total_tokens", location="review")
     assert budget.ledger.history(kind="skip")[0].reason == "no tokens left"
+
+
+def test_skip_and_exceeded_refuse_what_they_cannot_record():
+    # SPEC §4: the core API raises UnknownAgent for a name never registered (skip wrote a ledger
+    # entry for it); exceeded() of a decision that allowed is a caller mistake, not an AttributeError.
+    budget = Budget(name="run")
+    with pytest.raises(UnknownAgent):
+        budget.skip("ghost", "no tokens left")
+    assert budget.ledger.history() == []
+    with pytest.raises(UsageError, match=re.escape("exceeded() needs a Deny, got Allow()")):
+        budget.exceeded(Allow())
 
 
 # -- govern ------------------------------------------------------------------------------------

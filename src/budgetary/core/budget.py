@@ -847,6 +847,8 @@ class Budget:
         location: str | None = None, run_id: str | None = None,
     ) -> Skipped:  # fmt: skip
         """Record that work was skipped for the budget and return the marker that takes its place."""
+        if not self.has_agent(agent):
+            raise UnknownAgent(cast(str, agent), self.name)
         meta = Meta(run_id or self.run_id, None, location)
         self._store.record_entry(self._chain, agent, "skip", now=self._clock(), meta=meta, reason=reason)
         return Skipped(agent=agent, reason=reason, resource=resource, location=location)
@@ -1072,7 +1074,9 @@ class Budget:
         return self._exceeded(decision, agent, self._snapshot_of(figures))
 
     def _exceeded(self, decision: Decision, agent: str | None, snapshot: Snapshot | None = None) -> BudgetExceeded:
-        d = cast(Deny, decision)
+        if not isinstance(decision, Deny):
+            raise UsageError(f"exceeded() needs a Deny, got {decision!r}")
+        d = decision
         return BudgetExceeded(
             d.reason,
             budget=d.budget or self.name,
