@@ -779,3 +779,21 @@ def test_skip_when_a_planning_agents_first_call_the_plan_is_refused():
     assert [r["agent"] for r in fake.calls.records] == ["Researcher"]
     assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Writer", "write")]
     assert crew.agents[1].llm is fake and budget.snapshot().held_tokens == 0
+
+
+def test_a_task_that_takes_a_skipped_task_as_context_gets_the_placeholder_and_runs():
+    prompts: dict[str, str] = {}
+
+    def answer(messages, index, agent, task):
+        prompts[task.name] = json.dumps(messages)
+        return f"Thought: done\nFinal Answer: {task.name} done"
+
+    crew = three_task_crew(llm(responder=answer))
+    crew.tasks[2].context = [crew.tasks[0]]
+    budget = Budget()
+    budget.agent("Researcher", max_tokens=10)
+    govern_crew(crew, budget, on_exhausted="skip")
+    result = crew.kickoff(inputs={"topic": "otters"})
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [True, False, False]
+    assert "[skipped by budget: agent 'Researcher'" in prompts["review"]
+    assert result.raw == "review done" and not is_budget_skipped(result)

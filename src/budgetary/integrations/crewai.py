@@ -11,7 +11,9 @@ Policies (per task name, then per agent role, then the default):
 ``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
 (decided when a task starts: if its agent could not make its first call, as
 CrewAI will render it, the task does not call its model and its output is a
-placeholder that `is_budget_skipped` detects), ``end`` (that task and every
+placeholder that `is_budget_skipped` detects on the task's ``TaskOutput``, not on
+the ``CrewOutput``; a later task that takes it as ``context`` gets the
+placeholder's text and runs), ``end`` (that task and every
 later one are skipped; kickoff returns normally). The start check cannot see
 what CrewAI adds later (memory, knowledge, tools the crew injects): if the
 task's first real call is refused, the hook blocks it and CrewAI's own task
