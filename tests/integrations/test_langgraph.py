@@ -463,6 +463,38 @@ def test_subgraph_agents_are_charged_to_the_outer_node():
     assert budget.snapshot().llm_calls == 2 == model.calls.count
 
 
+def test_a_call_given_only_the_users_handler_inside_a_governed_node_is_still_enforced_and_charged():
+    # `config={"callbacks": [...]}` replaces the callbacks the node inherits: the node's handler
+    # never sees the call, so the user's handler (which stands aside for it) must charge it itself.
+    model = fake()
+
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return "found"
+
+    budget = Budget(Limits(max_llm_calls=1, max_tool_calls=1))
+    mine = BudgetCallbackHandler(budget, agent="mine")
+
+    def writer(state: Research) -> dict:
+        notes = [lookup.invoke({"term": "t"}, config={"callbacks": [mine]})]
+        with pytest.raises(BudgetExceeded):
+            lookup.invoke({"term": "u"}, config={"callbacks": [mine]})
+        notes.append(model.invoke("w", config={"callbacks": [mine]}).content)
+        with pytest.raises(BudgetExceeded):
+            model.invoke("again", config={"callbacks": [mine]})
+        return {"notes": notes}
+
+    builder = StateGraph(Research)
+    builder.add_node("writer", writer)
+    builder.add_edge(START, "writer")
+    govern_graph(builder, budget).invoke({"topic": "x"})
+    assert model.calls.count == 1
+    snap = budget.snapshot()
+    assert (snap.llm_calls, snap.tool_calls, snap.held_llm_calls) == (1, 1, 0)
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer"]  # the node's agent, as documented
+
+
 def test_a_governed_subgraph_inside_a_governed_graph_charges_its_own_nodes():
     model = fake()
 

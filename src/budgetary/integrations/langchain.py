@@ -121,9 +121,12 @@ class _Claim:
 
     __slots__ = ("also", "batch", "covered", "handler", "parent", "rank", "reservation")
 
-    def __init__(self, handler: BudgetCallbackHandler, parent: UUID | None, batch: object = None) -> None:
+    def __init__(
+        self, handler: BudgetCallbackHandler, parent: UUID | None, batch: object = None,
+        rank: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
         self.handler = handler
-        self.rank = handler._precedence
+        self.rank = handler._precedence if rank is None else rank
         self.parent = parent
         # The call's invocation_params: LangChain passes the same object to the start of every
         # prompt of one generate call (a text LLM's batch), and a new one to every other call.
@@ -199,9 +202,12 @@ def _refused_elsewhere(exc: BaseException) -> str:
 # have already reserved it on.
 _middleware_budgets: ContextVar[tuple[Budget, ...]] = ContextVar("budgetary_middleware_budgets", default=())
 # Set while a governed LangGraph node runs: per budget, the handler of the innermost governed node.
-# It alone charges that budget's calls in the node; other handlers of the budget (a user's own, a
-# budget_scope, an outer node's) stand aside, so each call is reserved once, for the right agent,
-# instead of being reserved by the first handler and re-attributed by the next.
+# That budget's calls in the node are charged as that handler would charge them (its agent, its
+# rank); other handlers of the budget (a user's own, a budget_scope, an outer node's) that see a call
+# first charge it so, on its behalf, and the node's handler then finds it claimed: each call is
+# reserved once, for the right agent, instead of being reserved by the first handler and
+# re-attributed by the next. They cannot simply leave it to the node's handler: a call given its own
+# callbacks (``model.invoke(x, config={"callbacks": [handler]})``) does not inherit the node's.
 _node_owners: ContextVar[dict[Budget, BudgetCallbackHandler] | None] = ContextVar("budgetary_node_owners", default=None)
 
 
@@ -412,13 +418,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         # A tool call is counted by the first handler of this budget's family that sees it (no
         # re-attribution: a count cannot be taken back), and the claim lasts until the tool ends. So
         # a parent's handler listed before its child's counts the call for the parent only.
-        if self._stands_aside():
-            return None
         claim = _Claim(self, parent_run_id)
         if self._claims.setdefault(run_id, claim) is not claim:  # atomic: first handler wins
             return None
         name = kwargs.get("name") or (serialized or {}).get("name") or "tool"
-        return self._agent_for(metadata), str(name)
+        return self._charging_for()._agent_for(metadata), str(name)
 
     def _tool_allowed(self, run_id: UUID, decision: Decision) -> bool:
         if not decision.allowed:  # a refused start gets no end or error event
@@ -445,10 +449,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
     ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
         """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
-        if (_middleware_budgets.get() and self._middleware_charges()) or self._stands_aside():
-            return None  # BudgetMiddleware already reserved this call, or a governed node's handler owns it
+        if _middleware_budgets.get() and self._middleware_charges():
+            return None  # BudgetMiddleware already reserved this call
         params = kwargs.get("invocation_params") or {}
-        claim = self._take(run_id, parent_run_id, params or None)
+        charger = self._charging_for()  # a governed node's handler, if the call runs in one
+        claim = self._take(run_id, parent_run_id, params or None, charger._precedence)
         if claim is None:
             return None
         metadata = metadata or {}
@@ -460,7 +465,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             max_out = params.get(key)
         if max_out is not None and (type(max_out) is not int or max_out < 0):
             max_out = _output_cap(max_out)
-        return claim, self._agent_for(metadata), model, max_out, metadata.get("langgraph_node")
+        return claim, charger._agent_for(metadata), model, max_out, metadata.get("langgraph_node")
 
     def _started(self, claim: _Claim, run_id: UUID, reservation: Reservation) -> bool:
         """Record the call's reservation; False if a more specific handler took the run meanwhile."""
@@ -528,22 +533,24 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 node = node.parent
         return False
 
-    def _stands_aside(self) -> bool:
+    def _charging_for(self) -> BudgetCallbackHandler:
+        """The handler whose agent and rank this one charges a call with: the governed node's, in one."""
         owners = _node_owners.get()
         if owners is None:
-            return False
-        owner = owners.get(self.budget)
-        return owner is not None and owner is not self
+            return self
+        return owners.get(self.budget) or self
 
-    def _take(self, run_id: UUID, parent_run_id: UUID | None, batch: object) -> _Claim | None:
-        """Claim ``run_id`` unless a handler of this budget's family that takes precedence has it."""
+    def _take(
+        self, run_id: UUID, parent_run_id: UUID | None, batch: object, precedence: tuple[int, int]
+    ) -> _Claim | None:
+        """Claim ``run_id`` at ``precedence`` unless a handler of this budget's family that takes precedence has it."""
         claims = self._claims
-        claim = _Claim(self, parent_run_id, batch)
+        claim = _Claim(self, parent_run_id, batch, precedence)
         if claims.setdefault(run_id, claim) is claim:  # atomic: the usual case, one handler per family
             return claim
         with _claims_lock:  # another handler of the family saw the run first: precedence decides
             current = claims.get(run_id)
-            if current is not None and current.rank >= self._precedence:
+            if current is not None and current.rank >= precedence:
                 if self.on_soft_limit is not None:
                     current.also += (self,)
                 return None
