@@ -797,3 +797,26 @@ def test_a_task_that_takes_a_skipped_task_as_context_gets_the_placeholder_and_ru
     assert [is_budget_skipped(t.output) for t in crew.tasks] == [True, False, False]
     assert "[skipped by budget: agent 'Researcher'" in prompts["review"]
     assert result.raw == "review done" and not is_budget_skipped(result)
+
+
+def test_a_skipped_task_skips_its_guardrails_and_keeps_them():
+    checked: list[str] = []
+
+    def json_only(output):
+        checked.append(output.raw)
+        return output.raw.startswith("{"), "answer in JSON"
+
+    fake = llm(responses=['{"line": "otters"}'])
+    crew = researcher_twice(fake)
+    writing = Task(name="write", description="Write", expected_output="JSON", agent=crew.agents[1], guardrail=json_only)
+    listed = Task(name="list", description="List", expected_output="JSON", agent=crew.agents[1], guardrails=[json_only])
+    crew = Crew(agents=crew.agents, tasks=[crew.tasks[2], writing, listed])
+    budget = Budget()
+    budget.agent("Writer", max_tokens=10)  # the placeholder would fail the guardrail, three retries, then abort
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff()
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True, True]
+    assert checked == []
+    govern_crew(crew, Budget(), on_exhausted="skip")  # room again: the guardrails are back
+    crew.kickoff()
+    assert checked == ['{"line": "otters"}'] * 2

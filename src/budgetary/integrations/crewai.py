@@ -82,6 +82,9 @@ logger = logging.getLogger("budgetary.crewai")
 _ATTR = "__budgetary__"
 _STRUCTURED = ("output_pydantic", "output_json", "converter_cls", "response_model")
 """A task's structured-output settings, cleared while a skip placeholder stands in for its output."""
+_GUARDRAILS: dict[str, Callable[[], Any]] = {"_guardrail": lambda: None, "_guardrails": list}
+"""The guardrails a task runs on its output, off while the placeholder stands in: it would fail them, and
+CrewAI would retry the task on the stub, then abort the kickoff."""
 _PLANNING = {"planning": False, "planning_config": None}
 """An agent's planning settings, off while the stub stands in: it never says a plan is ready, and CrewAI
 refines an unbounded plan (``reasoning=True``, ``PlanningConfig()``) until one is."""
@@ -354,13 +357,14 @@ def _post_step(ctx: Any) -> None:
 
 
 def _skip(run: _Run, agent: Any, task: Any, marker: Skipped) -> None:
-    # A placeholder is no structured output: CrewAI would abort the kickoff converting it.
-    structured = {name: None for name in _STRUCTURED if hasattr(task, name)}
+    # A placeholder is no structured output and fails guardrails: CrewAI would abort the kickoff on it.
+    placeholder: dict[str, Any] = {name: None for name in _STRUCTURED if hasattr(task, name)}
+    placeholder.update({name: off() for name, off in _GUARDRAILS.items() if hasattr(task, name)})
     stub: dict[str, Any] = {"llm": _SkipLLM(model="budgetary/skip", reason=marker.reason)}
     stub.update({name: off for name, off in _PLANNING.items() if hasattr(agent, name)})
     with run.lock:
         run.skipped[id(task)] = marker
-        for obj, stand_ins in ((agent, stub), (task, structured)):
+        for obj, stand_ins in ((agent, stub), (task, placeholder)):
             if obj is not None and id(obj) not in run.swapped:
                 run.swapped[id(obj)] = (obj, {name: getattr(obj, name) for name in stand_ins})
                 for name, value in stand_ins.items():
