@@ -495,6 +495,30 @@ def test_a_call_given_only_the_users_handler_inside_a_governed_node_is_still_enf
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer"]  # the node's agent, as documented
 
 
+def test_a_resume_replayed_to_another_budget_object_of_the_same_shared_budget_is_not_applied_again(tmp_path):
+    # A service builds its budgets by name per request: the request that resumes a run holds another
+    # Budget object than the one that applied the earlier resumes, which LangGraph replays to the node.
+    model = fake()
+    saver = InMemorySaver()
+    store = f"sqlite:///{tmp_path / 'budget.db'}"
+
+    def app_for(budget: Budget) -> Any:
+        builder = StateGraph(Research)
+        builder.add_node("planner", lambda state: {"notes": [model.invoke("plan").content]})
+        builder.add_node("writer", lambda state: {"notes": [model.invoke(f"w{i}").content for i in range(3)]})
+        builder.add_edge(START, "planner")
+        builder.add_edge("planner", "writer")
+        return govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=saver)
+
+    config = {"configurable": {"thread_id": "1"}}
+    first = Budget(Limits(max_llm_calls=1), name="run", store=store)
+    assert "__interrupt__" in app_for(first).invoke({"topic": "x"}, config)
+    assert "__interrupt__" in app_for(first).invoke(Command(resume={"llm_calls": 2}), config)
+    again = Budget(Limits(max_llm_calls=1), name="run", store=store)
+    app_for(again).invoke(Command(resume={"llm_calls": 1}), config)
+    assert again.snapshot().limits.max_llm_calls == 1 + 2 + 1  # each resume applied once
+
+
 def test_a_governed_subgraph_inside_a_governed_graph_charges_its_own_nodes():
     model = fake()
 

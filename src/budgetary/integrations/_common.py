@@ -11,7 +11,7 @@ from budgetary.core.errors import UsageError
 
 __all__ = ["apply_top_up_once"]
 
-_applied: set[tuple[int, Hashable]] = set()
+_applied: set[tuple[Hashable, ...]] = set()
 _lock = threading.Lock()
 
 
@@ -26,7 +26,9 @@ def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
     if resume is None:
         return False
     with _lock:
-        marker = (id(budget), key)
+        # The budget by its store and names, not by object: a process that builds its budgets by name
+        # (per request, as with a shared store) resumes with another object of the same budget.
+        marker = (*_identity(budget), key)
         if marker in _applied:
             return False
         # Marked before it is checked: LangGraph replays this answer on every later resume of the
@@ -40,3 +42,16 @@ def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
     if resume:
         budget.top_up(**dict(resume))
     return True
+
+
+def _identity(budget: Budget) -> tuple[Hashable, ...]:
+    """What names ``budget`` across its objects: its store's URL (or the store itself, in memory) and its path."""
+    store = budget.store
+    url = getattr(store, "url", None)
+    where = url if isinstance(url, str) and not url.startswith("memory:") else id(store)
+    names = []
+    node: Budget | None = budget
+    while node is not None:
+        names.append(node.name)
+        node = node.parent
+    return where, *names
