@@ -820,3 +820,17 @@ def test_a_skipped_task_skips_its_guardrails_and_keeps_them():
     govern_crew(crew, Budget(), on_exhausted="skip")  # room again: the guardrails are back
     crew.kickoff()
     assert checked == ['{"line": "otters"}'] * 2
+
+
+def test_a_skipped_task_asks_no_human_to_review_its_placeholder(monkeypatch):
+    asked: list[Any] = []
+    monkeypatch.setattr("builtins.input", lambda *args: asked.append(args) or "")
+    crew = researcher_twice(llm())
+    reviewed = Task(name="write", description="Write", expected_output="a line", agent=crew.agents[1], human_input=True)
+    crew = Crew(agents=crew.agents, tasks=[reviewed, crew.tasks[0]])
+    budget = Budget()
+    budget.agent("Writer", max_tokens=10)
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff()
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [True, False]
+    assert asked == [] and reviewed.human_input is True

@@ -82,9 +82,9 @@ logger = logging.getLogger("budgetary.crewai")
 _ATTR = "__budgetary__"
 _STRUCTURED = ("output_pydantic", "output_json", "converter_cls", "response_model")
 """A task's structured-output settings, cleared while a skip placeholder stands in for its output."""
-_GUARDRAILS: dict[str, Callable[[], Any]] = {"_guardrail": lambda: None, "_guardrails": list}
-"""The guardrails a task runs on its output, off while the placeholder stands in: it would fail them, and
-CrewAI would retry the task on the stub, then abort the kickoff."""
+_GUARDRAILS: dict[str, Callable[[], Any]] = {"_guardrail": lambda: None, "_guardrails": list, "human_input": bool}
+"""The checks of a task's output, off while the placeholder stands in: guardrails would reject it (CrewAI
+retries the task on the stub, then aborts the kickoff), and a human would be asked to review it."""
 _PLANNING = {"planning": False, "planning_config": None}
 """An agent's planning settings, off while the stub stands in: it never says a plan is ready, and CrewAI
 refines an unbounded plan (``reasoning=True``, ``PlanningConfig()``) until one is."""
