@@ -834,3 +834,17 @@ def test_a_skipped_task_asks_no_human_to_review_its_placeholder(monkeypatch):
     crew.kickoff()
     assert [is_budget_skipped(t.output) for t in crew.tasks] == [True, False]
     assert asked == [] and reviewed.human_input is True
+
+
+def test_replay_of_a_governed_crew_is_capped_and_charged_as_a_kickoff_is():
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=4))
+    govern_crew(crew, budget)
+    crew.kickoff(inputs={"topic": "otters"})
+    with pytest.raises(CrewBudgetExceeded):
+        crew.replay(str(crew.tasks[1].id))  # write and review again: one call left
+    assert fake.calls.count == 4 == budget.snapshot().llm_calls
+    replayed = {e.run_id for e in budget.ledger.history(kind="llm")[3:]}
+    assert len(replayed) == 1 and replayed.isdisjoint(e.run_id for e in budget.ledger.history(kind="llm")[:3])
+    assert budget.snapshot().held_tokens == 0

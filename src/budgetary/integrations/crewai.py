@@ -34,9 +34,10 @@ not checked; its usage is still charged, after the fact.
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
 into each agent executor when it is created. Importing it also wraps
-``Crew.copy`` (copies keep the budget) and ``Crew.kickoff``/``akickoff`` (a
+``Crew.copy`` (copies keep the budget), ``Crew.kickoff``/``akickoff`` (a
 kickoff ended by Ctrl-C or a cancellation, which CrewAI ends without its end
-hook, leaves no run or hold behind).
+hook, leaves no run or hold behind) and ``Crew.replay`` (run under the budget
+as a kickoff, though CrewAI dispatches no start or end hook for it).
 """
 
 from __future__ import annotations
@@ -603,6 +604,28 @@ def _closing_akickoff(akickoff: Any) -> Any:
     return closing
 
 
+def _governed_replay(replay: Any) -> Any:
+    """``Crew.replay`` under the crew's budget, as a kickoff: CrewAI dispatches no start or end hook for it."""
+
+    @functools.wraps(replay)
+    def governed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = _run.get()
+        _execution_start(_ReplayStart(self))
+        try:
+            return replay(self, *args, **kwargs)
+        finally:
+            _close_abandoned(outer)
+
+    return governed
+
+
+@dataclass(frozen=True)
+class _ReplayStart:
+    """What `_execution_start` reads of CrewAI's start context, for a replay."""
+
+    crew: Any
+
+
 _install_lock = threading.Lock()
 _installed = False
 _telling: weakref.WeakSet[Budget] = weakref.WeakSet()  # the budgets `_tell_agents` listens to
@@ -627,6 +650,7 @@ def _install() -> None:
         Crew.copy = _governed_copy(Crew.copy)  # type: ignore[method-assign]
         Crew.kickoff = _closing_kickoff(Crew.kickoff)  # type: ignore[method-assign]
         Crew.akickoff = _closing_akickoff(Crew.akickoff)  # type: ignore[method-assign]
+        Crew.replay = _governed_replay(Crew.replay)  # type: ignore[method-assign]
         _installed = True
 
 
