@@ -29,6 +29,8 @@ that branch runs again. Error handlers that
 catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
 ``error_handler``) also catch `BudgetExceeded`: a denied tool then becomes an
 error message to the model and the run goes on. Re-raise it there if it must stop the run.
+A graph-level ``error_handler`` also catches the signal ``end`` stops a run with: its fallback
+runs instead (with a checkpointer the skip marker is then lost).
 """
 
 from __future__ import annotations
