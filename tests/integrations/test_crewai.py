@@ -120,9 +120,21 @@ def test_end_skips_every_remaining_task_and_returns_normally():
     crew = three_task_crew(fake)
     budget = Budget(Limits(max_llm_calls=1))
     govern_crew(crew, budget, on_exhausted="end")
-    crew.kickoff(inputs={"topic": "otters"})
+    result = crew.kickoff(inputs={"topic": "otters"})
     assert fake.calls.count == 1
     assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, True, True]
+    # The crew's result is the last task's placeholder: it carries the marker too.
+    assert is_budget_skipped(result) and result.raw == crew.tasks[-1].output.raw
+
+
+def test_akickoff_under_end_returns_a_marked_crew_output():
+    fake = llm()
+    crew = three_task_crew(fake)
+    govern_crew(crew, Budget(Limits(max_llm_calls=2)), on_exhausted="end")
+    result = asyncio.run(crew.akickoff(inputs={"topic": "otters"}))
+    assert fake.calls.count == 2
+    assert [is_budget_skipped(t.output) for t in crew.tasks] == [False, False, True]
+    assert is_budget_skipped(result)
 
 
 def test_two_crews_sharing_one_llm_in_parallel_get_separate_exact_ledgers():

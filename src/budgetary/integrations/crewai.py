@@ -11,8 +11,8 @@ Policies (per task name, then per agent role, then the default):
 ``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
 (decided when a task starts: if its agent could not make its first call, as
 CrewAI will render it, the task does not call its model and its output is a
-placeholder that `is_budget_skipped` detects on the task's ``TaskOutput``, not on
-the ``CrewOutput``; a later task that takes it as ``context`` gets the
+placeholder that `is_budget_skipped` detects on the task's ``TaskOutput``, and on the
+``CrewOutput`` when that task was the last; a later task that takes it as ``context`` gets the
 placeholder's text and runs), ``end`` (that task and every
 later one are skipped; kickoff returns normally). The start check cannot see
 what CrewAI adds later (memory, knowledge, tools the crew injects): if the
@@ -75,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from budgetary.core.budget import POLICIES, Budget, Reservation
 from budgetary.core.errors import BudgetExceeded, ConfigurationError, UsageError
 from budgetary.core.guard import SoftLimit
-from budgetary.core.skip import Skipped, mark_skipped
+from budgetary.core.skip import SKIP_ATTRIBUTE, Skipped, mark_skipped
 
 __all__ = ["CrewBudgetExceeded", "budget_scope", "govern_crew"]
 
@@ -572,6 +572,16 @@ def _governed_copy(copy: Any) -> Any:
     return governed
 
 
+def _marked_if_last_skipped(result: Any) -> Any:
+    """Mark a ``CrewOutput`` whose last task was skipped: its text is that task's placeholder."""
+    outputs = getattr(result, "tasks_output", None)
+    if isinstance(outputs, list) and outputs:
+        marker = getattr(outputs[-1], SKIP_ATTRIBUTE, None)
+        if isinstance(marker, Skipped):
+            mark_skipped(result, marker)
+    return result
+
+
 def _closing_kickoff(kickoff: Any) -> Any:
     """``Crew.kickoff`` that closes the runs CrewAI left current when it ended without its end hook.
 
@@ -583,7 +593,7 @@ def _closing_kickoff(kickoff: Any) -> Any:
     def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
         outer = _run.get()
         try:
-            return kickoff(self, *args, **kwargs)
+            return _marked_if_last_skipped(kickoff(self, *args, **kwargs))
         finally:
             _close_abandoned(outer)
 
@@ -597,7 +607,7 @@ def _closing_akickoff(akickoff: Any) -> Any:
     async def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
         outer = _run.get()
         try:
-            return await akickoff(self, *args, **kwargs)
+            return _marked_if_last_skipped(await akickoff(self, *args, **kwargs))
         finally:
             _close_abandoned(outer)
 
@@ -612,7 +622,7 @@ def _governed_replay(replay: Any) -> Any:
         outer = _run.get()
         _execution_start(_ReplayStart(self))
         try:
-            return replay(self, *args, **kwargs)
+            return _marked_if_last_skipped(replay(self, *args, **kwargs))
         finally:
             _close_abandoned(outer)
 
