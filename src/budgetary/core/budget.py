@@ -839,7 +839,10 @@ class Budget:
         return nanos_to_usd(moved) if contract.unit == "usd" else moved
 
     def top_up(self, **amounts: int | Decimal | float | str) -> None:
-        """Raise this budget's limits by ``amounts`` (``total_tokens=10_000, cost_usd=1, llm_calls=5``)."""
+        """Raise this budget's limits by ``amounts`` (``total_tokens=10_000, cost_usd=1, llm_calls=5``).
+
+        The limits stay raised: on a windowed budget, for the windows that follow too.
+        """
         self._store.top_up(self._key, top_up_vector(amounts), self._clock())
 
     def skip(
