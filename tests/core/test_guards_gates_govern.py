@@ -92,6 +92,26 @@ def test_host_guards_see_each_call_and_the_first_deny_wins():
     assert not strict.check().allowed
 
 
+def test_a_host_guards_soft_limit_is_the_reservations_decision_as_it_is_checks():
+    soft = SoftLimit(resource="gpu_hours", consumed=8, limit=10, message="80% of the GPU quota")
+
+    class Quota:
+        def check_before_llm(self, agent, estimated_prompt_tokens):
+            return soft
+
+    budget = Budget(Limits(max_llm_calls=10), guards=[Quota()])
+    assert budget.check() == soft
+    reservation = budget.reserve(model=MODEL, prompt_tokens=1)
+    assert reservation.decision == soft
+    reservation.settle(Usage(input_tokens=1, output_tokens=1))
+    assert asyncio.run(budget.areserve(model=MODEL, prompt_tokens=1)).decision == soft
+    # The budget's own soft limit is reported over the host's, as check() does.
+    warned = Budget(Limits(max_llm_calls=2, warn_at=(0.5,)), guards=[Quota()])
+    warned.reserve(model=MODEL, prompt_tokens=1).settle(Usage(input_tokens=1, output_tokens=1))
+    own = warned.reserve(model=MODEL, prompt_tokens=1).decision
+    assert isinstance(own, SoftLimit) and own.resource == "llm_calls"
+
+
 def test_a_guard_that_raises_fails_closed():
     class Broken:
         def check_before_llm(self, agent, estimated_prompt_tokens):

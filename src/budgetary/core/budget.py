@@ -655,13 +655,13 @@ class Budget:
         max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
         unpriced_ok: bool = False,
     ) -> Reservation:  # fmt: skip
-        req, meta, rates, exact, deny = self._reserve_request(
+        req, meta, rates, exact, early = self._reserve_request(
             agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location, unpriced_ok
         )
         store, chain = self._store, self._chain
-        if deny is not None:
-            store.record_entry(chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
-            raise self._exceeded(deny, agent)
+        if early is not None and not early.allowed:
+            store.record_entry(chain, agent, "deny", now=self._clock(), meta=meta, decision=early)
+            raise self._exceeded(early, agent)
         hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
         now = self._clock()
         outcome = store.reserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
@@ -672,7 +672,8 @@ class Budget:
                                     now=now, meta=meta)  # fmt: skip
         if not outcome.decision.allowed:
             raise self._exceeded(outcome.decision, agent)
-        return Reservation(self, hold_id, agent, model, provider, req, meta, outcome.decision, rates, now)
+        decision = outcome.decision if early is None else _stricter(outcome.decision, early)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
 
     async def _areserve(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
@@ -684,13 +685,13 @@ class Budget:
             # A name the store does not know is one it would refuse: refuse it the same way.
             if self._remember(agent, await self._astored_contract(agent)) is None:
                 raise UnknownAgent(agent, self.name)
-        req, meta, rates, exact, deny = self._reserve_request(
+        req, meta, rates, exact, early = self._reserve_request(
             agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location, False
         )
         store, chain = cast(AsyncStore, self._store), self._chain
-        if deny is not None:
-            await store.arecord_entry(chain, agent, "deny", now=self._clock(), meta=meta, decision=deny)
-            raise await self._aexceeded(deny, agent)
+        if early is not None and not early.allowed:
+            await store.arecord_entry(chain, agent, "deny", now=self._clock(), meta=meta, decision=early)
+            raise await self._aexceeded(early, agent)
         hold_id = f"{self._hold_prefix}{next(self._hold_seq)}"
         now = self._clock()
         outcome = await store.areserve(chain, agent, req, gate=self._gate, hold_id=hold_id, ttl=self.lease_ttl,
@@ -701,14 +702,15 @@ class Budget:
                                            now=now, meta=meta)  # fmt: skip
         if not outcome.decision.allowed:
             raise await self._aexceeded(outcome.decision, agent)
-        return Reservation(self, hold_id, agent, model, provider, req, meta, outcome.decision, rates, now)
+        decision = outcome.decision if early is None else _stricter(outcome.decision, early)
+        return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
 
     def _reserve_request(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
         max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,
         unpriced_ok: bool,
-    ) -> tuple[Vector, Meta, Any, bool, Deny | None]:  # fmt: skip
-        """What a reservation asks the store for: (request, meta, rates, exact, a refusal before asking)."""
+    ) -> tuple[Vector, Meta, Any, bool, Decision | None]:  # fmt: skip
+        """What a reservation asks the store for: (request, meta, rates, exact, the host guards' Deny or SoftLimit)."""
         if prompt_tokens is not None:
             # The common case (a plain non-negative int) skips the general coercion.
             prompt = (
@@ -734,16 +736,18 @@ class Budget:
             if len(self._metas) >= 256:
                 self._metas.clear()
             meta = self._metas[key] = Meta(*key)
+        host: Decision | None = None
         if self._guards is not None:
             host = self._guards.check_before_llm(agent, prompt)
             if not host.allowed:
-                return [], meta, None, exact, cast(Deny, host)
+                return [], meta, None, exact, host
+            host = host if isinstance(host, SoftLimit) else None
         rates = None
         if self._cost_capped or self._usd_agent(agent):
             rates = self._prices.rates(model, provider)
             if rates is None and not (self.allow_unpriced or unpriced_ok):
                 return [], meta, rates, exact, self._unpriced_refusal(agent, model)
-        return _request(prompt, out, rates), meta, rates, exact, None
+        return _request(prompt, out, rates), meta, rates, exact, host
 
     def _unpriced_refusal(self, agent: str | None, model: str | None) -> Deny:
         """Why a call of a model with no price cannot run under a USD limit, and what to do about it."""
@@ -1132,6 +1136,13 @@ def _as_charged(usage: Usage) -> Usage:
     assert usage.cost_usd is not None
     charged = nanos_to_usd(usd_to_nanos(usage.cost_usd))
     return usage if charged == usage.cost_usd else usage.with_cost(charged)
+
+
+def _stricter(decision: Decision, host: Decision | None) -> Decision:
+    """A reservation's decision: the budget's, or the host guards' `SoftLimit` if the budget only allows."""
+    if host is not None and not isinstance(decision, SoftLimit):
+        return host
+    return decision
 
 
 def _checked_guards(guards: Iterable[Any] | None) -> list[Any] | None:
