@@ -275,6 +275,21 @@ def test_the_same_budget_attached_twice_charges_each_call_once():
     assert budget.snapshot().llm_calls == 1 and budget.snapshot().total_tokens == 150
 
 
+def test_two_objects_of_one_shared_budget_attached_to_a_run_charge_each_call_once(tmp_path):
+    # A worker that builds its budgets by name on a shared store may hold two objects of one budget.
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    first = Budget(Limits(max_llm_calls=5), name="run", store=url)
+    second = Budget(Limits(max_llm_calls=5), name="run", store=url)
+    model = make_model()
+    with budget_scope(first):
+        make_chain(model).invoke({"question": "q"}, config={"callbacks": [BudgetCallbackHandler(second, agent="w")]})
+        with budget_scope(second):  # the same budget again: it replaces the outer scope
+            make_chain(model).invoke({"question": "q"})
+    assert provider_calls(model) == 2
+    assert first.snapshot().llm_calls == 2 and first.snapshot().held_tokens == 0
+    assert [e.agent for e in first.ledger.history(kind="llm")] == ["w", None]
+
+
 def test_two_handlers_of_one_budget_across_threads_charge_each_call_once_and_leave_nothing_behind():
     from concurrent.futures import ThreadPoolExecutor
 

@@ -463,6 +463,20 @@ def test_subgraph_agents_are_charged_to_the_outer_node():
     assert budget.snapshot().llm_calls == 2 == model.calls.count
 
 
+def test_a_users_handler_of_another_object_of_the_shared_budget_charges_node_calls_once(tmp_path):
+    # A worker building its budgets by name on a shared store: the graph governed with one object,
+    # the user's handler built on another object of the same budget.
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    governed_with = Budget(Limits(max_llm_calls=10), name="research", store=url)
+    handler_of = Budget(Limits(max_llm_calls=10), name="research", store=url)
+    model = fake()
+    app = govern_graph(research_builder(model), governed_with)
+    app.invoke({"topic": "otters"}, {"callbacks": [BudgetCallbackHandler(handler_of)]})
+    assert model.calls.count == 4 == governed_with.snapshot().llm_calls
+    assert [e.agent for e in governed_with.ledger.history(kind="llm")] == ["planner", "researcher", "writer", "critic"]
+    assert governed_with.snapshot().held_tokens == 0
+
+
 def test_a_call_given_only_the_users_handler_inside_a_governed_node_is_still_enforced_and_charged():
     # `config={"callbacks": [...]}` replaces the callbacks the node inherits: the node's handler
     # never sees the call, so the user's handler (which stands aside for it) must charge it itself.

@@ -1,4 +1,4 @@
-"""Pieces the framework adapters share: applying a resume's top-up exactly once."""
+"""Pieces the framework adapters share: a budget's identity across objects, applying a resume's top-up once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from budgetary.core.budget import Budget
 from budgetary.core.errors import UsageError
 
-__all__ = ["apply_top_up_once"]
+__all__ = ["apply_top_up_once", "budget_key"]
 
 _applied: set[tuple[Hashable, ...]] = set()
 _lock = threading.Lock()
@@ -28,7 +28,7 @@ def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
     with _lock:
         # The budget by its store and names, not by object: a process that builds its budgets by name
         # (per request, as with a shared store) resumes with another object of the same budget.
-        marker = (*_identity(budget), key)
+        marker = (*budget_key(budget), key)
         if marker in _applied:
             return False
         # Marked before it is checked: LangGraph replays this answer on every later resume of the
@@ -44,8 +44,11 @@ def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
     return True
 
 
-def _identity(budget: Budget) -> tuple[Hashable, ...]:
-    """What names ``budget`` across its objects: its store's URL (or the store itself, in memory) and its path."""
+def budget_key(budget: Budget) -> tuple[Hashable, ...]:
+    """What names ``budget`` across its objects: its store's URL (or the store itself, in memory) and its path.
+
+    A process that builds its budgets by name on a shared store may hold several objects of one budget.
+    """
     store = budget.store
     url = getattr(store, "url", None)
     where = url if isinstance(url, str) and not url.startswith("memory:") else id(store)

@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MethodType
@@ -47,6 +47,7 @@ from budgetary.core.budget import Budget, Reservation
 from budgetary.core.errors import ConfigurationError, UsageError
 from budgetary.core.guard import Decision, SoftLimit
 from budgetary.core.usage import Usage
+from budgetary.integrations._common import budget_key
 
 __all__ = [  # noqa: F822 - BudgetMiddleware is built on first access (it needs langchain v1)
     "SOFT_LIMIT_EVENT",
@@ -140,13 +141,23 @@ class _Claim:
 # Claims per family of budgets (a budget, its parent, ...: keyed by the top one), shared by every
 # handler of the family in this process. A child budget's charge is also its parents', so one
 # call seen by handlers of a budget and of its parent must be charged once, by the child's.
-_claims: weakref.WeakKeyDictionary[Budget, dict[UUID, _Claim]] = weakref.WeakKeyDictionary()
+# Keyed by the top budget's `budget_key`, so that two objects of one shared budget share a table;
+# each handler holds its table, which lives as long as one of them does.
+class _ClaimTable(dict[UUID, _Claim]):
+    __slots__ = ("__weakref__",)
+
+
+_claims: weakref.WeakValueDictionary[tuple[Hashable, ...], _ClaimTable] = weakref.WeakValueDictionary()
 _claims_lock = threading.Lock()
 
 
-def _claims_of(budget: Budget) -> dict[UUID, _Claim]:
+def _claims_of(budget: Budget) -> _ClaimTable:
+    key = budget_key(_top(budget))
     with _claims_lock:
-        return _claims.setdefault(_top(budget), {})
+        table = _claims.get(key)
+        if table is None:
+            table = _claims[key] = _ClaimTable()
+        return table
 
 
 def _top(budget: Budget) -> Budget:
@@ -208,7 +219,10 @@ _middleware_budgets: ContextVar[tuple[Budget, ...]] = ContextVar("budgetary_midd
 # reserved once, for the right agent, instead of being reserved by the first handler and
 # re-attributed by the next. They cannot simply leave it to the node's handler: a call given its own
 # callbacks (``model.invoke(x, config={"callbacks": [handler]})``) does not inherit the node's.
-_node_owners: ContextVar[dict[Budget, BudgetCallbackHandler] | None] = ContextVar("budgetary_node_owners", default=None)
+# Keyed by `budget_key`: a handler of another object of the same budget stands aside too.
+_node_owners: ContextVar[dict[Hashable, BudgetCallbackHandler] | None] = ContextVar(
+    "budgetary_node_owners", default=None
+)
 
 
 class BudgetCallbackHandler(BaseCallbackHandler):
@@ -249,6 +263,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         # The handler of the innermost budget charges a call its family shares, then the higher rank.
         self._precedence = (_depth(budget), self.rank)
         self._levels = frozenset(_level_names(budget))  # the budgets whose soft limits this handler reports
+        self._key = budget_key(budget)  # the budget across its objects (one shared budget, two objects)
         self._claims = _claims_of(budget)
 
     def __copy__(self) -> BudgetCallbackHandler:
@@ -528,7 +543,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         for budget in _middleware_budgets.get():
             node: Budget | None = budget
             while node is not None:
-                if node is self.budget:
+                if node is self.budget or budget_key(node) == self._key:
                     return True
                 node = node.parent
         return False
@@ -538,7 +553,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         owners = _node_owners.get()
         if owners is None:
             return self
-        return owners.get(self.budget) or self
+        return owners.get(self._key) or self
 
     def _take(
         self, run_id: UUID, parent_run_id: UUID | None, batch: object, precedence: tuple[int, int]
@@ -770,9 +785,10 @@ for _variable in _scope_handlers:
 
 def _scope_slot(budget: Budget) -> ContextVar[BudgetCallbackHandler | None]:
     """The variable a new scope of ``budget`` sets: its budget's own (an inner scope replaces it), or the next free."""
+    key = budget_key(budget)
     for variable in _scope_handlers:
         current = variable.get()
-        if current is None or current.budget is budget:
+        if current is None or current.budget is budget or current._key == key:
             return variable
     raise UsageError(f"budget_scope nests at most {_SCOPE_DEPTH} different budgets")
 

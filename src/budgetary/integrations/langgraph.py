@@ -187,7 +187,7 @@ class _Governor:
     def own(self, handler: BudgetCallbackHandler) -> Token[Any]:
         """Make ``handler`` the one that charges this budget's calls in the node (reset the token after)."""
         owners = _node_owners.get()
-        return _node_owners.set({**owners, self.budget: handler} if owners else {self.budget: handler})
+        return _node_owners.set({**owners, handler._key: handler} if owners else {handler._key: handler})
 
     def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any, int]:
         """(True, None, interrupts made) to run the node, else (False, the node's result under the policy, _)."""
