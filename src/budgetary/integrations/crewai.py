@@ -582,16 +582,19 @@ def _marked_if_last_skipped(result: Any) -> Any:
     return result
 
 
-def _closing_kickoff(kickoff: Any) -> Any:
+def _closing_kickoff(kickoff: Any, *, starts_run: bool = False) -> Any:
     """``Crew.kickoff`` that closes the runs CrewAI left current when it ended without its end hook.
 
     CrewAI dispatches no end when a kickoff ends by a ``BaseException`` (Ctrl-C, a cancelled
     ``akickoff``): its run would stay current in the caller's context, and charge whatever runs there next.
+    ``starts_run`` (``Crew.replay``, for which CrewAI dispatches no start or end hook) also opens the run.
     """
 
     @functools.wraps(kickoff)
     def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
         outer = _run.get()
+        if starts_run:
+            _execution_start(_ReplayStart(self))
         try:
             return _marked_if_last_skipped(kickoff(self, *args, **kwargs))
         finally:
@@ -612,21 +615,6 @@ def _closing_akickoff(akickoff: Any) -> Any:
             _close_abandoned(outer)
 
     return closing
-
-
-def _governed_replay(replay: Any) -> Any:
-    """``Crew.replay`` under the crew's budget, as a kickoff: CrewAI dispatches no start or end hook for it."""
-
-    @functools.wraps(replay)
-    def governed(self: Any, *args: Any, **kwargs: Any) -> Any:
-        outer = _run.get()
-        _execution_start(_ReplayStart(self))
-        try:
-            return _marked_if_last_skipped(replay(self, *args, **kwargs))
-        finally:
-            _close_abandoned(outer)
-
-    return governed
 
 
 @dataclass(frozen=True)
@@ -660,7 +648,7 @@ def _install() -> None:
         Crew.copy = _governed_copy(Crew.copy)  # type: ignore[method-assign]
         Crew.kickoff = _closing_kickoff(Crew.kickoff)  # type: ignore[method-assign]
         Crew.akickoff = _closing_akickoff(Crew.akickoff)  # type: ignore[method-assign]
-        Crew.replay = _governed_replay(Crew.replay)  # type: ignore[method-assign]
+        Crew.replay = _closing_kickoff(Crew.replay, starts_run=True)  # type: ignore[method-assign]
         _installed = True
 
 
