@@ -477,6 +477,19 @@ def test_a_users_handler_of_another_object_of_the_shared_budget_charges_node_cal
     assert governed_with.snapshot().held_tokens == 0
 
 
+def test_a_budget_node_of_another_object_of_the_shared_budget_is_not_wrapped_again(tmp_path):
+    url = f"sqlite:///{tmp_path / 'budget.db'}"
+    graph_budget = Budget(name="research", store=url)
+    node_budget = Budget(name="research", store=url)
+    model = fake()
+    builder = research_builder(model)
+    builder.nodes["writer"].runnable = budget_node(builder.nodes["writer"].runnable, node_budget, agent="author")
+    govern_graph(builder, graph_budget).invoke({"topic": "otters"})
+    # One agent start per node and the writer's own agent: the budget_node was left as the user set it.
+    assert graph_budget.snapshot().agents_started == 4
+    assert [e.agent for e in graph_budget.ledger.history(kind="llm")] == ["planner", "researcher", "author", "critic"]
+
+
 def test_a_call_given_only_the_users_handler_inside_a_governed_node_is_still_enforced_and_charged():
     # `config={"callbacks": [...]}` replaces the callbacks the node inherits: the node's handler
     # never sees the call, so the user's handler (which stands aside for it) must charge it itself.

@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from budgetary.core.budget import POLICIES, Budget
 from budgetary.core.errors import BudgetExceeded, ConfigurationError
 from budgetary.core.skip import Skipped
-from budgetary.integrations._common import apply_top_up_once
+from budgetary.integrations._common import apply_top_up_once, budget_key
 from budgetary.integrations.langchain import BudgetCallbackHandler, _node_owners
 
 __all__ = ["SKIPPED_KEY", "budget_node", "govern_graph"]
@@ -765,8 +765,9 @@ def _budget_node_parts(runnable: Any) -> list[Any]:
 
 
 def _governed_by(runnable: Any, budget: Budget) -> bool:
-    """Whether a node is a `budget_node` of ``budget``."""
-    return any(part._budgetary_budget is budget for part in _budget_node_parts(runnable))
+    """Whether a node is a `budget_node` of ``budget`` (of this object, or another of the same shared budget)."""
+    key = budget_key(budget)
+    return any(budget_key(part._budgetary_budget) == key for part in _budget_node_parts(runnable))
 
 
 def _budget_node_policy(runnable: Any) -> str | None:
