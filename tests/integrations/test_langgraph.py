@@ -1041,3 +1041,65 @@ def test_a_node_mapped_to_no_agent_charges_the_run():
     budget = Budget()
     govern_graph(research_builder(model), budget, agents={"critic": None}).invoke({"topic": "x"})
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "researcher", "writer", None]
+
+
+_RESUMING_WORKER = """
+import json, sqlite3, sys
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.graph import START, StateGraph
+from langgraph.types import Command
+from budgetary import Budget, Limits
+from budgetary.integrations.langgraph import govern_graph
+from tests.integrations.test_langgraph import Research, fake
+
+checkpoints, store, answers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = fake()
+builder = StateGraph(Research)
+builder.add_node("planner", lambda state: {"notes": [model.invoke("plan").content]})
+builder.add_node("writer", lambda state: {"notes": [model.invoke(f"w{i}").content for i in range(3)]})
+builder.add_edge(START, "planner")
+builder.add_edge("planner", "writer")
+budget = Budget(Limits(max_llm_calls=1, max_agents=2), name="run", store=store)
+saver = SqliteSaver(sqlite3.connect(checkpoints, check_same_thread=False))
+app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=saver)
+config = {"configurable": {"thread_id": "1"}}
+for answer in answers:
+    out = app.invoke({"topic": "x"} if answer is None else Command(resume=answer), config)
+snap = budget.snapshot()
+print(json.dumps({"paused_on": out["__interrupt__"][0].value["resource"], "max_llm_calls": snap.limits.max_llm_calls,
+                  "agents_started": snap.agents_started, "provider_calls": model.calls.count}))
+"""
+
+
+def test_a_run_resumed_in_another_process_applies_each_answer_once_and_takes_no_second_slot(tmp_path):
+    # A server resumes a paused run in whichever worker takes the request: LangGraph replays the
+    # answers of earlier interrupts to the re-run node there, and the node enters again.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("langgraph.checkpoint.sqlite")
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "worker.py"
+    script.write_text(_RESUMING_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    store = f"sqlite:///{tmp_path / 'budget.db'}"
+
+    def worker(*answers: dict | None) -> dict:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "checkpoints.db"), store, json.dumps(answers)],
+            capture_output=True, text=True, env=env, cwd=root, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    # First worker: the writer's first call is refused (1 call allowed); resumed with 2 more, it makes 2 and is refused.
+    first = worker(None, {"llm_calls": 2})
+    assert first == {"paused_on": "llm_calls", "max_llm_calls": 3, "agents_started": 2, "provider_calls": 3}
+    # Second worker: the writer re-runs; the replayed answer (2 calls) is not applied again, the new one is.
+    second = worker({"llm_calls": 1})
+    assert second["max_llm_calls"] == 1 + 2 + 1
+    assert second["agents_started"] == 2  # the re-run writer took no second max_agents slot (max_agents=2)
+    assert second["paused_on"] == "llm_calls"

@@ -40,6 +40,8 @@ from budgetary.core.usage import Usage
 
 UNPRICED = 7
 WIDTH = 8
+ONCE_TTL = 30 * 86400.0
+"""Seconds a ``once`` marker is kept (`Engine.seen`): a run resumed later than this repeats its marked steps."""
 """Vector width: the seven limit dimensions plus the unpriced-call counter."""
 
 Vector = list[int]
@@ -187,6 +189,8 @@ class Engine:
         self.entries: deque[LedgerEntry] = deque(maxlen=ledger_max_len or None)
         """The ledger when no ``sink`` is given: the newest ``ledger_max_len`` entries (0: all)."""
         self.seq = 0
+        self.once: dict[tuple[str, str], float] = {}
+        """(budget key, marker) -> when it was marked, oldest first (see `seen`)."""
         self.next_expiry = float("inf")
         self._sink = sink if sink is not None else self.entries.append
         # chain -> (its levels, whether any has a window); levels are updated in place, never replaced.
@@ -579,11 +583,19 @@ class Engine:
         hold = self.holds.get(hold_id)
         return None if hold is None else list(hold.amounts)
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
-        """The spawn gate: take one ``max_agents`` slot if nothing denies; the decision and the events it fired."""
+    def begin_agent(
+        self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta, once: str | None = None
+    ) -> Outcome:
+        """The spawn gate: take one ``max_agents`` slot if nothing denies; the decision and the events it fired.
+
+        With ``once``, a start whose marker was marked (`mark`: a task re-run after it took its slot)
+        is allowed and takes no slot.
+        """
         levels = self._chain(chain, now)
         run = levels[0]
         state = self._agent(run, agent)
+        if once is not None and self.seen(run.key, once, now):
+            return Outcome(decision=ALLOW)
         req = zeros()
         req[AGENTS] = 1
         # Reallocation that could cover the agent's next call lets it start; nothing moves yet (a start spends nothing).
@@ -632,8 +644,31 @@ class Engine:
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
         self._agent(self._chain(chain, now)[0], agent).confidence = value
 
-    def top_up(self, key: str, amounts: Vector, now: float) -> None:
-        level = self.levels[key]
+    # -- once markers: a step that a resumed run replays is applied the first time only ----------
+
+    def seen(self, key: str, marker: str, now: float) -> bool:
+        """Whether ``marker`` was marked for budget ``key`` (by any worker sharing the store) in the last `ONCE_TTL`."""
+        marked = self.once.get((key, marker))
+        return marked is not None and marked > now - ONCE_TTL
+
+    def mark(self, key: str, marker: str, now: float) -> None:
+        """Mark ``marker`` for budget ``key``; markers older than `ONCE_TTL` are forgotten."""
+        once = self.once
+        once.pop((key, marker), None)  # re-marked: it moves to the end, where the newest are
+        once[(key, marker)] = now
+        while once:  # oldest first: stop at the first one still kept
+            oldest = next(iter(once))
+            if once[oldest] > now - ONCE_TTL:
+                break
+            del once[oldest]
+
+    def top_up(self, key: str, amounts: Vector, now: float, once: str | None = None) -> bool:
+        """Raise ``key``'s limits by ``amounts``; with ``once``, only if that marker is new. True if applied."""
+        level = self.levels[key]  # KeyError (an unknown budget) before anything is marked
+        if once is not None:
+            if self.seen(key, once, now):
+                return False
+            self.mark(key, once, now)
         _add(level.topup, amounts)
         level.refresh()
         limits = level.limits
@@ -642,6 +677,7 @@ class Engine:
             k for k in level.fired
             if k[0] == "allocation" or ((lim := limits[k[0]]) is not None and level.spent[k[0]] >= _reach(k[1], lim))
         }  # fmt: skip
+        return True
 
     def levels_of(self, chain: tuple[str, ...], now: float) -> list[Level]:
         """The levels of ``chain`` with expired leases released and windows rolled."""

@@ -562,22 +562,32 @@ class Budget:
         return decision
 
     def begin_agent(
-        self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
-    ) -> Decision:
-        """The spawn gate: take one ``max_agents`` slot for ``agent`` if allowed. Never raises on refusal."""
+        self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None,
+        once: str | None = None,
+    ) -> Decision:  # fmt: skip
+        """The spawn gate: take one ``max_agents`` slot for ``agent`` if allowed. Never raises on refusal.
+
+        ``once`` names the start (a task's id): if that name was marked on this budget (`mark`, by
+        any worker sharing the store), the start is allowed without taking a slot: the task already
+        took one before it was interrupted, and is re-run on resume.
+        """
         meta = Meta(run_id or self.run_id, None, location)
-        return self._counted(self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta))
+        marker = _once_marker(once)
+        return self._counted(self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta, once=marker))
 
     async def abegin_agent(
-        self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
-    ) -> Decision:
+        self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None,
+        once: str | None = None,
+    ) -> Decision:  # fmt: skip
         """`begin_agent` for async code: never blocks the event loop (see `areserve`)."""
         store = self._store
         if not is_async_store(store):
-            return await off_loop(store, functools.partial(self.begin_agent, agent, run_id=run_id, location=location))
+            call = functools.partial(self.begin_agent, agent, run_id=run_id, location=location, once=once)
+            return await off_loop(store, call)
         meta = Meta(run_id or self.run_id, None, location)
+        marker = _once_marker(once)
         return self._counted(
-            await cast(AsyncStore, store).abegin_agent(self._chain, agent, now=self._clock(), meta=meta)
+            await cast(AsyncStore, store).abegin_agent(self._chain, agent, now=self._clock(), meta=meta, once=marker)
         )
 
     def check_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
@@ -842,12 +852,27 @@ class Budget:
         moved = self._store.reallocate(self._chain, agent, units, now=self._clock(), meta=Meta(self.run_id))
         return nanos_to_usd(moved) if contract.unit == "usd" else moved
 
-    def top_up(self, **amounts: int | Decimal | float | str) -> None:
+    def top_up(self, *, once: str | None = None, **amounts: int | Decimal | float | str) -> bool:
         """Raise this budget's limits by ``amounts`` (``total_tokens=10_000, cost_usd=1, llm_calls=5``).
 
-        The limits stay raised: on a windowed budget, for the windows that follow too.
+        The limits stay raised: on a windowed budget, for the windows that follow too. With
+        ``once="<name>"`` the top-up is applied the first time that name is used on this budget, by
+        any worker sharing the store, and ignored after that (for answers a resumed run replays;
+        names are kept 30 days). Returns whether it was applied.
         """
-        self._store.top_up(self._key, top_up_vector(amounts), self._clock())
+        vector = top_up_vector(amounts)
+        return self._store.top_up(self._key, vector, self._clock(), _once_marker(once))
+
+    def mark(self, name: str) -> bool:
+        """Mark ``name`` on this budget, for every worker sharing the store; False if it was marked already.
+
+        Marks are what ``once`` reads (`top_up`, `begin_agent`): a step that a resumed run replays
+        is applied the first time only. They are kept 30 days.
+        """
+        marker = _once_marker(name)
+        if marker is None:
+            raise ConfigurationError("mark needs a name: a non-empty str")
+        return self._store.top_up(self._key, zeros(), self._clock(), marker)  # a top-up of nothing, marked
 
     def skip(
         self, agent: str | None = None, reason: str = "", *, resource: str | None = None,
@@ -1159,6 +1184,14 @@ def _checked_guards(guards: Iterable[Any] | None) -> list[Any] | None:
 
 
 _GUARD_METHODS = ("check_before_llm", "record_after_llm", "check_before_tool")
+
+
+def _once_marker(once: Any) -> str | None:
+    if once is None:
+        return None
+    if not isinstance(once, str) or not once:
+        raise ConfigurationError(f"once must be a non-empty str or None, got {type(once).__name__} {once!r}")
+    return once
 
 
 def _config_count(value: Any, name: str) -> int:

@@ -2,46 +2,44 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 from budgetary.core.budget import Budget
-from budgetary.core.errors import UsageError
+from budgetary.core.errors import ConfigurationError, UsageError
 
 __all__ = ["apply_top_up_once", "budget_key"]
 
-_applied: set[tuple[Hashable, ...]] = set()
-_lock = threading.Lock()
 
-
-def apply_top_up_once(budget: Budget, resume: Any, key: Hashable) -> bool:
+def apply_top_up_once(budget: Budget, resume: Any, key: tuple[str, int]) -> bool:
     """Apply ``resume`` (``top_up`` keywords, e.g. ``{"total_tokens": 5000}``) to ``budget`` once per ``key``.
 
     LangGraph hands the same resume value back every time an interrupted node
-    re-runs; ``key`` (the task's checkpoint namespace and the interrupt's index
-    in the node) tells a replay from a new resume. Returns True if applied now.
-    An empty mapping (a top-up made elsewhere) applies nothing.
+    re-runs, in whichever process resumes the run; ``key`` (the task's checkpoint
+    namespace and the interrupt's index in the node) tells a replay from a new
+    resume, and the store remembers it (`Budget.top_up`'s ``once``), so a replay in
+    another worker is not applied again. Returns True if applied now. An empty
+    mapping (a top-up made elsewhere) applies nothing.
     """
     if resume is None:
         return False
-    with _lock:
-        # The budget by its store and names, not by object: a process that builds its budgets by name
-        # (per request, as with a shared store) resumes with another object of the same budget.
-        marker = (*budget_key(budget), key)
-        if marker in _applied:
-            return False
-        # Marked before it is checked: LangGraph replays this answer on every later resume of the
-        # task, so a bad one is refused once; the interrupt that follows takes the next answer.
-        _applied.add(marker)
-    if not isinstance(resume, Mapping):
-        raise UsageError(
-            f"resume a budget interrupt with top_up keywords, e.g. {{'total_tokens': 5000}}; got {resume!r}. "
-            "Resume again with a mapping."
-        )
-    if resume:
-        budget.top_up(**dict(resume))
-    return True
+    marker = f"resume:{key[0]}:{key[1]}"
+    amounts = dict(resume) if isinstance(resume, Mapping) else None
+    if amounts is None or not all(isinstance(name, str) for name in amounts) or "once" in amounts:
+        # Marked all the same: LangGraph replays this answer on every later resume of the task, so a bad
+        # one is refused once; the interrupt that follows takes the next answer.
+        if budget.top_up(once=marker):
+            raise UsageError(
+                f"resume a budget interrupt with top_up keywords, e.g. {{'total_tokens': 5000}}; got {resume!r}. "
+                "Resume again with a mapping."
+            )
+        return False
+    try:
+        return budget.top_up(once=marker, **amounts)
+    except (ConfigurationError, UsageError):  # an unknown resource or a bad amount: refused once, like a bad answer
+        if budget.top_up(once=marker):
+            raise
+        return False
 
 
 def budget_key(budget: Budget) -> tuple[Hashable, ...]:

@@ -14,7 +14,8 @@ node, follows the node's policy:
   ``graph.invoke(None, config)`` re-runs only the denied node.
 - ``interrupt``: pause with ``interrupt()``; resume with
   ``Command(resume={"total_tokens": 5000})`` (`Budget.top_up` keywords, applied
-  once however often the node re-runs) or ``Command(resume={})``.
+  once however often the node re-runs, and in whichever process: the store
+  remembers the answers it applied) or ``Command(resume={})``.
 - ``skip``: the node does not run; a `Skipped` marker goes to the ledger and to a
   ``budget_skipped`` state key if the schema has one (a list with an adding
   reducer). A skipped tool node answers its pending tool calls with error tool
@@ -39,6 +40,7 @@ import asyncio
 import copy
 import functools
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
@@ -63,6 +65,8 @@ from budgetary.integrations._common import apply_top_up_once, budget_key
 from budgetary.integrations.langchain import BudgetCallbackHandler, _node_owners
 
 __all__ = ["SKIPPED_KEY", "budget_node", "govern_graph"]
+
+logger = logging.getLogger("budgetary")
 
 SKIPPED_KEY = "budget_skipped"
 """State key that receives `Skipped` markers when the graph's schema has it."""
@@ -139,10 +143,6 @@ def _with_run(config: Mapping[str, Any] | None, run: _RunState) -> dict[str, Any
     return config
 
 
-_ADMITTED_KEPT = 4096
-"""Admitted tasks a node remembers: far more than a run keeps paused at once."""
-
-
 @dataclass
 class _Options:
     skip_key: bool = False
@@ -160,9 +160,6 @@ class _Governor:
             raise ConfigurationError(f"on_exhausted must be one of {POLICIES}, got {policy!r}")
         self.budget, self.node, self.agent, self.policy, self.options = budget, node, agent, policy, options
         self.by_node = by_node
-        self.admitted: dict[str, None] = {}
-        """Tasks (checkpoint namespaces) that passed entry, oldest first: see `_admit`."""
-        self.lock = threading.Lock()
 
     def names(self, config: Mapping[str, Any]) -> tuple[str, str | None]:
         node = self.node or config.get("metadata", {}).get("langgraph_node") or "node"
@@ -192,16 +189,13 @@ class _Governor:
     def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any, int]:
         """(True, None, interrupts made) to run the node, else (False, the node's result under the policy, _)."""
         _end_if_ending(state, config)
-        task = self._task(config)
-        if task is not None and task in self.admitted:
-            return True, None, 0  # a resumed task: it took its slot when it first ran
+        once = self.start_marker(config)
         attempt = 0
-        while not (decision := self.budget.begin_agent(agent, location=node)).allowed:
+        while not (decision := self.budget.begin_agent(agent, location=node, once=once)).allowed:
             again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt)
             if not again:
                 return False, result, attempt
             attempt += 1
-        self._admit(task)
         return True, None, attempt
 
     async def aenter(
@@ -209,32 +203,39 @@ class _Governor:
     ) -> tuple[bool, Any, int]:
         """`enter` for async nodes: every store call is awaited or made off the event loop."""
         _end_if_ending(state, config)
-        task = self._task(config)
-        if task is not None and task in self.admitted:
-            return True, None, 0
+        once = self.start_marker(config)
         attempt = 0
-        while not (decision := await self.budget.abegin_agent(agent, location=node)).allowed:
+        while not (decision := await self.budget.abegin_agent(agent, location=node, once=once)).allowed:
             exc = await self.budget.aexceeded(decision, agent)
             again, result = await self.arefused(exc, state, config, attempt)
             if not again:
                 return False, result, attempt
             attempt += 1
-        self._admit(task)
         return True, None, attempt
 
     @staticmethod
-    def _task(config: Mapping[str, Any]) -> str | None:
-        """The task a node execution belongs to (its checkpoint namespace: the same when a resume re-runs it)."""
-        return config.get("metadata", {}).get("langgraph_checkpoint_ns") or None
+    def start_marker(config: Mapping[str, Any]) -> str | None:
+        """What marks this node execution's start when a resume may re-run it: its task (checkpoint namespace).
 
-    def _admit(self, task: str | None) -> None:
-        """Remember an admitted task, so that a resume re-running it does not take a second ``max_agents`` slot."""
-        if task is None:
-            return
-        with self.lock:
-            self.admitted[task] = None
-            if len(self.admitted) > _ADMITTED_KEPT:
-                del self.admitted[next(iter(self.admitted))]
+        A node that fails or pauses after it took its ``max_agents`` slot is marked (`started`);
+        the resume re-running it, in this process or another, finds the mark and takes no second slot.
+        """
+        task = config.get("metadata", {}).get("langgraph_checkpoint_ns")
+        run = _run_of(config)  # None for a `budget_node` in a graph govern_graph did not wrap: it may resume
+        return f"start:{task}" if task and (run is None or run.resumable) else None
+
+    def started(self, config: Mapping[str, Any]) -> None:
+        """Mark the start of a node execution that ends by an exception (see `start_marker`)."""
+        marker = self.start_marker(config)
+        if marker is not None:
+            try:
+                self.budget.mark(marker)
+            except Exception:  # the node's own exception is what the caller must see
+                logger.warning("could not mark the start of %s; a resume re-running it takes another slot", marker)
+
+    async def astarted(self, config: Mapping[str, Any]) -> None:
+        if self.start_marker(config) is not None:
+            await self.budget.off_loop(self.started, config)
 
     def refused(self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int) -> tuple[bool, Any]:
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
@@ -389,28 +390,32 @@ def _govern_call(
     go, result, attempt = governor.enter(state, config, node, agent)
     if not go:
         return result
-    # One interrupt count per execution, in the order LangGraph matches resume values to them.
-    while True:
-        node_config, handler = governor.node_config(config, agent)
-        owner = governor.own(handler)
-        try:
-            if in_context:
-                result = invoke(node_config)
-            else:
-                # Node functions that take no `config` read it from this context variable.
-                with set_config_context(node_config) as context:
-                    result = context.run(invoke, node_config)
-            _end_after_subgraph(config)
-            return result
-        except BudgetExceeded as exc:
-            if isinstance(exc, _EndRun):
-                raise
-            again, result = governor.refused(exc, state, config, attempt)
-            if not again:
+    try:
+        # One interrupt count per execution, in the order LangGraph matches resume values to them.
+        while True:
+            node_config, handler = governor.node_config(config, agent)
+            owner = governor.own(handler)
+            try:
+                if in_context:
+                    result = invoke(node_config)
+                else:
+                    # Node functions that take no `config` read it from this context variable.
+                    with set_config_context(node_config) as context:
+                        result = context.run(invoke, node_config)
+                _end_after_subgraph(config)
                 return result
-            attempt += 1
-        finally:
-            _node_owners.reset(owner)
+            except BudgetExceeded as exc:
+                if isinstance(exc, _EndRun):
+                    raise
+                again, result = governor.refused(exc, state, config, attempt)
+                if not again:
+                    return result
+                attempt += 1
+            finally:
+                _node_owners.reset(owner)
+    except BaseException:
+        governor.started(config)  # paused or failed after it took its slot: a resume must not take another
+        raise
 
 
 async def _agovern_call(
@@ -422,26 +427,30 @@ async def _agovern_call(
     go, result, attempt = await governor.aenter(state, config, node, agent)
     if not go:
         return result
-    while True:
-        node_config, handler = governor.node_config(config, agent)
-        owner = governor.own(handler)
-        try:
-            if in_context:
-                result = await invoke(node_config)
-            else:
-                with set_config_context(node_config) as context:
-                    result = await context.run(_as_task, invoke, node_config)
-            _end_after_subgraph(config)
-            return result
-        except BudgetExceeded as exc:
-            if isinstance(exc, _EndRun):
-                raise
-            again, result = await governor.arefused(exc, state, config, attempt)
-            if not again:
+    try:
+        while True:
+            node_config, handler = governor.node_config(config, agent)
+            owner = governor.own(handler)
+            try:
+                if in_context:
+                    result = await invoke(node_config)
+                else:
+                    with set_config_context(node_config) as context:
+                        result = await context.run(_as_task, invoke, node_config)
+                _end_after_subgraph(config)
                 return result
-            attempt += 1
-        finally:
-            _node_owners.reset(owner)
+            except BudgetExceeded as exc:
+                if isinstance(exc, _EndRun):
+                    raise
+                again, result = await governor.arefused(exc, state, config, attempt)
+                if not again:
+                    return result
+                attempt += 1
+            finally:
+                _node_owners.reset(owner)
+    except BaseException:
+        await governor.astarted(config)
+        raise
 
 
 def _wrap_runnable(inner: Runnable[Any, Any], governor: _Governor) -> Runnable[Any, Any]:

@@ -572,3 +572,66 @@ def test_refusal_text_is_the_same_in_every_store(open_store: Opener) -> None:
     assert decision.reason == (
         "Exhausted the cost_usd limit of 0.000001 of budget 'b' (cost_usd=0.000001) for agent 'x'"
     )
+
+
+# -- once markers: what a resumed run replays is applied the first time only ------------------------
+
+
+def test_a_top_up_with_once_is_applied_once_across_budget_objects(open_store: Opener) -> None:
+    first = Budget(Limits(max_total_tokens=100), name="b", store=open_store())
+    other = Budget(Limits(max_total_tokens=100), name="b", store=open_store())  # another worker's object
+    assert first.top_up(once="resume:task-1:0", total_tokens=50) is True
+    assert other.top_up(once="resume:task-1:0", total_tokens=50) is False
+    assert other.top_up(once="resume:task-1:1", total_tokens=7) is True
+    assert first.top_up(total_tokens=1) is True  # without once: every time
+    assert first.top_up(total_tokens=1) is True
+    assert other.snapshot().limits.max_total_tokens == 100 + 50 + 7 + 2
+
+
+def test_once_markers_belong_to_one_budget(open_store: Opener) -> None:
+    store = open_store()
+    run = Budget(Limits(max_total_tokens=100), name="run", store=store)
+    sibling = Budget(Limits(max_total_tokens=100), name="sibling", store=store)
+    child = Budget(Limits(max_total_tokens=100), name="child", parent=run, store=store)
+    assert [b.top_up(once="same", total_tokens=1) for b in (run, sibling, child)] == [True, True, True]
+    assert [b.mark("same") for b in (run, sibling, child)] == [False, False, False]
+    assert [b.snapshot().limits.max_total_tokens for b in (run, sibling, child)] == [101, 101, 101]
+
+
+def test_a_marked_start_takes_no_second_agent_slot(open_store: Opener) -> None:
+    budget = Budget(Limits(max_agents=2), name="b", store=open_store())
+    assert budget.begin_agent(once="start:task-1").allowed  # not marked: takes a slot like any start
+    assert budget.mark("start:task-1") is True  # the task paused after it started
+    assert budget.mark("start:task-1") is False
+    again = Budget(Limits(max_agents=2), name="b", store=open_store())  # the worker that resumes it
+    assert again.begin_agent(once="start:task-1").allowed
+    assert again.begin_agent(once="start:task-1").allowed
+    assert again.snapshot().agents_started == 1
+    assert [e.kind for e in again.ledger.history()] == ["agent_start"]
+    assert again.begin_agent(once="start:task-2").allowed  # another task: the second slot
+    assert not again.begin_agent(once="start:task-3").allowed
+
+
+def test_once_markers_are_forgotten_after_thirty_days(open_store: Opener) -> None:
+    clock = FakeClock()
+    budget = Budget(Limits(max_total_tokens=100), name="b", store=open_store(), clock=clock)
+    assert budget.top_up(once="old", total_tokens=1)
+    clock.advance(30 * 86400 - 1)
+    assert not budget.top_up(once="old", total_tokens=1)
+    assert budget.mark("new")  # marking prunes what is older than 30 days
+    clock.advance(2)
+    assert budget.top_up(once="old", total_tokens=1)  # forgotten: applied again
+    assert not budget.mark("new")
+    assert budget.snapshot().limits.max_total_tokens == 102
+
+
+def test_once_must_name_something(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=100), name="b", store=open_store())
+    for bad in ("", 5, b"x"):
+        with pytest.raises(ConfigurationError, match="once must be a non-empty str"):
+            budget.top_up(once=bad, total_tokens=1)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="once must be a non-empty str"):
+            budget.begin_agent(once=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        budget.mark(None)  # type: ignore[arg-type]
+    assert budget.snapshot().limits.max_total_tokens == 100 and budget.snapshot().agents_started == 0

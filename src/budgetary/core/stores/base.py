@@ -107,8 +107,13 @@ class Store(Protocol):
     def held_amounts(self, hold_id: str) -> Vector | None:
         """What a live hold holds, or ``None``."""
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
-        """Take one ``max_agents`` slot if allowed: the decision, and the soft-limit events the start fired."""
+    def begin_agent(
+        self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta, once: str | None = None
+    ) -> Outcome:
+        """Take one ``max_agents`` slot if allowed: the decision, and the soft-limit events the start fired.
+
+        With ``once``: a start whose marker was marked (by any worker, see `top_up`) is allowed without a slot.
+        """
 
     def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
         """Check and count one tool call: the decision, and the soft-limit events the call fired."""
@@ -119,8 +124,8 @@ class Store(Protocol):
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
         """Record ``agent``'s last reported confidence."""
 
-    def top_up(self, key: str, amounts: Vector, now: float) -> None:
-        """Raise budget ``key``'s limits by ``amounts``."""
+    def top_up(self, key: str, amounts: Vector, now: float, once: str | None = None) -> bool:
+        """Raise budget ``key``'s limits by ``amounts``; with ``once``, only the first time (any worker). Applied?"""
 
     def record_entry(
         self,
@@ -191,7 +196,9 @@ class AsyncStore(Protocol):
     async def acheck(self, chain: tuple[str, ...], agent: str | None, now: float) -> Decision:
         """`Store.check`, awaited."""
 
-    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
+    async def abegin_agent(
+        self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta, once: str | None = None
+    ) -> Outcome:
         """`Store.begin_agent`, awaited."""
 
     async def acount_tool(
@@ -341,9 +348,11 @@ class EngineStore(ABC):
         with self._transaction() as engine:
             return engine.held_amounts(hold_id)
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
+    def begin_agent(
+        self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta, once: str | None = None
+    ) -> Outcome:
         with self._transaction() as engine:
-            return engine.begin_agent(chain, agent, now=now, meta=meta)
+            return engine.begin_agent(chain, agent, now=now, meta=meta, once=once)
 
     def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
         with self._transaction() as engine:
@@ -357,9 +366,9 @@ class EngineStore(ABC):
         with self._transaction() as engine:
             engine.set_confidence(chain, agent, value, now)
 
-    def top_up(self, key: str, amounts: Vector, now: float) -> None:
+    def top_up(self, key: str, amounts: Vector, now: float, once: str | None = None) -> bool:
         with self._transaction() as engine:
-            engine.top_up(key, amounts, now)
+            return engine.top_up(key, amounts, now, once)
 
     def record_entry(
         self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,

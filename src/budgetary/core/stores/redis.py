@@ -4,10 +4,11 @@ Every operation is one call of one Lua program (``_lua/budget.lua``, the
 engine's rules ported to Lua), so check-and-hold is atomic and takes one
 round trip: an ``FCALL`` of a Redis Function, or ``EVALSHA`` on servers
 without Functions. A budget family (a root budget and every budget under it)
-keeps its state in three keys that share a Cluster hash tag derived from the
+keeps its state in four keys that share a Cluster hash tag derived from the
 root's name: ``<prefix>{<tag>}:levels`` (a hash of level states and the
-family's ledger id and earliest lease expiry), ``:holds`` (leases) and
-``:ledger`` (a list, trimmed to ``ledger_max_len``). Budget and agent names
+family's ledger id and earliest lease expiry), ``:holds`` (leases),
+``:ledger`` (a list, trimmed to ``ledger_max_len``) and ``:once`` (markers of
+steps a resumed run must not repeat, kept 30 days). Budget and agent names
 only travel as call arguments and hash fields, never as key names or Lua
 source, so no name can reach another budget's keys.
 """
@@ -65,7 +66,7 @@ _CLUSTER_SCHEMES = {"redis-cluster://": "redis://", "rediss-cluster://": "rediss
 
 T = TypeVar("T")
 
-_SUFFIXES = ("levels", "holds", "ledger")
+_SUFFIXES = ("levels", "holds", "ledger", "once")
 # One encoder for every call: json.dumps with options builds a new JSONEncoder each time.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # A vector (8 integer counters) as one argument: 8 little-endian doubles, what the script keeps
@@ -906,9 +907,11 @@ class RedisStore:
         held = _json(self._call(hold[0], ["held", "0.0", self._maxlen, hold_id]), None).get("m")
         return None if held is None else [int(v) for v in held]
 
-    def begin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
+    def begin_agent(
+        self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta, once: str | None = None
+    ) -> Outcome:
         x = self._meta(meta.run_id, meta.model, meta.location)[1]
-        return _counted(self._chain_op("begin_agent", chain, agent, now, x), agent)
+        return _counted(self._chain_op("begin_agent", chain, agent, now, x, once or ""), agent)
 
     def count_tool(self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta) -> Outcome:
         x = self._meta(meta.run_id, None, tool)[1]
@@ -921,9 +924,9 @@ class RedisStore:
     def set_confidence(self, chain: tuple[str, ...], agent: str | None, value: float, now: float) -> None:
         self._chain_op("set_confidence", chain, agent, now, repr(float(value)))
 
-    def top_up(self, key: str, amounts: Vector, now: float) -> None:
-        argv = ["top_up", repr(float(now)), self._maxlen, key, _vector(*amounts)]
-        _json(self._call(self._family_keys(key), argv), None)
+    def top_up(self, key: str, amounts: Vector, now: float, once: str | None = None) -> bool:
+        argv = ["top_up", repr(float(now)), self._maxlen, key, _vector(*amounts), once or ""]
+        return bool(_json(self._call(self._family_keys(key), argv), None)["ok"])
 
     def record_entry(
         self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
@@ -993,10 +996,12 @@ class RedisStore:
         """`check`, awaited on the running loop."""
         return _decision((await self._achain_op("check", chain, agent, now))["d"], agent)
 
-    async def abegin_agent(self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta) -> Outcome:
+    async def abegin_agent(
+        self, chain: tuple[str, ...], agent: str | None, *, now: float, meta: Meta, once: str | None = None
+    ) -> Outcome:
         """`begin_agent`, awaited on the running loop."""
         x = self._meta(meta.run_id, meta.model, meta.location)[1]
-        return _counted(await self._achain_op("begin_agent", chain, agent, now, x), agent)
+        return _counted(await self._achain_op("begin_agent", chain, agent, now, x, once or ""), agent)
 
     async def acount_tool(
         self, chain: tuple[str, ...], agent: str | None, tool: str, *, now: float, meta: Meta

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from budgetary.core._engine import AgentState, Engine, Hold, Level
+from budgetary.core._engine import ONCE_TTL, AgentState, Engine, Hold, Level
 from budgetary.core.errors import ConfigurationError, StoreError
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.stores._codec import hold_from_doc, hold_to_doc, level_from_doc, level_to_doc
@@ -28,6 +28,9 @@ CREATE INDEX IF NOT EXISTS holds_expires ON holds (expires);
 CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entry_scopes (scope TEXT NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (scope, id))
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS once_markers (scope TEXT NOT NULL, marker TEXT NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY (scope, marker)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS once_markers_time ON once_markers (time);
 """
 
 
@@ -232,6 +235,16 @@ class _TxEngine(Engine):
             (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM entries").fetchone()
             self.seq, self._seq_loaded = last, True
         return super()._emit(fields)
+
+    def seen(self, key: str, marker: str, now: float) -> bool:
+        row = self._conn.execute("SELECT time FROM once_markers WHERE scope = ? AND marker = ?", (key, marker))
+        marked = row.fetchone()
+        return marked is not None and marked[0] > now - ONCE_TTL
+
+    def mark(self, key: str, marker: str, now: float) -> None:
+        conn = self._conn
+        conn.execute("INSERT OR REPLACE INTO once_markers (scope, marker, time) VALUES (?, ?, ?)", (key, marker, now))
+        conn.execute("DELETE FROM once_markers WHERE time <= ?", (now - ONCE_TTL,))
 
     def expire(self, now: float) -> None:
         holds = self.holds

@@ -8,6 +8,7 @@
 --                   "h" .. level key -> its counters (packed doubles)
 --   2 holds   HASH  hold id -> hold (packed doubles and two JSON strings, see `hold_pack`)
 --   3 ledger  LIST  ledger records (JSON), oldest first, trimmed to ARGV[3]
+--   4 once    ZSET  markers of steps applied once (`once_seen`), scored by when they were marked
 -- ARGV: 1 operation, 2 now (seconds, Python repr), 3 ledger max length (0 = unbounded), then
 --       the operation's arguments as plain strings (see `args` and each `ops.*`).
 -- Names (budgets, agents, holds) only ever travel as data inside ARGV and documents.
@@ -38,7 +39,7 @@
 -- outlive the call, so nothing may carry over from the previous one, except `CFG`, whose
 -- entries are pure functions of their keys, and scratch tables that every call overwrites
 -- before it reads them: `POOL`, `A`/`CHAIN`, `FC`/`FH`/`FS`/`FD`, `XF`, `pending`).
-local LEVELS, HOLDS, LEDGER
+local LEVELS, HOLDS, LEDGER, ONCE
 local now_s, now, maxlen
 -- The family record ("x"): last ledger entry id, a lower bound of the holds' lease expiries
 -- (+inf: no hold), and whether this call changed them. `fam_seq` is nil until loaded.
@@ -888,6 +889,23 @@ local function begin(a, r)
   return levels, st, nil
 end
 
+-- Once markers: a step that a resumed run replays (a top-up, an agent start) is applied the first
+-- time only. Members are "<length of the level key>:<level key><marker>", so that no two
+-- (key, marker) pairs share one; markers older than ONCE_TTL are dropped when a new one is marked.
+local ONCE_TTL = 30 * 86400
+
+local function once_member(key, marker) return #key .. ":" .. key .. marker end
+
+local function once_seen(key, marker)
+  local marked = redis.call("ZSCORE", ONCE, once_member(key, marker))
+  return marked ~= false and tonumber(marked) > now - ONCE_TTL
+end
+
+local function once_mark(key, marker)
+  redis.call("ZREMRANGEBYSCORE", ONCE, "-inf", sformat("%.6f", now - ONCE_TTL))
+  redis.call("ZADD", ONCE, now_s, once_member(key, marker))
+end
+
 function ops.check(argv)
   local a = args(argv)
   local levels, st, err = begin(a)
@@ -1045,10 +1063,11 @@ end
 -- ARGV after the chain: meta (JSON object).
 function ops.begin_agent(argv)
   local a, p = args(argv)
-  local x = argv[p]
+  local x, marker = argv[p], argv[p + 1]
   local levels, st, err = begin(a)
   if err then return err end
   local run = levels[1]
+  if marker ~= "" and once_seen(run.key, marker) then return {d = ALLOWED} end
   local req = zeros()
   req[AGENTS] = 1
   -- Reallocation that could cover the agent's next call lets it start; nothing moves yet (a start spends nothing).
@@ -1115,10 +1134,15 @@ function ops.set_confidence(argv)
   return {}
 end
 
--- ARGV: 4 level key, 5 amounts (`vector`).
+-- ARGV: 4 level key, 5 amounts (`vector`), 6 once marker ("": none).
 function ops.top_up(argv)
   local lv = load_level(argv[4])
   if not lv then return {err = "level", key = argv[4]} end
+  local marker = argv[6]
+  if marker ~= "" then
+    if once_seen(argv[4], marker) then return {ok = false} end
+    once_mark(argv[4], marker)
+  end
   ctouch(lv)
   local topup = own(lv, "topup")
   add(topup, vector(argv[5]))
@@ -1135,7 +1159,7 @@ function ops.top_up(argv)
     end
   end
   lv.fired = keep
-  return {}
+  return {ok = true}
 end
 
 -- ARGV after the chain: the entry's kind (one of ledger.KINDS), its fields (JSON object).
@@ -1219,7 +1243,7 @@ local function dispatch(keys, argv)
     tonumber, tostring, type, pairs, ipairs, unpack, setmetatable, rawget, spack, sunpack, mpack, munpack,
       jencode, jdecode, sformat, ssub, sfind, srep = globals()
   end
-  LEVELS, HOLDS, LEDGER = keys[1], keys[2], keys[3]
+  LEVELS, HOLDS, LEDGER, ONCE = keys[1], keys[2], keys[3], keys[4]
   fam_seq, fam_exp, fam_dirty = nil, nil, false
   now_s = argv[2]
   now = tonumber(now_s)
