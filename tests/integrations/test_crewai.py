@@ -860,3 +860,73 @@ def test_replay_of_a_governed_crew_is_capped_and_charged_as_a_kickoff_is():
     replayed = {e.run_id for e in budget.ledger.history(kind="llm")[3:]}
     assert len(replayed) == 1 and replayed.isdisjoint(e.run_id for e in budget.ledger.history(kind="llm")[:3])
     assert budget.snapshot().held_tokens == 0
+
+
+# -- work outside a kickoff, inside budget_scope ------------------------------------------------
+
+
+def test_a_bare_llm_call_in_budget_scope_is_reserved_and_charged():
+    fake = llm()
+    budget = Budget(Limits(max_llm_calls=2))
+    with budget_scope(budget):
+        assert fake.call("Summarize otters").endswith("canned answer")
+        assert asyncio.run(fake.acall("Summarize beavers")).endswith("canned answer")
+        with pytest.raises(CrewBudgetExceeded) as info:
+            fake.call("And once more")
+        assert info.value.resource == "llm_calls"
+    assert fake.calls.count == 2
+    entries = budget.ledger.history(kind="llm")
+    assert [(e.usage.input_tokens, e.usage.output_tokens, e.estimated) for e in entries] == [(100, 20, False)] * 2
+    assert budget.snapshot().held_llm_calls == 0
+    fake.call("Outside the scope")
+    assert fake.calls.count == 3 and budget.snapshot().llm_calls == 2
+
+
+def test_a_bare_llm_call_that_raises_gives_its_hold_back_when_the_scope_ends():
+    fake = llm(error=RuntimeError("provider down"))
+    budget = Budget(Limits(max_total_tokens=10_000))
+    with budget_scope(budget):
+        with pytest.raises(RuntimeError, match="provider down"):
+            fake.call("Summarize otters")
+        assert budget.snapshot().held_tokens > 0  # no after-hook ran: the call is still held
+    assert budget.snapshot().held_tokens == 0 and budget.snapshot().total_tokens == 0
+
+
+def test_task_execute_sync_in_budget_scope_runs_the_task_start_checks():
+    fake = llm()
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    budget = Budget(Limits(max_total_tokens=10_000))
+    budget.agent("Researcher", max_tokens=50)  # less than the task's first call
+    with budget_scope(budget, on_exhausted="skip"):
+        output = task.execute_sync()
+    assert fake.calls.count == 0
+    assert is_budget_skipped(output) and "skipped by budget" in output.raw
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Researcher", "research")]
+    assert agent.llm is fake  # the stub was put back
+
+
+def test_task_execute_sync_in_budget_scope_charges_agent_less_calls_to_the_tasks_agent():
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "more to read"
+
+    def responder(messages, index, agent, task):
+        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
+            return "Thought: forced\nFinal Answer: best effort"
+        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    budget = Budget()
+    with budget_scope(budget):
+        asyncio.run(task.aexecute_sync())
+        task.execute_async().result(timeout=30)
+    assert any(r["agent"] is None for r in fake.calls.records), "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count >= 4
+    assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}
+    assert len({e.run_id for e in entries}) == 2  # each execution is a run of its own
+    assert budget.snapshot().held_llm_calls == 0
