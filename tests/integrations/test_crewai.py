@@ -10,17 +10,19 @@ import time
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 pytest.importorskip("crewai")
 
 from crewai import Agent, Crew, PlanningConfig, Process, Task
+from crewai.events.event_bus import crewai_event_bus
 from crewai.hooks import HookAborted
+from crewai.state.checkpoint_config import CheckpointConfig
 from crewai.tools import tool
 
 from budgetary import Budget, BudgetExceeded, ConfigurationError, Limits, Usage, is_budget_skipped
 from budgetary.integrations.crewai import CrewBudgetExceeded, budget_scope, govern_crew
-from tests.fakes import FakeCrewLLM
+from tests.fakes import CallLog, FakeCrewLLM
 
 MODEL = "gpt-4o-mini"
 
@@ -930,3 +932,62 @@ def test_task_execute_sync_in_budget_scope_charges_agent_less_calls_to_the_tasks
     assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}
     assert len({e.run_id for e in entries}) == 2  # each execution is a run of its own
     assert budget.snapshot().held_llm_calls == 0
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+class CheckpointableLLM(FakeCrewLLM):
+    """The fake LLM as a checkpoint can hold it: CrewAI serializes an agent's LLM and rebuilds it by type."""
+
+    llm_type: str = "budgetary-test-fake"
+    calls: CallLog = Field(default_factory=CallLog, exclude=True)
+    responder: Any = Field(default=None, exclude=True)
+
+
+@pytest.fixture
+def checkpointed_crew(tmp_path, monkeypatch):
+    """A governed crew refused at its last task after checkpointing the first two, and that checkpoint."""
+    from crewai.agents.agent_builder import base_agent
+
+    # CrewAI rebuilds a checkpointed LLM from a fixed registry of its own provider classes.
+    monkeypatch.setitem(base_agent._LLM_TYPE_REGISTRY, "budgetary-test-fake", f"{__name__}.CheckpointableLLM")
+    # A checkpoint holds every entity of the process's runtime state: start with none of other tests'.
+    crewai_event_bus.reset_runtime_state()
+    fake = CheckpointableLLM(prompt_tokens=100, completion_tokens=20, max_tokens=20)
+    crew = three_task_crew(fake, checkpoint=CheckpointConfig(location=str(tmp_path)))
+    budget = Budget(Limits(max_llm_calls=2))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    crewai_event_bus.flush()  # checkpoints are written by event handlers
+    latest = max(tmp_path.rglob("*.json"), key=lambda path: path.stat().st_mtime_ns)
+    try:
+        yield crew, budget, CheckpointConfig(restore_from=str(latest))
+    finally:
+        crewai_event_bus.reset_runtime_state()  # restoring installs the checkpoint's state for the process
+
+
+def test_a_kickoff_resumed_from_a_checkpoint_stays_under_the_crews_budget(checkpointed_crew):
+    crew, budget, checkpoint = checkpointed_crew
+    with pytest.raises(CrewBudgetExceeded):  # the resumed crew is CrewAI's new object: still refused
+        crew.kickoff(from_checkpoint=checkpoint)
+    budget.top_up(llm_calls=1)
+    output = asyncio.run(crew.kickoff_async(from_checkpoint=checkpoint))
+    assert output.raw == "canned answer"
+    entries = budget.ledger.history(kind="llm")
+    assert [(e.agent, e.location) for e in entries] == [("Researcher", "research"), ("Writer", "write"),
+                                                        ("Critic", "review")]  # fmt: skip
+    assert budget.snapshot().llm_calls == 3 and budget.snapshot().held_llm_calls == 0
+
+
+def test_crew_from_checkpoint_keeps_the_budget_of_its_governed_original(checkpointed_crew):
+    crew, budget, checkpoint = checkpointed_crew
+    restored = Crew.from_checkpoint(checkpoint)
+    assert restored is not crew and restored.id == crew.id
+    with pytest.raises(CrewBudgetExceeded):
+        restored.kickoff()
+    other = Budget(Limits(max_llm_calls=5))
+    govern_crew(restored, other)  # governed again: its own budget from now on
+    restored.kickoff()
+    assert budget.snapshot().llm_calls == 2 and other.snapshot().llm_calls == 1

@@ -39,7 +39,8 @@ kickoff ended by Ctrl-C or a cancellation, which CrewAI ends without its end
 hook, leaves no run or hold behind), ``Crew.replay`` (run under the budget
 as a kickoff, though CrewAI dispatches no start or end hook for it),
 ``Task._execute_core``/``_aexecute_core`` (a task run alone in a `budget_scope` is
-a run of its own: CrewAI dispatches no start hook for it).
+a run of its own: CrewAI dispatches no start hook for it), CrewAI's
+``apply_checkpoint`` and ``Crew.from_checkpoint`` (see below).
 
 ``budget_scope(budget)`` governs the work of a block: crew kickoffs, flows,
 ``Agent.kickoff``, tasks run alone (``Task.execute_sync``/``execute_async``/
@@ -49,6 +50,13 @@ the LLM's own hook calls (so a custom ``BaseLLM`` must make them, as above), to
 no agent unless it passes ``from_agent``; its refusal raises `CrewBudgetExceeded`
 from the call whatever the policy (there is no task to skip), and the hold of a
 bare call that raised is given back when the scope ends.
+
+A crew resumed from a checkpoint is a new object CrewAI builds from the
+checkpoint, which holds no budget: ``crew.kickoff(from_checkpoint=...)`` (and
+``kickoff_async``/``akickoff``) resumes under ``crew``'s budget;
+``Crew.from_checkpoint``/``Crew.fork`` restore it under the budget of the
+governed crew of this process with the checkpointed crew's id. A crew restored
+in another process that way must be governed again (or run in a `budget_scope`).
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 try:
+    import crewai.crew as crew_module
     from crewai import Crew, Task
     from crewai.context import get_current_task_id
     from crewai.hooks import (
@@ -707,6 +716,43 @@ def _open_task_run(scope: _Scope, task: Any, agent: Any) -> None:
     run.task_roles[str(task.id)] = getattr(agent or getattr(task, "agent", None), "role", None)
 
 
+def _governed_restore(apply: Any) -> Any:
+    """CrewAI's ``apply_checkpoint`` (what ``kickoff(from_checkpoint=...)`` resumes through) keeping the budget.
+
+    The crew it restores is a new object built from the checkpoint, which holds no budget: it takes
+    the budget of the crew whose kickoff resumes it.
+    """
+
+    @functools.wraps(apply)
+    def governed(instance: Any, from_checkpoint: Any) -> Any:
+        restored = apply(instance, from_checkpoint)
+        gov = getattr(instance, _ATTR, None)
+        if restored is not None and gov is not None:
+            _attach(restored, gov)
+        return restored
+
+    return governed
+
+
+def _governed_from_checkpoint(from_checkpoint: Any) -> Any:
+    """``Crew.from_checkpoint`` (and ``Crew.fork``): the restored crew keeps the budget of its governed original.
+
+    The original is the governed crew of this process with the checkpointed crew's id. A crew restored
+    in another process has none: govern it again (the budget is a live object, not in the checkpoint).
+    """
+
+    @functools.wraps(from_checkpoint)
+    def restore(cls: Any, config: Any) -> Any:
+        crew = from_checkpoint(cls, config)
+        original = _governed_crews.get(str(getattr(crew, "id", "")))
+        gov = getattr(original, _ATTR, None)
+        if gov is not None and getattr(crew, _ATTR, None) is None:
+            _attach(crew, gov)
+        return crew
+
+    return classmethod(restore)
+
+
 @dataclass(frozen=True)
 class _ReplayStart:
     """What `_execution_start` reads of CrewAI's start context, for a replay."""
@@ -717,6 +763,8 @@ class _ReplayStart:
 _install_lock = threading.Lock()
 _installed = False
 _telling: weakref.WeakSet[Budget] = weakref.WeakSet()  # the budgets `_tell_agents` listens to
+_governed_crews: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+"""Crew id -> the governed crew with that id (the last governed), for `Crew.from_checkpoint`."""
 
 
 def _install() -> None:
@@ -739,6 +787,9 @@ def _install() -> None:
         Crew.kickoff = _closing_kickoff(Crew.kickoff)  # type: ignore[method-assign]
         Crew.akickoff = _closing_akickoff(Crew.akickoff)  # type: ignore[method-assign]
         Crew.replay = _closing_kickoff(Crew.replay, starts_run=True)  # type: ignore[method-assign]
+        # Every kickoff variant resumes from a checkpoint through this module-level function of crew.py.
+        crew_module.apply_checkpoint = _governed_restore(crew_module.apply_checkpoint)  # type: ignore[attr-defined]
+        Crew.from_checkpoint = _governed_from_checkpoint(vars(Crew)["from_checkpoint"].__func__)  # type: ignore[method-assign]
         # The one method every way of running a task alone passes through (private: pinned crewai).
         Task._execute_core = _task_run(Task._execute_core)  # type: ignore[method-assign]
         Task._aexecute_core = _atask_run(Task._aexecute_core)  # type: ignore[method-assign]
@@ -808,6 +859,7 @@ def _names_to_strings(mapping: Any, values: Callable[[Any], bool]) -> bool:
 
 def _attach(crew: Any, gov: _Governance) -> None:
     object.__setattr__(crew, _ATTR, gov)
+    _governed_crews[str(crew.id)] = crew
 
 
 @contextmanager
