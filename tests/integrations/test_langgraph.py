@@ -1041,3 +1041,48 @@ def test_a_node_mapped_to_no_agent_charges_the_run():
     budget = Budget()
     govern_graph(research_builder(model), budget, agents={"critic": None}).invoke({"topic": "x"})
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["planner", "researcher", "writer", None]
+
+
+def test_a_budget_node_called_directly_runs_governed_by_its_entry_checks():
+    # A unit test of a node calls it outside any graph: it runs as one node execution would.
+    model = fake()
+    budget = Budget(Limits(max_agents=2, max_llm_calls=5))
+    seen_config = []
+
+    @budget_node(budget, agent="writer")
+    def write(state: Research, config) -> dict:
+        seen_config.append(config)
+        return {"notes": [model.invoke(f"write about {state['topic']}").content]}
+
+    @budget_node(budget)  # no agent: the node's name, here the function's
+    async def review(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("review")).content]}
+
+    assert write({"topic": "otters"}, config={"tags": ["unit"]}) == {"notes": ["ok"]}
+    assert asyncio.run(review({"topic": "otters"})) == {"notes": ["ok"]}
+    assert seen_config[0]["tags"] == ["unit"] and "callbacks" in seen_config[0]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer", "review"]
+    assert budget.snapshot().agents_started == 2
+    with pytest.raises(BudgetExceeded) as info:  # a third node execution: max_agents is 2
+        write({"topic": "otters"}, config={})
+    assert info.value.resource == "agents" and model.calls.count == 2
+
+
+def test_a_budget_node_called_directly_applies_skip_and_refuses_to_pause():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=0))
+
+    @budget_node(budget, agent="writer", on_exhausted="skip")
+    def write(state: Research) -> dict:
+        return {"notes": [model.invoke("write").content]}
+
+    @budget_node(budget, agent="critic", on_exhausted="interrupt")
+    async def critique(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("critique")).content]}
+
+    update = write({"topic": "otters"})
+    assert [m.agent for m in update["budget_skipped"]] == ["writer"] and "notes" not in update
+    with pytest.raises(BudgetExceeded, match="interrupt can pause only a graph run") as info:
+        asyncio.run(critique({"topic": "otters"}))
+    assert info.value.resource == "llm_calls" and info.value.agent == "critic"
+    assert model.calls.count == 0
