@@ -10,17 +10,19 @@ import time
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 pytest.importorskip("crewai")
 
 from crewai import Agent, Crew, PlanningConfig, Process, Task
+from crewai.events.event_bus import crewai_event_bus
 from crewai.hooks import HookAborted
+from crewai.state.checkpoint_config import CheckpointConfig
 from crewai.tools import tool
 
 from budgetary import Budget, BudgetExceeded, ConfigurationError, Limits, Usage, is_budget_skipped
 from budgetary.integrations.crewai import CrewBudgetExceeded, budget_scope, govern_crew
-from tests.fakes import FakeCrewLLM
+from tests.fakes import CallLog, FakeCrewLLM
 
 MODEL = "gpt-4o-mini"
 
@@ -860,3 +862,132 @@ def test_replay_of_a_governed_crew_is_capped_and_charged_as_a_kickoff_is():
     replayed = {e.run_id for e in budget.ledger.history(kind="llm")[3:]}
     assert len(replayed) == 1 and replayed.isdisjoint(e.run_id for e in budget.ledger.history(kind="llm")[:3])
     assert budget.snapshot().held_tokens == 0
+
+
+# -- work outside a kickoff, inside budget_scope ------------------------------------------------
+
+
+def test_a_bare_llm_call_in_budget_scope_is_reserved_and_charged():
+    fake = llm()
+    budget = Budget(Limits(max_llm_calls=2))
+    with budget_scope(budget):
+        assert fake.call("Summarize otters").endswith("canned answer")
+        assert asyncio.run(fake.acall("Summarize beavers")).endswith("canned answer")
+        with pytest.raises(CrewBudgetExceeded) as info:
+            fake.call("And once more")
+        assert info.value.resource == "llm_calls"
+    assert fake.calls.count == 2
+    entries = budget.ledger.history(kind="llm")
+    assert [(e.usage.input_tokens, e.usage.output_tokens, e.estimated) for e in entries] == [(100, 20, False)] * 2
+    assert budget.snapshot().held_llm_calls == 0
+    fake.call("Outside the scope")
+    assert fake.calls.count == 3 and budget.snapshot().llm_calls == 2
+
+
+def test_a_bare_llm_call_that_raises_gives_its_hold_back_when_the_scope_ends():
+    fake = llm(error=RuntimeError("provider down"))
+    budget = Budget(Limits(max_total_tokens=10_000))
+    with budget_scope(budget):
+        with pytest.raises(RuntimeError, match="provider down"):
+            fake.call("Summarize otters")
+        assert budget.snapshot().held_tokens > 0  # no after-hook ran: the call is still held
+    assert budget.snapshot().held_tokens == 0 and budget.snapshot().total_tokens == 0
+
+
+def test_task_execute_sync_in_budget_scope_runs_the_task_start_checks():
+    fake = llm()
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    budget = Budget(Limits(max_total_tokens=10_000))
+    budget.agent("Researcher", max_tokens=50)  # less than the task's first call
+    with budget_scope(budget, on_exhausted="skip"):
+        output = task.execute_sync()
+    assert fake.calls.count == 0
+    assert is_budget_skipped(output) and "skipped by budget" in output.raw
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Researcher", "research")]
+    assert agent.llm is fake  # the stub was put back
+
+
+def test_task_execute_sync_in_budget_scope_charges_agent_less_calls_to_the_tasks_agent():
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "more to read"
+
+    def responder(messages, index, agent, task):
+        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
+            return "Thought: forced\nFinal Answer: best effort"
+        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+    budget = Budget()
+    with budget_scope(budget):
+        asyncio.run(task.aexecute_sync())
+        task.execute_async().result(timeout=30)
+    assert any(r["agent"] is None for r in fake.calls.records), "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count >= 4
+    assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}
+    assert len({e.run_id for e in entries}) == 2  # each execution is a run of its own
+    assert budget.snapshot().held_llm_calls == 0
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+class CheckpointableLLM(FakeCrewLLM):
+    """The fake LLM as a checkpoint can hold it: CrewAI serializes an agent's LLM and rebuilds it by type."""
+
+    llm_type: str = "budgetary-test-fake"
+    calls: CallLog = Field(default_factory=CallLog, exclude=True)
+    responder: Any = Field(default=None, exclude=True)
+
+
+@pytest.fixture
+def checkpointed_crew(tmp_path, monkeypatch):
+    """A governed crew refused at its last task after checkpointing the first two, and that checkpoint."""
+    from crewai.agents.agent_builder import base_agent
+
+    # CrewAI rebuilds a checkpointed LLM from a fixed registry of its own provider classes.
+    monkeypatch.setitem(base_agent._LLM_TYPE_REGISTRY, "budgetary-test-fake", f"{__name__}.CheckpointableLLM")
+    # A checkpoint holds every entity of the process's runtime state: start with none of other tests'.
+    crewai_event_bus.reset_runtime_state()
+    fake = CheckpointableLLM(prompt_tokens=100, completion_tokens=20, max_tokens=20)
+    crew = three_task_crew(fake, checkpoint=CheckpointConfig(location=str(tmp_path)))
+    budget = Budget(Limits(max_llm_calls=2))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    crewai_event_bus.flush()  # checkpoints are written by event handlers
+    latest = max(tmp_path.rglob("*.json"), key=lambda path: path.stat().st_mtime_ns)
+    try:
+        yield crew, budget, CheckpointConfig(restore_from=str(latest))
+    finally:
+        crewai_event_bus.reset_runtime_state()  # restoring installs the checkpoint's state for the process
+
+
+def test_a_kickoff_resumed_from_a_checkpoint_stays_under_the_crews_budget(checkpointed_crew):
+    crew, budget, checkpoint = checkpointed_crew
+    with pytest.raises(CrewBudgetExceeded):  # the resumed crew is CrewAI's new object: still refused
+        crew.kickoff(from_checkpoint=checkpoint)
+    budget.top_up(llm_calls=1)
+    output = asyncio.run(crew.kickoff_async(from_checkpoint=checkpoint))
+    assert output.raw == "canned answer"
+    entries = budget.ledger.history(kind="llm")
+    assert [(e.agent, e.location) for e in entries] == [("Researcher", "research"), ("Writer", "write"),
+                                                        ("Critic", "review")]  # fmt: skip
+    assert budget.snapshot().llm_calls == 3 and budget.snapshot().held_llm_calls == 0
+
+
+def test_crew_from_checkpoint_keeps_the_budget_of_its_governed_original(checkpointed_crew):
+    crew, budget, checkpoint = checkpointed_crew
+    restored = Crew.from_checkpoint(checkpoint)
+    assert restored is not crew and restored.id == crew.id
+    with pytest.raises(CrewBudgetExceeded):
+        restored.kickoff()
+    other = Budget(Limits(max_llm_calls=5))
+    govern_crew(restored, other)  # governed again: its own budget from now on
+    restored.kickoff()
+    assert budget.snapshot().llm_calls == 2 and other.snapshot().llm_calls == 1

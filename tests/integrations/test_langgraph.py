@@ -1103,3 +1103,48 @@ def test_a_run_resumed_in_another_process_applies_each_answer_once_and_takes_no_
     assert second["max_llm_calls"] == 1 + 2 + 1
     assert second["agents_started"] == 2  # the re-run writer took no second max_agents slot (max_agents=2)
     assert second["paused_on"] == "llm_calls"
+
+
+def test_a_budget_node_called_directly_runs_governed_by_its_entry_checks():
+    # A unit test of a node calls it outside any graph: it runs as one node execution would.
+    model = fake()
+    budget = Budget(Limits(max_agents=2, max_llm_calls=5))
+    seen_config = []
+
+    @budget_node(budget, agent="writer")
+    def write(state: Research, config) -> dict:
+        seen_config.append(config)
+        return {"notes": [model.invoke(f"write about {state['topic']}").content]}
+
+    @budget_node(budget)  # no agent: the node's name, here the function's
+    async def review(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("review")).content]}
+
+    assert write({"topic": "otters"}, config={"tags": ["unit"]}) == {"notes": ["ok"]}
+    assert asyncio.run(review({"topic": "otters"})) == {"notes": ["ok"]}
+    assert seen_config[0]["tags"] == ["unit"] and "callbacks" in seen_config[0]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer", "review"]
+    assert budget.snapshot().agents_started == 2
+    with pytest.raises(BudgetExceeded) as info:  # a third node execution: max_agents is 2
+        write({"topic": "otters"}, config={})
+    assert info.value.resource == "agents" and model.calls.count == 2
+
+
+def test_a_budget_node_called_directly_applies_skip_and_refuses_to_pause():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=0))
+
+    @budget_node(budget, agent="writer", on_exhausted="skip")
+    def write(state: Research) -> dict:
+        return {"notes": [model.invoke("write").content]}
+
+    @budget_node(budget, agent="critic", on_exhausted="interrupt")
+    async def critique(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("critique")).content]}
+
+    update = write({"topic": "otters"})
+    assert [m.agent for m in update["budget_skipped"]] == ["writer"] and "notes" not in update
+    with pytest.raises(BudgetExceeded, match="interrupt can pause only a graph run") as info:
+        asyncio.run(critique({"topic": "otters"}))
+    assert info.value.resource == "llm_calls" and info.value.agent == "critic"
+    assert model.calls.count == 0

@@ -36,8 +36,27 @@ agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
 into each agent executor when it is created. Importing it also wraps
 ``Crew.copy`` (copies keep the budget), ``Crew.kickoff``/``akickoff`` (a
 kickoff ended by Ctrl-C or a cancellation, which CrewAI ends without its end
-hook, leaves no run or hold behind) and ``Crew.replay`` (run under the budget
-as a kickoff, though CrewAI dispatches no start or end hook for it).
+hook, leaves no run or hold behind), ``Crew.replay`` (run under the budget
+as a kickoff, though CrewAI dispatches no start or end hook for it),
+``Task._execute_core``/``_aexecute_core`` (a task run alone in a `budget_scope` is
+a run of its own: CrewAI dispatches no start hook for it), CrewAI's
+``apply_checkpoint`` and ``Crew.from_checkpoint`` (see below).
+
+``budget_scope(budget)`` governs the work of a block: crew kickoffs, flows,
+``Agent.kickoff``, tasks run alone (``Task.execute_sync``/``execute_async``/
+``aexecute_sync``, with the task-start checks and policy) and bare
+``llm.call()``/``acall()`` calls. A bare call is reserved and charged through
+the LLM's own hook calls (so a custom ``BaseLLM`` must make them, as above), to
+no agent unless it passes ``from_agent``; its refusal raises `CrewBudgetExceeded`
+from the call whatever the policy (there is no task to skip), and the hold of a
+bare call that raised is given back when the scope ends.
+
+A crew resumed from a checkpoint is a new object CrewAI builds from the
+checkpoint, which holds no budget: ``crew.kickoff(from_checkpoint=...)`` (and
+``kickoff_async``/``akickoff``) resumes under ``crew``'s budget;
+``Crew.from_checkpoint``/``Crew.fork`` restore it under the budget of the
+governed crew of this process with the checkpointed crew's id. A crew restored
+in another process that way must be governed again (or run in a `budget_scope`).
 """
 
 from __future__ import annotations
@@ -54,7 +73,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 try:
-    from crewai import Crew
+    import crewai.crew as crew_module
+    from crewai import Crew, Task
     from crewai.context import get_current_task_id
     from crewai.hooks import (
         HookAborted,
@@ -158,6 +178,8 @@ class _Run:
     open_calls: dict[str, Reservation] = field(default_factory=dict)
     """Holds of calls in flight (hold id -> reservation): released if the crew ends without their answer."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    scope: bool = False
+    """A `budget_scope`'s own run, for its bare ``llm.call()``: a refusal reaches the caller and ends nothing."""
 
     def role_for(self, agent: Any, task: Any) -> str | None:
         role = getattr(agent, "role", None)
@@ -182,9 +204,27 @@ class _Run:
         return getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """An open `budget_scope`: what it governs with, and its run for the LLM calls made outside any other."""
+
+    gov: _Governance
+    run: _Run
+
+
 _run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("budgetary_crew_run", default=None)
-_scope: contextvars.ContextVar[_Governance | None] = contextvars.ContextVar("budgetary_crew_scope", default=None)
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("budgetary_crew_scope", default=None)
 _call: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("budgetary_crew_call", default=None)
+
+
+def _current_run() -> _Run | None:
+    """The run an LLM call belongs to: the kickoff's (or task's) under way, else the open scope's own."""
+    run = _run.get()
+    if run is None:
+        scope = _scope.get()
+        if scope is not None:
+            return scope.run
+    return run
 
 
 class _SkipLLM(BaseLLM):
@@ -216,19 +256,27 @@ def _execution_start(ctx: Any) -> None:
     crew, enclosing = getattr(ctx, "crew", None), _run.get()
     if crew is None and enclosing is not None:
         return  # an agent's own executor inside a run (the planner, a kickoff in a tool): the run goes on
-    gov = getattr(crew, _ATTR, None) or _scope.get()
+    scope = _scope.get()
+    gov = getattr(crew, _ATTR, None) or (scope.gov if scope is not None else None)
     if gov is None:
         return  # an ungoverned crew: nested in a run, its calls are that run's
-    run = _Run(gov, owner=crew if crew is not None else getattr(ctx, "flow", None), outer=enclosing)
     # In a hierarchical crew the manager works every task: the crew's own, else the one CrewAI builds.
     default_role = None
     if getattr(crew, "process", None) == "hierarchical":
         default_role = getattr(getattr(crew, "manager_agent", None), "role", None) or MANAGER_ROLE
-    for task in getattr(crew, "tasks", None) or []:
+    owner = crew if crew is not None else getattr(ctx, "flow", None)
+    _open(gov, owner, enclosing, getattr(crew, "tasks", None) or [], default_role)
+
+
+def _open(gov: _Governance, owner: Any, outer: _Run | None, tasks: Sequence[Any], default_role: str | None) -> _Run:
+    """Make a run of ``tasks`` by ``owner`` current (its end, or `_close_abandoned`, closes it); return it."""
+    run = _Run(gov, owner=owner, outer=outer)
+    for task in tasks:
         run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None) or default_role
         run.task_names[str(task.id)] = getattr(task, "name", None)
         run.tasks[str(task.id)] = task
     _run.set(run)
+    return run
 
 
 def _execution_end(ctx: Any) -> None:
@@ -246,10 +294,14 @@ def _close(run: _Run, reason: str) -> None:
     what it reports when it answers: `_track_usage` records it once its hold is gone.
     """
     _restore_all(run)
+    _release_open_calls(run, reason)
+    _run.set(run.outer)
+
+
+def _release_open_calls(run: _Run, reason: str) -> None:
     for reservation in list(run.open_calls.values()):  # no after-hook ran for these calls
         reservation.release(reason)
     run.open_calls.clear()
-    _run.set(run.outer)
 
 
 def _close_abandoned(outer: _Run | None) -> None:
@@ -393,7 +445,7 @@ def _put_back(entries: Sequence[tuple[Any, dict[str, Any]] | None]) -> None:
 
 
 def _before_llm(ctx: Any) -> bool | None:
-    run = _run.get()
+    run = _current_run()
     if run is None:
         return None
     if isinstance(getattr(ctx, "llm", None), _SkipLLM):
@@ -425,7 +477,8 @@ def _before_llm(ctx: Any) -> bool | None:
     except BudgetExceeded as exc:
         if _skip_first_call(run, ctx.agent, task, agent, exc):
             return False  # blocked: CrewAI retries the task, now with the stub LLM
-        _refused_mid_task(run, ctx.agent, ctx.task, exc)
+        if not run.scope:  # a bare call's refusal reaches its caller: no tool swallows it
+            _refused_mid_task(run, ctx.agent, ctx.task, exc)
         raise CrewBudgetExceeded(exc) from exc
     except Exception as exc:  # our own bug: CrewAI would swallow it and run the call unchecked
         logger.exception("budget check failed; refusing the call")
@@ -484,7 +537,7 @@ def _after_llm(ctx: Any) -> None:
     if reservation is not None:
         if not reservation.done:
             reservation.charge_estimate()  # the provider reported no usage for this call
-        run = _run.get()
+        run = _current_run()
         if run is not None:
             run.open_calls.pop(reservation.hold_id, None)
     _call.set(None)
@@ -500,7 +553,7 @@ def _tell_agents(event: SoftLimit) -> None:
 
     Crossings by a call, a tool or an agent start alike; the agent's own next call for its allocation.
     """
-    run = _run.get()
+    run = _current_run()
     if run is not None:
         run.nudges[event.agent if event.resource == "allocation" else None] = event
 
@@ -537,7 +590,7 @@ def _track_usage(original: Any) -> Any:
         if reservation is not None and not reservation.done:
             _settle(reservation, usage_data)
             return
-        run = _run.get()
+        run = _current_run()
         if run is not None:  # a call no hook saw (a custom LLM that skips the hooks): record it anyway
             agent = run.gov.agent(run.role_for(None, None))
             try:
@@ -617,6 +670,89 @@ def _closing_akickoff(akickoff: Any) -> Any:
     return closing
 
 
+def _task_run(execute: Any) -> Any:
+    """``Task._execute_core`` that makes a task run outside any kickoff, in a `budget_scope`, a run of its own.
+
+    ``execute_sync``, ``execute_async`` (in its thread) and, for `_atask_run`, ``aexecute_sync`` pass
+    through it. CrewAI dispatches no start hook for a bare task (only its agent's executor does, after the
+    task's start hook): without this run the task's start checks and policy would not apply, and the
+    agent-less calls it makes (the forced final answer) would be charged to no agent.
+    """
+
+    @functools.wraps(execute)
+    def governed(self: Any, agent: Any = None, *args: Any, **kwargs: Any) -> Any:
+        scope = _scope.get()
+        if scope is None or _run.get() is not None:
+            return execute(self, agent, *args, **kwargs)
+        _open_task_run(scope, self, agent)
+        try:
+            return execute(self, agent, *args, **kwargs)
+        finally:
+            _close_abandoned(None)
+
+    return governed
+
+
+def _atask_run(execute: Any) -> Any:
+    """`_task_run` for ``Task._aexecute_core``."""
+
+    @functools.wraps(execute)
+    async def governed(self: Any, agent: Any = None, *args: Any, **kwargs: Any) -> Any:
+        scope = _scope.get()
+        if scope is None or _run.get() is not None:
+            return await execute(self, agent, *args, **kwargs)
+        _open_task_run(scope, self, agent)
+        try:
+            return await execute(self, agent, *args, **kwargs)
+        finally:
+            _close_abandoned(None)
+
+    return governed
+
+
+def _open_task_run(scope: _Scope, task: Any, agent: Any) -> None:
+    run = _open(scope.gov, task, None, [task], None)
+    # CrewAI runs the task by the agent passed, else its own: that agent's role owns its agent-less calls.
+    run.task_roles[str(task.id)] = getattr(agent or getattr(task, "agent", None), "role", None)
+
+
+def _governed_restore(apply: Any) -> Any:
+    """CrewAI's ``apply_checkpoint`` (what ``kickoff(from_checkpoint=...)`` resumes through) keeping the budget.
+
+    The crew it restores is a new object built from the checkpoint, which holds no budget: it takes
+    the budget of the crew whose kickoff resumes it.
+    """
+
+    @functools.wraps(apply)
+    def governed(instance: Any, from_checkpoint: Any) -> Any:
+        restored = apply(instance, from_checkpoint)
+        gov = getattr(instance, _ATTR, None)
+        if restored is not None and gov is not None:
+            _attach(restored, gov)
+        return restored
+
+    return governed
+
+
+def _governed_from_checkpoint(from_checkpoint: Any) -> Any:
+    """``Crew.from_checkpoint`` (and ``Crew.fork``): the restored crew keeps the budget of its governed original.
+
+    The original is the governed crew of this process with the checkpointed crew's id. A crew restored
+    in another process has none: govern it again (the budget is a live object, not in the checkpoint).
+    """
+
+    @functools.wraps(from_checkpoint)
+    def restore(cls: Any, config: Any) -> Any:
+        crew = from_checkpoint(cls, config)
+        original = _governed_crews.get(str(getattr(crew, "id", "")))
+        gov = getattr(original, _ATTR, None)
+        if gov is not None and getattr(crew, _ATTR, None) is None:
+            _attach(crew, gov)
+        return crew
+
+    return classmethod(restore)
+
+
 @dataclass(frozen=True)
 class _ReplayStart:
     """What `_execution_start` reads of CrewAI's start context, for a replay."""
@@ -627,6 +763,8 @@ class _ReplayStart:
 _install_lock = threading.Lock()
 _installed = False
 _telling: weakref.WeakSet[Budget] = weakref.WeakSet()  # the budgets `_tell_agents` listens to
+_governed_crews: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+"""Crew id -> the governed crew with that id (the last governed), for `Crew.from_checkpoint`."""
 
 
 def _install() -> None:
@@ -649,6 +787,12 @@ def _install() -> None:
         Crew.kickoff = _closing_kickoff(Crew.kickoff)  # type: ignore[method-assign]
         Crew.akickoff = _closing_akickoff(Crew.akickoff)  # type: ignore[method-assign]
         Crew.replay = _closing_kickoff(Crew.replay, starts_run=True)  # type: ignore[method-assign]
+        # Every kickoff variant resumes from a checkpoint through this module-level function of crew.py.
+        crew_module.apply_checkpoint = _governed_restore(crew_module.apply_checkpoint)  # type: ignore[attr-defined]
+        Crew.from_checkpoint = _governed_from_checkpoint(vars(Crew)["from_checkpoint"].__func__)  # type: ignore[method-assign]
+        # The one method every way of running a task alone passes through (private: pinned crewai).
+        Task._execute_core = _task_run(Task._execute_core)  # type: ignore[method-assign]
+        Task._aexecute_core = _atask_run(Task._aexecute_core)  # type: ignore[method-assign]
         _installed = True
 
 
@@ -715,14 +859,32 @@ def _names_to_strings(mapping: Any, values: Callable[[Any], bool]) -> bool:
 
 def _attach(crew: Any, gov: _Governance) -> None:
     object.__setattr__(crew, _ATTR, gov)
+    _governed_crews[str(crew.id)] = crew
 
 
 @contextmanager
 def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator[Budget]:
-    """Govern every crew kicked off inside the block (for crews built deep inside other code)."""
-    token, outer = _scope.set(_governance(budget, None, on_exhausted, None)), _run.get()
+    """Govern the CrewAI work done inside the block: for crews built deep inside other code.
+
+    Every crew kickoff, flow and ``Agent.kickoff`` in the block is a run under ``budget``; so is each
+    task run alone (``Task.execute_sync``, ``execute_async``, ``aexecute_sync``). A bare
+    ``llm.call()``/``acall()`` made outside those is reserved and charged too (to the budget's run,
+    no agent unless it passes ``from_agent``); a refusal raises `CrewBudgetExceeded` from the call,
+    whatever the policy (there is no task to skip). A crew governed by `govern_crew` keeps its own budget.
+
+    Example:
+        ```python
+        with budget_scope(budget, on_exhausted="skip"):
+            build_and_run_crews()
+        ```
+    """
+    gov = _governance(budget, None, on_exhausted, None)
+    outer = _run.get()
+    scope = _Scope(gov, _Run(gov, outer=outer, scope=True))
+    token = _scope.set(scope)
     try:
         yield budget
     finally:
         _scope.reset(token)
         _close_abandoned(outer)  # a kickoff in the block that ended without CrewAI's end hook
+        _release_open_calls(scope.run, "the budget scope ended before the call answered")

@@ -51,7 +51,8 @@ try:
     from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.runnables import Runnable, RunnableConfig
     from langchain_core.runnables.config import ensure_config, set_config_context, var_child_runnable_config
-    from langgraph._internal._runnable import RunnableCallable  # pinned: langgraph>=1,<2
+    from langgraph._internal._constants import CONFIG_KEY_SCRATCHPAD  # pinned: langgraph>=1,<2
+    from langgraph._internal._runnable import RunnableCallable
     from langgraph.config import get_config
     from langgraph.graph.state import StateGraph
     from langgraph.types import GraphOutput, interrupt
@@ -257,6 +258,13 @@ class _Governor:
         if self.policy == "deny":
             raise exc
         if self.policy == "interrupt":
+            if CONFIG_KEY_SCRATCHPAD not in config.get("configurable", {}):
+                # Not in a graph run (a node called directly): there is no run to pause and resume.
+                raise BudgetExceeded(
+                    f"{exc}; interrupt can pause only a graph run", budget=exc.budget, agent=exc.agent,
+                    resource=exc.resource, limit=exc.limit, spent=exc.spent, requested=exc.requested,
+                    snapshot=exc.snapshot,
+                ) from exc  # fmt: skip
             answer, key = self._interrupt(exc, config, node, agent, attempt)
             return functools.partial(apply_top_up_once, self.budget, answer, key), lambda _: (True, None)
         skip = functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
@@ -710,6 +718,13 @@ def budget_node(
     from a node), and a ``skip`` node re-entered in a loop is skipped again until LangGraph's
     recursion limit. `govern_graph` ends the run cleanly in both cases.
 
+    Called directly, outside any graph (``write(state)`` in a unit test of the node), the
+    function runs as one node execution would: the entry checks and the policy apply, and
+    its LLM calls are charged to its agent (with no ``agent``, to the function's name, which
+    `add_node` would give the node). ``config=`` passed to it is the run's config. There is
+    no run to pause there: ``interrupt`` raises `BudgetExceeded` instead, and ``end`` raises
+    as above.
+
     Example:
         ```python
         @budget_node(budget=budget, agent="writer", on_exhausted="skip")   # or @budget_node(budget, ...)
@@ -735,13 +750,24 @@ def budget_node(
     def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
         return {**kwargs, "config": node_config} if "config" in kwargs else kwargs
 
+    name = getattr(func, "__name__", None) or type(func).__name__
+
+    def run_config(kwargs: dict[str, Any]) -> Any:
+        if var_child_runnable_config.get() is not None:
+            return get_config()
+        # Called outside any graph (a unit test of the node): a run of its own, from the config it was
+        # given, named as `add_node` would name the function.
+        config = ensure_config(kwargs.get("config"))
+        config["metadata"] = {"langgraph_node": name, **config.get("metadata", {})}
+        return config
+
     # An object whose __call__ is async is an async node too (LangGraph awaits it).
     if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
 
         @functools.wraps(func)
         async def async_node(*args: Any, **kwargs: Any) -> Any:
             return await _agovern_call(
-                governor, args[0] if args else None, get_config(),
+                governor, args[0] if args else None, run_config(kwargs),
                 lambda node_config: func(*args, **with_config(kwargs, node_config)),
             )  # fmt: skip
 
@@ -750,7 +776,7 @@ def budget_node(
     @functools.wraps(func)
     def node(*args: Any, **kwargs: Any) -> Any:
         return _govern_call(
-            governor, args[0] if args else None, get_config(),
+            governor, args[0] if args else None, run_config(kwargs),
             lambda node_config: func(*args, **with_config(kwargs, node_config)),
         )  # fmt: skip
 
