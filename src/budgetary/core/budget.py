@@ -22,7 +22,7 @@ from budgetary.core._engine import UNPRICED, AgentState, Meta, Outcome, Vector, 
 from budgetary.core._lease import keeper
 from budgetary.core._units import COST, DIMENSIONS, IN, LLM, MAX_INT, OUT, TOTAL, nanos_to_usd, usd_to_nanos
 from budgetary.core.contract import AgentContract
-from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError
+from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError, _UsageTypeError
 from budgetary.core.estimator import count_tokens, estimate_text_tokens, upper_bound
 from budgetary.core.gate import check_fraction
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit, combine_guards
@@ -64,6 +64,26 @@ T = TypeVar("T")
 
 _RUN_CONTRACT = AgentContract(name=None)
 """The contract of the agent ``None``, the budget itself (contracts are frozen: one serves every budget)."""
+
+
+def _refuse_agent(agent: Any) -> None:
+    """Raise for an ``agent`` argument no agent can have; return for a str subclass (a `StrEnum` role).
+
+    The run itself is ``None`` and every agent a non-empty string (SPEC §4). Callers test
+    ``agent is not None and (type(agent) is not str or not agent)`` inline first, so a valid
+    name costs no function call on the per-call paths.
+    """
+    if isinstance(agent, str):
+        if agent:
+            return
+        raise UsageError("agent must be a non-empty string, or None for the run itself, got ''")
+    raise _UsageTypeError(f"agent must be a string, or None for the run itself, got {type(agent).__name__} {agent!r}")
+
+
+def _refuse_tool(tool: Any) -> None:
+    """Raise for a ``tool`` argument that is not a string; return for a str subclass (tested inline first)."""
+    if not isinstance(tool, str):
+        raise _UsageTypeError(f"tool must be a string (the tool's name), got {type(tool).__name__} {tool!r}")
 
 
 class Reservation:
@@ -486,7 +506,15 @@ class Budget:
 
         Registering a name again updates its contract; allocation already moved
         by transfers is kept when the unit does not change.
+
+        ``name`` is a non-empty string: the run itself (``None`` elsewhere) has no contract,
+        its `Limits` are its caps.
         """
+        if name is None:
+            raise ConfigurationError(
+                "agent name must be a non-empty string, got None (None is the run itself, which has no contract: "
+                "its caps are the budget's Limits)"
+            )
         contract = AgentContract(
             name=name,
             priority=priority,
@@ -506,6 +534,8 @@ class Budget:
         """
         if name is None:
             return self.contract(None)
+        if type(name) is not str or not name:
+            _refuse_agent(name)
         contract = self._contracts.get(name)
         if contract is None:
             # Another worker may have registered the name with an allocation: replace=False keeps theirs,
@@ -516,12 +546,16 @@ class Budget:
 
     async def aensure_agent(self, name: str | None) -> AgentContract:
         """`ensure_agent` for async code: a new agent is registered off the event loop."""
+        if name is not None and (type(name) is not str or not name):
+            _refuse_agent(name)
         if name is None or name in self._contracts:
             return self.ensure_agent(name)  # nothing to register
         return await off_loop(self._store, self.ensure_agent, name)
 
     def contract(self, name: str | None) -> AgentContract:
         """The contract registered for ``name`` (here or by another worker sharing the store); raises `UnknownAgent`."""
+        if name is not None and (type(name) is not str or not name):
+            _refuse_agent(name)
         contract = self._contracts.get(name)
         if contract is None:
             if name is None:
@@ -533,6 +567,8 @@ class Budget:
 
     def has_agent(self, name: str | None) -> bool:
         """Whether ``name`` is registered (here or by another worker sharing the store)."""
+        if name is not None and (type(name) is not str or not name):
+            _refuse_agent(name)
         return name is None or name in self._contracts or self._store.has_agent(self._key, name)
 
     def add_soft_limit_listener(self, listener: Callable[[SoftLimit], Any]) -> Callable[[], None]:
@@ -544,10 +580,14 @@ class Budget:
 
     def check(self, agent: str | None = None) -> Decision:
         """Could an LLM call for ``agent`` start now? Changes nothing (counts what reallocation could bring)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         return self._with_host_check(self._store.check(self._chain, agent, self._clock()), agent)
 
     async def acheck(self, agent: str | None = None) -> Decision:
         """`check` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         store = self._store
         if not is_async_store(store):
             return await off_loop(store, self.check, agent)
@@ -565,6 +605,8 @@ class Budget:
         self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
     ) -> Decision:
         """The spawn gate: take one ``max_agents`` slot for ``agent`` if allowed. Never raises on refusal."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         meta = Meta(run_id or self.run_id, None, location)
         return self._counted(self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta))
 
@@ -572,6 +614,8 @@ class Budget:
         self, agent: str | None = None, *, run_id: str | None = None, location: str | None = None
     ) -> Decision:
         """`begin_agent` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         store = self._store
         if not is_async_store(store):
             return await off_loop(store, functools.partial(self.begin_agent, agent, run_id=run_id, location=location))
@@ -581,7 +625,11 @@ class Budget:
         )
 
     def check_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
-        """Decide a tool call for ``agent`` and, when it is allowed, count it."""
+        """Decide a tool call for ``agent`` and, when it is allowed, count it (``tool`` is the tool's name)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
+        if type(tool) is not str:
+            _refuse_tool(tool)
         meta = Meta(run_id or self.run_id, None, tool)
         host = self._host_tool_refusal(agent, tool)
         if host is not None:
@@ -591,6 +639,10 @@ class Budget:
 
     async def acheck_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
         """`check_tool` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
+        if type(tool) is not str:
+            _refuse_tool(tool)
         store = self._store
         if not is_async_store(store):
             return await off_loop(store, functools.partial(self.check_tool, agent, tool, run_id=run_id))
@@ -626,6 +678,8 @@ class Budget:
         ``messages``) plus ``max_output_tokens`` (or ``default_output_reserve``),
         priced for ``model``. Prefer `llm_call`, which also settles or releases.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         return self._reserve(agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
 
     async def areserve(
@@ -645,6 +699,8 @@ class Budget:
         A store with async twins (`AsyncStore`: Redis) is awaited on the running loop; SQLite is
         called in a worker thread, the memory store inline (it takes microseconds).
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         args = (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
         if is_async_store(self._store):
             return await self._areserve(*args)
@@ -801,6 +857,8 @@ class Budget:
         the yielded `Reservation`. Leaving without a settle charges the hold as
         an estimate; leaving by an exception releases it.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         return _LLMCall(self, (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location))
 
     def record(
@@ -815,6 +873,8 @@ class Budget:
         location: str | None = None,
     ) -> LedgerEntry:
         """Charge usage that happened without a reservation (after the fact); never refuses."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         if usage is None:
             raise UsageError("record() needs the usage to charge")
         parsed = Usage.from_provider(usage)
@@ -825,6 +885,8 @@ class Budget:
 
     def set_confidence(self, agent: str | None, confidence: float) -> None:
         """Report ``agent``'s confidence in its work, for the confidence gate."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         try:
             value = check_fraction(confidence, "confidence")
         except ConfigurationError as exc:
@@ -833,6 +895,8 @@ class Budget:
 
     def reallocate(self, agent: str | None, shortfall: int | Decimal | float | str) -> int | Decimal:
         """Pull up to ``shortfall`` (in ``agent``'s unit) from less important agents; return what moved."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         contract = self.contract(agent)
         if contract.unit == "usd":
             amount = coerce_cost(shortfall, "shortfall")
@@ -854,6 +918,8 @@ class Budget:
         location: str | None = None, run_id: str | None = None,
     ) -> Skipped:  # fmt: skip
         """Record that work was skipped for the budget and return the marker that takes its place."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         if not self.has_agent(agent):
             raise UnknownAgent(cast(str, agent), self.name)
         meta = Meta(run_id or self.run_id, None, location)
@@ -935,6 +1001,8 @@ class Budget:
         On refusal: raise `BudgetExceeded`, or return a `Skipped` with
         ``on_exhausted="skip"``.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         if not self.has_agent(agent):
             raise UnknownAgent(cast(str, agent), self.name)
         policy = on_exhausted or self.on_exhausted

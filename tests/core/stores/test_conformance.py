@@ -493,16 +493,31 @@ def test_hostile_budget_names_reach_only_their_own_keys(open_store: Opener, name
 
 def test_hostile_agent_names_are_data(open_store: Opener) -> None:
     budget = Budget(Limits(), name="b", store=open_store())
-    for i, name in enumerate(HOSTILE):
+    names = [n for n in HOSTILE if n]  # "" is no agent's name, like None (the run itself): both are refused
+    for i, name in enumerate(names):
         budget.agent(name, priority=1 + i % 3, max_tokens=100 + i)
-    budget.agent(None, max_tokens=7)
-    for name in HOSTILE:
+    for name in names:
         budget.record(name, _usage(1, 2))
     report = budget.report()
-    assert set(report) == set(HOSTILE)
-    assert all(report[n]["consumed"] == 3 for n in HOSTILE)
+    assert set(report) == set(names)
+    assert all(report[n]["consumed"] == 3 for n in names)
     assert budget.reallocate("a|b", 50) == 50
-    assert sum(v["allocated"] for v in budget.report().values()) == sum(100 + i for i in range(len(HOSTILE)))
+    assert sum(v["allocated"] for v in budget.report().values()) == sum(100 + i for i in range(len(names)))
+
+
+def test_an_agent_name_that_is_no_string_is_refused_before_reaching_any_store(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=100), name="b", store=open_store())
+    message = re.escape("agent must be a string, or None for the run itself, got int 7")
+    for call in (
+        lambda: budget.check(7),  # type: ignore[arg-type]
+        lambda: budget.reserve(7, prompt_tokens=1, max_output_tokens=1),  # type: ignore[arg-type]
+        lambda: budget.begin_agent(7),  # type: ignore[arg-type]
+        lambda: budget.check_tool(7, "t"),  # type: ignore[arg-type]
+        lambda: budget.has_agent(7),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=message):  # not the store's own error (Redis: "can only concatenate")
+            call()
+    assert budget.ledger.history() == []
 
 
 def test_shared_stores_refuse_names_with_a_lone_surrogate(open_shared_store: Opener) -> None:
