@@ -383,6 +383,7 @@ class Budget:
         lease_ttl: Seconds a hold lives unless renewed; a dead worker's holds free themselves.
         charge_failed_calls: Charge a failed call's hold instead of releasing it.
         allow_unpriced: Under a USD cap, allow models with no known price (their cost is unknown).
+            Default (``None``): the parent's setting, else ``False``; ``True`` or ``False`` overrides it.
         prices: Per-model price overrides (`Price` or a mapping of its fields).
         clock: Seconds since the epoch; inject one in tests.
         run_id: Tag for ledger entries; default a new random id.
@@ -402,7 +403,7 @@ class Budget:
         default_output_reserve: int = 1024,
         lease_ttl: float = 60.0,
         charge_failed_calls: bool = False,
-        allow_unpriced: bool = False,
+        allow_unpriced: bool | None = None,
         prices: Mapping[str, Price | Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
         run_id: str | None = None,
@@ -421,10 +422,13 @@ class Budget:
             raise ConfigurationError(f"parent must be a Budget, got {type(parent).__name__}")
         if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, (int, float)) or not lease_ttl > 0:
             raise ConfigurationError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
-        flags: dict[str, object] = {"charge_failed_calls": charge_failed_calls, "allow_unpriced": allow_unpriced}
-        for flag, value in flags.items():
-            if not isinstance(value, bool):  # a truthy "no" must not turn the option on
-                raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
+        if not isinstance(charge_failed_calls, bool):  # a truthy "no" must not turn the option on
+            raise ConfigurationError(f"charge_failed_calls must be True or False, got {charge_failed_calls!r}")
+        if allow_unpriced is None:
+            # A child runs under its parent's USD caps: it keeps the parent's opt-in (or opt-out) unless given its own.
+            allow_unpriced = parent.allow_unpriced if parent is not None else False
+        elif not isinstance(allow_unpriced, bool):
+            raise ConfigurationError(f"allow_unpriced must be True, False or None (inherit), got {allow_unpriced!r}")
         hooks: dict[str, object] = {"on_soft_limit": on_soft_limit, "clock": clock}
         for hook, value in hooks.items():
             if value is not None and not callable(value):
@@ -439,7 +443,7 @@ class Budget:
         self.default_output_reserve = _config_count(default_output_reserve, "default_output_reserve")
         self.lease_ttl = float(lease_ttl)
         self.charge_failed_calls = charge_failed_calls
-        self.allow_unpriced = allow_unpriced
+        self.allow_unpriced: bool = allow_unpriced
         self.run_id = run_id or uuid.uuid4().hex
         self._limits = limits
         self._clock = clock
