@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -372,7 +373,10 @@ class Budget:
         name: The budget's name (shown in refusals and the ledger).
         mode: ``"reserve"`` (hold an estimate before each call; never exceeded when the provider
             honours ``max_tokens``) or ``"gate"`` (allow while nothing is exhausted).
-        parent: A parent budget (tenant, day) charged with everything this one spends.
+        parent: A parent budget (tenant, day) charged with everything this one spends. Children of one
+            parent with one name are one budget (they share counters, holds and agents): while one
+            lives in this process, building another with other `Limits` raises `ConfigurationError`
+            rather than silently changing the first's limits.
         guards: Host guards (see `BudgetGuard`); every one must allow.
         store: A store, its URL, or a redis-py client (sync, cluster or asyncio); default: the
             parent's store, else a new ``memory://``. A child shares its parent's store: it may be
@@ -477,6 +481,8 @@ class Budget:
         self._key = json.dumps(self._path, ensure_ascii=False)
         self._chain: tuple[str, ...] = (self._key, *(parent._chain if parent else ()))
         self._cost_capped: bool = limits.max_cost_usd is not None or (parent is not None and parent._cost_capped)
+        if parent is not None:
+            _claim_child(self, limits)
         self._store.ensure_budget(self._key, name, limits, clock())
 
     # -- configuration -----------------------------------------------------------------
@@ -1169,6 +1175,49 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"Budget(name={self.name!r}, mode={self.mode!r}, store={self._store.url!r})"
+
+
+# Live child budgets of this process, per (store, key): the limits they were built with and how many
+# objects hold them. Counted, not a WeakSet, so that an entry goes exactly when its last object does.
+_live_children: dict[tuple[int, str], list[Any]] = {}
+# Reentrant: the finalizer that releases an entry may run (garbage collection) inside a claim.
+_live_children_lock = threading.RLock()
+
+
+def _claim_child(budget: Budget, limits: Limits) -> None:
+    """Refuse a child that would change the limits of a same-named child still alive in this process.
+
+    Same-named children of one parent are one budget in the store (one key): the last one built
+    sets its limits (see `Store.ensure_budget`), so a second child with other limits would silently
+    re-cap the first, which still enforces, prices and reports by its own. Across processes the
+    last build still wins: a store cannot tell a conflicting worker from a restart with new limits
+    (docs/shared-budgets.md). Limits are compared as the store keeps them (caps in store units,
+    ``warn_at``, window length), so ``Limits(max_cost_usd=2)`` and ``Limits(max_cost_usd="2.00")`` agree.
+    """
+    slot = (id(budget._store), budget._key)  # the store outlives its budgets: its id is not reused meanwhile
+    signature = (tuple(limits.as_vector()), limits.warn_at, limits.window_seconds)
+    with _live_children_lock:
+        entry = _live_children.get(slot)
+        if entry is not None and entry[0] != signature:
+            parent = cast(Budget, budget.parent)
+            raise ConfigurationError(
+                f"budget {budget.name!r} under {parent.name!r} already exists in this process with other limits "
+                f"({entry[2]!r}, not {limits!r}); same-named children of one parent are one budget, so build "
+                "it with the same limits to share it, or give this child another name"
+            )
+        if entry is None:
+            entry = _live_children[slot] = [signature, 0, limits]
+        entry[1] += 1
+    weakref.finalize(budget, _release_child, slot)
+
+
+def _release_child(slot: tuple[int, str]) -> None:
+    with _live_children_lock:
+        entry = _live_children.get(slot)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _live_children[slot]
 
 
 def _names_store(url: Any, budget: Budget) -> bool:

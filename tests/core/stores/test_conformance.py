@@ -491,6 +491,38 @@ def test_hostile_budget_names_reach_only_their_own_keys(open_store: Opener, name
     assert plain.ledger.history() == []
 
 
+def test_a_child_built_again_under_its_name_shares_it_or_is_refused_while_it_lives(open_store: Opener) -> None:
+    import gc
+
+    day = Budget(Limits(max_total_tokens=10_000, max_cost_usd=5), name="day", store=open_store())
+    first = Budget(Limits(max_total_tokens=100, max_cost_usd=2), name="run", parent=day)
+    message = "budget 'run' under 'day' already exists in this process with other limits"
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Budget(Limits(max_total_tokens=5_000, max_cost_usd=2), name="run", parent=day)
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Budget(Limits(max_total_tokens=100, max_cost_usd=2, warn_at=(0.5,)), name="run", parent=day)
+    assert first.snapshot().limits.max_total_tokens == 100  # not re-capped by the refused build
+    with pytest.raises(BudgetExceeded):
+        first.reserve(prompt_tokens=60, max_output_tokens=60)
+    # The same limits (however spelled) are the same budget: counters are shared.
+    twin = Budget(Limits(max_total_tokens=100, max_cost_usd="2.00"), name="run", parent=day)
+    twin.record(None, _usage(30, 30))
+    assert first.snapshot().total_tokens == 60
+    # Another name, or the same name under another parent, is another budget.
+    assert Budget(Limits(max_total_tokens=5_000), name="run-2", parent=day).snapshot().total_tokens == 0
+    other = Budget(Limits(), name="other", parent=day)
+    assert Budget(Limits(max_total_tokens=5_000), name="run", parent=other).snapshot().total_tokens == 0
+    # Once no object of it lives (a restarted worker), the last build sets its limits, as for a root.
+    del first
+    gc.collect()
+    with pytest.raises(ConfigurationError, match=re.escape(message)):  # the twin still lives
+        Budget(Limits(max_total_tokens=5_000), name="run", parent=day)
+    del twin
+    gc.collect()
+    again = Budget(Limits(max_total_tokens=5_000), name="run", parent=day)
+    assert (again.snapshot().limits.max_total_tokens, again.snapshot().total_tokens) == (5_000, 60)
+
+
 def test_hostile_agent_names_are_data(open_store: Opener) -> None:
     budget = Budget(Limits(), name="b", store=open_store())
     names = [n for n in HOSTILE if n]  # "" is no agent's name, like None (the run itself): both are refused
