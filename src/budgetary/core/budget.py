@@ -457,6 +457,8 @@ class Budget:
         self._guards = combine_guards(guards) if guards else None
         self._listeners: list[Callable[[SoftLimit], Any]] = [on_soft_limit] if on_soft_limit else []
         self._contracts: dict[str | None, AgentContract] = {}
+        self._allocations: dict[str, tuple[str | None, int | Decimal | None]] = {}
+        """What `agent` registered each name with here: (unit, amount)."""
         self._hold_prefix = uuid.uuid4().hex[:12] + ":"
         self._hold_seq = itertools.count(1)
         _live_budgets.add(self)
@@ -514,8 +516,14 @@ class Budget:
     ) -> AgentContract:
         """Register an agent with its contract (see `AgentContract`) and return the contract.
 
-        Registering a name again updates its contract; allocation already moved
-        by transfers is kept when the unit does not change.
+        An allocation changes only by transfers (SPEC §5). Registering a name that is already
+        registered updates its priority, ``min_reserve`` and ``confidence_threshold`` and keeps the
+        allocation the store holds (transfers included); the returned contract, `contract` and
+        `report` all show that allocation. So this `Budget` registering a name again with another
+        allocation than it gave it before (another amount or unit) raises `ConfigurationError`
+        rather than being silently ignored. Another `Budget` of the same budget (a worker, a
+        restart) cannot tell a new allocation from transfers, so it gets the stored allocation,
+        except that registering another unit replaces it.
 
         ``name`` is a non-empty string: the run itself (``None`` elsewhere) has no contract,
         its `Limits` are its caps.
@@ -533,8 +541,19 @@ class Budget:
             min_reserve=cast(Any, min_reserve),
             confidence_threshold=confidence_threshold,
         )
+        asked = (contract.unit, contract.allocation)
+        given = self._allocations.get(name)
+        if given is not None and given != asked:
+            raise ConfigurationError(
+                f"agent {name!r} is already registered with {_allocation_text(*given)}: an allocation changes "
+                f"only by transfers (budget.reallocate), so it cannot be registered again with "
+                f"{_allocation_text(*asked)}"
+            )
         self._store.ensure_agent(self._key, contract, replace=True)
-        self._contracts[name] = contract
+        self._allocations[name] = asked
+        # The store may hold another allocation (transfers, another worker's registration): keep and
+        # return its contract, so that this object never reads an allocation the store does not enforce.
+        contract = self._contracts[name] = self._stored_contract(name) or contract
         return contract
 
     def ensure_agent(self, name: str | None) -> AgentContract:
@@ -1228,6 +1247,13 @@ def _names_store(url: Any, budget: Budget) -> bool:
     if not isinstance(url, str) or isinstance(budget._store, MemoryStore):
         return False
     return url == budget._store_from or url == budget._store.url
+
+
+def _allocation_text(unit: str | None, amount: int | Decimal | None) -> str:
+    """An allocation as `Budget.agent` takes it: ``max_tokens=1000``, ``max_cost_usd=0.5`` or ``no allocation``."""
+    if unit is None:
+        return "no allocation"
+    return f"{'max_tokens' if unit == 'tokens' else 'max_cost_usd'}={amount}"
 
 
 def _contract_of(name: str, state: AgentState) -> AgentContract:

@@ -523,6 +523,33 @@ def test_a_child_built_again_under_its_name_shares_it_or_is_refused_while_it_liv
     assert (again.snapshot().limits.max_total_tokens, again.snapshot().total_tokens) == (5_000, 60)
 
 
+def test_an_agent_registered_again_has_one_allocation_everywhere(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=10_000), name="b", store=open_store())
+    budget.agent("writer", priority=2, max_tokens=1_000)
+    budget.agent("editor", priority=1, max_tokens=1_000, min_reserve=0)
+    refused = "agent 'writer' is already registered with max_tokens=1000: an allocation changes only by transfers"
+    with pytest.raises(ConfigurationError, match=re.escape(refused + " (budget.reallocate), so it cannot be "
+                                                           "registered again with max_tokens=5000")):  # fmt: skip
+        budget.agent("writer", max_tokens=5_000)
+    with pytest.raises(ConfigurationError, match=re.escape("registered again with max_cost_usd=1")):
+        budget.agent("writer", max_cost_usd="1")
+    assert budget.contract("writer").max_tokens == budget.report()["writer"]["allocated"] == 1_000
+    # The same allocation again updates the rest of the contract.
+    c = budget.agent("writer", priority=3, max_tokens=1_000, confidence_threshold=0.9)
+    assert (c.priority, c.confidence_threshold) == (3, 0.9) and budget.contract("writer") is c
+    # After a transfer, registering it again keeps the allocation transfers made, and every reading agrees.
+    assert budget.reallocate("writer", 500) == 500
+    c = budget.agent("writer", priority=3, max_tokens=1_000)
+    assert c.max_tokens == budget.contract("writer").max_tokens == budget.report()["writer"]["allocated"] == 1_500
+    # Another object of the budget (a worker, a restart) gets the allocation the store enforces, not the one it asked.
+    other = Budget(Limits(max_total_tokens=10_000), name="b", store=open_store())
+    c = other.agent("writer", priority=3, max_tokens=9_999)
+    assert c.max_tokens == other.contract("writer").max_tokens == other.report()["writer"]["allocated"] == 1_500
+    with pytest.raises(BudgetExceeded) as info:
+        other.reserve("writer", prompt_tokens=1_100, max_output_tokens=1_000)  # 2,100 > 1,500 + the editor's 500
+    assert info.value.resource == "allocation"
+
+
 def test_hostile_agent_names_are_data(open_store: Opener) -> None:
     budget = Budget(Limits(), name="b", store=open_store())
     names = [n for n in HOSTILE if n]  # "" is no agent's name, like None (the run itself): both are refused
