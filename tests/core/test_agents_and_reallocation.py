@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from budgetary import Budget, BudgetExceeded, ConfigurationError, Limits, UnknownAgent, Usage
+from budgetary import Budget, BudgetExceeded, ConfigurationError, Deny, Limits, UnknownAgent, Usage, UsageError
 from budgetary.core.reallocator import DonorView, plan_transfers
 
 MODEL = "gpt-4o-mini"
@@ -164,6 +164,104 @@ def test_names_are_data_not_keys():
     other = Budget(Limits(max_total_tokens=100), name="b", parent=sibling)
     _spend(store_owner, None, 60)
     assert sibling.snapshot().total_tokens == 0 and other.snapshot().total_tokens == 0
+
+
+# -- names: None is the run itself, every agent a non-empty string (§4) ------------------------
+
+
+@pytest.mark.parametrize("name", [None, ""])
+def test_an_agent_is_registered_only_under_a_non_empty_string(name):
+    budget = Budget(Limits(max_total_tokens=1_000))
+    with pytest.raises(ConfigurationError, match=re.escape("agent name must be a non-empty string")):
+        budget.agent(name, max_tokens=100)
+    with pytest.raises(ConfigurationError, match=re.escape("agent name must be a non-empty string or None")):
+        budget.agent(5)  # type: ignore[arg-type]
+    assert budget.report() == {}
+    assert not budget.store.has_agent(budget._key, "")
+    assert budget.contract(None).max_tokens is None  # the run itself got no allocation
+    _spend(budget, None, 200)  # and still draws on the run's limits only
+
+
+def _a_call(method: str):
+    """``method`` of a `Budget` called with the agent under test, and whatever else it needs."""
+    import asyncio
+
+    calls = {
+        "check": lambda b, a: b.check(a),
+        "acheck": lambda b, a: asyncio.run(b.acheck(a)),
+        "check_tool": lambda b, a: b.check_tool(a, "search"),
+        "acheck_tool": lambda b, a: asyncio.run(b.acheck_tool(a, "search")),
+        "begin_agent": lambda b, a: b.begin_agent(a),
+        "abegin_agent": lambda b, a: asyncio.run(b.abegin_agent(a)),
+        "reserve": lambda b, a: b.reserve(a, model=MODEL, prompt_tokens=1, max_output_tokens=1),
+        "areserve": lambda b, a: asyncio.run(b.areserve(a, model=MODEL, prompt_tokens=1, max_output_tokens=1)),
+        "llm_call": lambda b, a: b.llm_call(a, model=MODEL, prompt_tokens=1, max_output_tokens=1).__enter__(),
+        "record": lambda b, a: b.record(a, Usage(input_tokens=1), model=MODEL),
+        "set_confidence": lambda b, a: b.set_confidence(a, 0.5),
+        "reallocate": lambda b, a: b.reallocate(a, 5),
+        "skip": lambda b, a: b.skip(a),
+        "govern": lambda b, a: b.govern(a, model=MODEL),
+        "contract": lambda b, a: b.contract(a),
+        "has_agent": lambda b, a: b.has_agent(a),
+        "ensure_agent": lambda b, a: b.ensure_agent(a),
+        "aensure_agent": lambda b, a: asyncio.run(b.aensure_agent(a)),
+    }
+    return calls[method]
+
+
+_AGENT_METHODS = [
+    "check", "acheck", "check_tool", "acheck_tool", "begin_agent", "abegin_agent", "reserve", "areserve",
+    "llm_call", "record", "set_confidence", "reallocate", "skip", "govern", "contract", "has_agent",
+    "ensure_agent", "aensure_agent",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", _AGENT_METHODS)
+def test_every_entry_point_refuses_an_agent_name_no_agent_can_have(method):
+    budget = Budget(Limits(max_total_tokens=1_000, max_agents=5, max_tool_calls=5))
+    call = _a_call(method)
+    with pytest.raises(UsageError, match=re.escape("agent must be a non-empty string, or None for the run itself")):
+        call(budget, "")
+    with pytest.raises(TypeError, match=re.escape("agent must be a string, or None for the run itself, got int 5")):
+        call(budget, 5)
+    with pytest.raises(UsageError, match=re.escape("got list ['writer']")):  # also a UsageError; not "unhashable"
+        call(budget, ["writer"])
+    assert budget.ledger.history() == [] and budget.report() == {}
+    snap = budget.snapshot()
+    assert (snap.total_tokens, snap.held_tokens, snap.tool_calls, snap.agents_started) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("method", _AGENT_METHODS)
+def test_every_entry_point_still_takes_none_for_the_run_and_a_str_subclass_for_an_agent(method):
+    from enum import StrEnum
+
+    class Role(StrEnum):
+        WRITER = "writer"
+
+    budget = Budget(Limits(max_total_tokens=1_000, max_agents=5, max_tool_calls=5))
+    budget.agent(Role.WRITER, max_tokens=500)
+    budget.agent("editor", max_tokens=500, min_reserve=0)
+    call = _a_call(method)
+    for agent in (None, Role.WRITER):
+        if method == "reallocate" and agent is None:
+            continue  # the run has no allocation to top up
+        result = call(budget, agent)
+        assert not isinstance(result, Deny), (method, agent, result)
+    assert budget.report()["writer"]["allocated"] >= 500
+
+
+def test_a_tool_name_must_be_a_string():
+    import asyncio
+
+    budget = Budget(Limits(max_tool_calls=5))
+    budget.agent("writer")
+    with pytest.raises(TypeError, match=re.escape("tool must be a string (the tool's name), got int 5")):
+        budget.check_tool("writer", 5)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=re.escape("tool must be a string (the tool's name), got NoneType None")):
+        asyncio.run(budget.acheck_tool(None, None))  # type: ignore[arg-type]
+    assert budget.snapshot().tool_calls == 0 and budget.ledger.history() == []
+    assert budget.check_tool("writer", "search").allowed
+    assert budget.ledger.history(kind="tool")[0].location == "search"
 
 
 # -- reallocation rules (§6) -------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_bad_window_is_refused(window):
         ({"guards": [object()]}, "guards[0] has none of check_before_llm, record_after_llm, check_before_tool"),
         ({"on_soft_limit": "log"}, "on_soft_limit must be callable, got 'log'"),
         ({"charge_failed_calls": "no"}, "charge_failed_calls must be True or False, got 'no'"),
-        ({"allow_unpriced": 1}, "allow_unpriced must be True or False, got 1"),
+        ({"allow_unpriced": 1}, "allow_unpriced must be True, False or None (inherit), got 1"),
         ({"clock": 12.0}, "clock must be callable, got 12.0"),
         ({"run_id": 7}, "run_id must be a string, got 7"),
     ],

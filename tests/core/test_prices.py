@@ -384,6 +384,26 @@ def test_allow_unpriced_lets_an_unpriced_model_run_and_flags_it():
     assert snapshot.total_tokens == 14
 
 
+def test_a_child_budget_inherits_allow_unpriced_unless_given_its_own():
+    # SPEC §10: unpriced models are refused under a USD cap "unless the user opts into allowing it". A
+    # tenant that opted in runs its children under the same cap: their calls must not be refused.
+    tenant = Budget(Limits(max_cost_usd=5), name="tenant", allow_unpriced=True)
+    run = Budget(Limits(max_llm_calls=5), name="run", parent=tenant)
+    assert run.allow_unpriced is True
+    with run.llm_call(model="budgetary-test-finetune-4", prompt_tokens=10, max_output_tokens=10) as call:
+        with pytest.warns(UnpricedModelWarning):
+            call.settle({"prompt_tokens": 10, "completion_tokens": 4})
+    assert tenant.snapshot().unpriced_calls == 1
+    grandchild = Budget(name="step", parent=run)
+    assert grandchild.allow_unpriced is True  # through every level
+    strict = Budget(name="strict", parent=tenant, allow_unpriced=False)  # its own setting wins
+    with pytest.raises(BudgetExceeded, match=re.escape("or allow_unpriced=True to let it run uncounted")):
+        strict.reserve(model="budgetary-test-finetune-4", prompt_tokens=10, max_output_tokens=10)
+    lenient = Budget(name="lenient", parent=Budget(Limits(max_cost_usd=5), name="closed"), allow_unpriced=True)
+    assert lenient.reserve(model="budgetary-test-finetune-4", prompt_tokens=1, max_output_tokens=1).decision.allowed
+    assert Budget(name="default", parent=Budget(Limits(max_cost_usd=5))).allow_unpriced is False
+
+
 def test_a_price_override_lets_the_model_run_under_a_usd_cap():
     budget = Budget(Limits(max_cost_usd=5), prices={"budgetary-test-finetune-3": Price(input_mtok=1, output_mtok=2)})
     with budget.llm_call(model="budgetary-test-finetune-3", prompt_tokens=1_000, max_output_tokens=500) as call:

@@ -1055,9 +1055,10 @@ def test_async_runs_await_a_redis_store_on_their_loop(redis_url: str, key_prefix
         (lambda: BudgetCallbackHandler(None), "budget must be a Budget, got NoneType None"),
         (lambda: budget_scope("b").__enter__(), "budget must be a Budget, got str 'b'"),
         (lambda: BudgetCallbackHandler(Budget(), agent=5), "agent must be a str or None, got int 5"),
+        (lambda: BudgetCallbackHandler(Budget(), agent=""), "agent must be a non-empty str or None (the run itself)"),
         (lambda: BudgetCallbackHandler(Budget(), on_soft_limit=3), "on_soft_limit must be a callable or None, got int"),
     ],
-    ids=["handler-budget", "scope-budget", "handler-agent", "handler-on_soft_limit"],
+    ids=["handler-budget", "scope-budget", "handler-agent", "handler-empty-agent", "handler-on_soft_limit"],
 )
 def test_bad_arguments_fail_at_construction_naming_the_argument(build, message):
     with pytest.raises(ConfigurationError, match=re.escape(message)):

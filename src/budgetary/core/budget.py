@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -22,7 +23,7 @@ from budgetary.core._engine import UNPRICED, AgentState, Meta, Outcome, Vector, 
 from budgetary.core._lease import keeper
 from budgetary.core._units import COST, DIMENSIONS, IN, LLM, MAX_INT, OUT, TOTAL, nanos_to_usd, usd_to_nanos
 from budgetary.core.contract import AgentContract
-from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError
+from budgetary.core.errors import BudgetExceeded, ConfigurationError, UnknownAgent, UsageError, _UsageTypeError
 from budgetary.core.estimator import count_tokens, estimate_text_tokens, upper_bound
 from budgetary.core.gate import check_fraction
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit, combine_guards
@@ -64,6 +65,26 @@ T = TypeVar("T")
 
 _RUN_CONTRACT = AgentContract(name=None)
 """The contract of the agent ``None``, the budget itself (contracts are frozen: one serves every budget)."""
+
+
+def _refuse_agent(agent: Any) -> None:
+    """Raise for an ``agent`` argument no agent can have; return for a str subclass (a `StrEnum` role).
+
+    The run itself is ``None`` and every agent a non-empty string (SPEC §4). Callers test
+    ``agent is not None and (type(agent) is not str or not agent)`` inline first, so a valid
+    name costs no function call on the per-call paths.
+    """
+    if isinstance(agent, str):
+        if agent:
+            return
+        raise UsageError("agent must be a non-empty string, or None for the run itself, got ''")
+    raise _UsageTypeError(f"agent must be a string, or None for the run itself, got {type(agent).__name__} {agent!r}")
+
+
+def _refuse_tool(tool: Any) -> None:
+    """Raise for a ``tool`` argument that is not a string; return for a str subclass (tested inline first)."""
+    if not isinstance(tool, str):
+        raise _UsageTypeError(f"tool must be a string (the tool's name), got {type(tool).__name__} {tool!r}")
 
 
 class Reservation:
@@ -352,7 +373,10 @@ class Budget:
         name: The budget's name (shown in refusals and the ledger).
         mode: ``"reserve"`` (hold an estimate before each call; never exceeded when the provider
             honours ``max_tokens``) or ``"gate"`` (allow while nothing is exhausted).
-        parent: A parent budget (tenant, day) charged with everything this one spends.
+        parent: A parent budget (tenant, day) charged with everything this one spends. Children of one
+            parent with one name are one budget (they share counters, holds and agents): while one
+            lives in this process, building another with other `Limits` raises `ConfigurationError`
+            rather than silently changing the first's limits.
         guards: Host guards (see `BudgetGuard`); every one must allow.
         store: A store, its URL, or a redis-py client (sync, cluster or asyncio); default: the
             parent's store, else a new ``memory://``. A child shares its parent's store: it may be
@@ -363,6 +387,7 @@ class Budget:
         lease_ttl: Seconds a hold lives unless renewed; a dead worker's holds free themselves.
         charge_failed_calls: Charge a failed call's hold instead of releasing it.
         allow_unpriced: Under a USD cap, allow models with no known price (their cost is unknown).
+            Default (``None``): the parent's setting, else ``False``; ``True`` or ``False`` overrides it.
         prices: Per-model price overrides (`Price` or a mapping of its fields).
         clock: Seconds since the epoch; inject one in tests.
         run_id: Tag for ledger entries; default a new random id.
@@ -382,7 +407,7 @@ class Budget:
         default_output_reserve: int = 1024,
         lease_ttl: float = 60.0,
         charge_failed_calls: bool = False,
-        allow_unpriced: bool = False,
+        allow_unpriced: bool | None = None,
         prices: Mapping[str, Price | Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
         run_id: str | None = None,
@@ -401,10 +426,13 @@ class Budget:
             raise ConfigurationError(f"parent must be a Budget, got {type(parent).__name__}")
         if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, (int, float)) or not lease_ttl > 0:
             raise ConfigurationError(f"lease_ttl must be a positive number of seconds, got {lease_ttl!r}")
-        flags: dict[str, object] = {"charge_failed_calls": charge_failed_calls, "allow_unpriced": allow_unpriced}
-        for flag, value in flags.items():
-            if not isinstance(value, bool):  # a truthy "no" must not turn the option on
-                raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
+        if not isinstance(charge_failed_calls, bool):  # a truthy "no" must not turn the option on
+            raise ConfigurationError(f"charge_failed_calls must be True or False, got {charge_failed_calls!r}")
+        if allow_unpriced is None:
+            # A child runs under its parent's USD caps: it keeps the parent's opt-in (or opt-out) unless given its own.
+            allow_unpriced = parent.allow_unpriced if parent is not None else False
+        elif not isinstance(allow_unpriced, bool):
+            raise ConfigurationError(f"allow_unpriced must be True, False or None (inherit), got {allow_unpriced!r}")
         hooks: dict[str, object] = {"on_soft_limit": on_soft_limit, "clock": clock}
         for hook, value in hooks.items():
             if value is not None and not callable(value):
@@ -419,7 +447,7 @@ class Budget:
         self.default_output_reserve = _config_count(default_output_reserve, "default_output_reserve")
         self.lease_ttl = float(lease_ttl)
         self.charge_failed_calls = charge_failed_calls
-        self.allow_unpriced = allow_unpriced
+        self.allow_unpriced: bool = allow_unpriced
         self.run_id = run_id or uuid.uuid4().hex
         self._limits = limits
         self._clock = clock
@@ -429,6 +457,8 @@ class Budget:
         self._guards = combine_guards(guards) if guards else None
         self._listeners: list[Callable[[SoftLimit], Any]] = [on_soft_limit] if on_soft_limit else []
         self._contracts: dict[str | None, AgentContract] = {}
+        self._allocations: dict[str, tuple[str | None, int | Decimal | None]] = {}
+        """What `agent` registered each name with here: (unit, amount)."""
         self._hold_prefix = uuid.uuid4().hex[:12] + ":"
         self._hold_seq = itertools.count(1)
         _live_budgets.add(self)
@@ -453,6 +483,8 @@ class Budget:
         self._key = json.dumps(self._path, ensure_ascii=False)
         self._chain: tuple[str, ...] = (self._key, *(parent._chain if parent else ()))
         self._cost_capped: bool = limits.max_cost_usd is not None or (parent is not None and parent._cost_capped)
+        if parent is not None:
+            _claim_child(self, limits)
         self._store.ensure_budget(self._key, name, limits, clock())
 
     # -- configuration -----------------------------------------------------------------
@@ -484,9 +516,23 @@ class Budget:
     ) -> AgentContract:
         """Register an agent with its contract (see `AgentContract`) and return the contract.
 
-        Registering a name again updates its contract; allocation already moved
-        by transfers is kept when the unit does not change.
+        An allocation changes only by transfers (SPEC §5). Registering a name that is already
+        registered updates its priority, ``min_reserve`` and ``confidence_threshold`` and keeps the
+        allocation the store holds (transfers included); the returned contract, `contract` and
+        `report` all show that allocation. So this `Budget` registering a name again with another
+        allocation than it gave it before (another amount or unit) raises `ConfigurationError`
+        rather than being silently ignored. Another `Budget` of the same budget (a worker, a
+        restart) cannot tell a new allocation from transfers, so it gets the stored allocation,
+        except that registering another unit replaces it.
+
+        ``name`` is a non-empty string: the run itself (``None`` elsewhere) has no contract,
+        its `Limits` are its caps.
         """
+        if name is None:
+            raise ConfigurationError(
+                "agent name must be a non-empty string, got None (None is the run itself, which has no contract: "
+                "its caps are the budget's Limits)"
+            )
         contract = AgentContract(
             name=name,
             priority=priority,
@@ -495,8 +541,19 @@ class Budget:
             min_reserve=cast(Any, min_reserve),
             confidence_threshold=confidence_threshold,
         )
+        asked = (contract.unit, contract.allocation)
+        given = self._allocations.get(name)
+        if given is not None and given != asked:
+            raise ConfigurationError(
+                f"agent {name!r} is already registered with {_allocation_text(*given)}: an allocation changes "
+                f"only by transfers (budget.reallocate), so it cannot be registered again with "
+                f"{_allocation_text(*asked)}"
+            )
         self._store.ensure_agent(self._key, contract, replace=True)
-        self._contracts[name] = contract
+        self._allocations[name] = asked
+        # The store may hold another allocation (transfers, another worker's registration): keep and
+        # return its contract, so that this object never reads an allocation the store does not enforce.
+        contract = self._contracts[name] = self._stored_contract(name) or contract
         return contract
 
     def ensure_agent(self, name: str | None) -> AgentContract:
@@ -506,6 +563,8 @@ class Budget:
         """
         if name is None:
             return self.contract(None)
+        if type(name) is not str or not name:
+            _refuse_agent(name)
         contract = self._contracts.get(name)
         if contract is None:
             # Another worker may have registered the name with an allocation: replace=False keeps theirs,
@@ -516,12 +575,16 @@ class Budget:
 
     async def aensure_agent(self, name: str | None) -> AgentContract:
         """`ensure_agent` for async code: a new agent is registered off the event loop."""
+        if name is not None and (type(name) is not str or not name):
+            _refuse_agent(name)
         if name is None or name in self._contracts:
             return self.ensure_agent(name)  # nothing to register
         return await off_loop(self._store, self.ensure_agent, name)
 
     def contract(self, name: str | None) -> AgentContract:
         """The contract registered for ``name`` (here or by another worker sharing the store); raises `UnknownAgent`."""
+        if name is not None and (type(name) is not str or not name):
+            _refuse_agent(name)
         contract = self._contracts.get(name)
         if contract is None:
             if name is None:
@@ -533,6 +596,8 @@ class Budget:
 
     def has_agent(self, name: str | None) -> bool:
         """Whether ``name`` is registered (here or by another worker sharing the store)."""
+        if name is not None and (type(name) is not str or not name):
+            _refuse_agent(name)
         return name is None or name in self._contracts or self._store.has_agent(self._key, name)
 
     def add_soft_limit_listener(self, listener: Callable[[SoftLimit], Any]) -> Callable[[], None]:
@@ -544,10 +609,14 @@ class Budget:
 
     def check(self, agent: str | None = None) -> Decision:
         """Could an LLM call for ``agent`` start now? Changes nothing (counts what reallocation could bring)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         return self._with_host_check(self._store.check(self._chain, agent, self._clock()), agent)
 
     async def acheck(self, agent: str | None = None) -> Decision:
         """`check` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         store = self._store
         if not is_async_store(store):
             return await off_loop(store, self.check, agent)
@@ -571,6 +640,8 @@ class Budget:
         any worker sharing the store), the start is allowed without taking a slot: the task already
         took one before it was interrupted, and is re-run on resume.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         meta = Meta(run_id or self.run_id, None, location)
         marker = _once_marker(once)
         return self._counted(self._store.begin_agent(self._chain, agent, now=self._clock(), meta=meta, once=marker))
@@ -580,6 +651,8 @@ class Budget:
         once: str | None = None,
     ) -> Decision:  # fmt: skip
         """`begin_agent` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         store = self._store
         if not is_async_store(store):
             call = functools.partial(self.begin_agent, agent, run_id=run_id, location=location, once=once)
@@ -591,7 +664,11 @@ class Budget:
         )
 
     def check_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
-        """Decide a tool call for ``agent`` and, when it is allowed, count it."""
+        """Decide a tool call for ``agent`` and, when it is allowed, count it (``tool`` is the tool's name)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
+        if type(tool) is not str:
+            _refuse_tool(tool)
         meta = Meta(run_id or self.run_id, None, tool)
         host = self._host_tool_refusal(agent, tool)
         if host is not None:
@@ -601,6 +678,10 @@ class Budget:
 
     async def acheck_tool(self, agent: str | None = None, tool: str = "tool", *, run_id: str | None = None) -> Decision:
         """`check_tool` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
+        if type(tool) is not str:
+            _refuse_tool(tool)
         store = self._store
         if not is_async_store(store):
             return await off_loop(store, functools.partial(self.check_tool, agent, tool, run_id=run_id))
@@ -636,6 +717,8 @@ class Budget:
         ``messages``) plus ``max_output_tokens`` (or ``default_output_reserve``),
         priced for ``model``. Prefer `llm_call`, which also settles or releases.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         return self._reserve(agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
 
     async def areserve(
@@ -655,6 +738,8 @@ class Budget:
         A store with async twins (`AsyncStore`: Redis) is awaited on the running loop; SQLite is
         called in a worker thread, the memory store inline (it takes microseconds).
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         args = (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location)
         if is_async_store(self._store):
             return await self._areserve(*args)
@@ -811,6 +896,8 @@ class Budget:
         the yielded `Reservation`. Leaving without a settle charges the hold as
         an estimate; leaving by an exception releases it.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         return _LLMCall(self, (agent, model, messages, prompt_tokens, max_output_tokens, provider, run_id, location))
 
     def record(
@@ -825,6 +912,8 @@ class Budget:
         location: str | None = None,
     ) -> LedgerEntry:
         """Charge usage that happened without a reservation (after the fact); never refuses."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         if usage is None:
             raise UsageError("record() needs the usage to charge")
         parsed = Usage.from_provider(usage)
@@ -835,6 +924,8 @@ class Budget:
 
     def set_confidence(self, agent: str | None, confidence: float) -> None:
         """Report ``agent``'s confidence in its work, for the confidence gate."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         try:
             value = check_fraction(confidence, "confidence")
         except ConfigurationError as exc:
@@ -843,6 +934,8 @@ class Budget:
 
     def reallocate(self, agent: str | None, shortfall: int | Decimal | float | str) -> int | Decimal:
         """Pull up to ``shortfall`` (in ``agent``'s unit) from less important agents; return what moved."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         contract = self.contract(agent)
         if contract.unit == "usd":
             amount = coerce_cost(shortfall, "shortfall")
@@ -879,6 +972,8 @@ class Budget:
         location: str | None = None, run_id: str | None = None,
     ) -> Skipped:  # fmt: skip
         """Record that work was skipped for the budget and return the marker that takes its place."""
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         if not self.has_agent(agent):
             raise UnknownAgent(cast(str, agent), self.name)
         meta = Meta(run_id or self.run_id, None, location)
@@ -960,6 +1055,8 @@ class Budget:
         On refusal: raise `BudgetExceeded`, or return a `Skipped` with
         ``on_exhausted="skip"``.
         """
+        if agent is not None and (type(agent) is not str or not agent):
+            _refuse_agent(agent)
         if not self.has_agent(agent):
             raise UnknownAgent(cast(str, agent), self.name)
         policy = on_exhausted or self.on_exhausted
@@ -1124,6 +1221,49 @@ class Budget:
         return f"Budget(name={self.name!r}, mode={self.mode!r}, store={self._store.url!r})"
 
 
+# Live child budgets of this process, per (store, key): the limits they were built with and how many
+# objects hold them. Counted, not a WeakSet, so that an entry goes exactly when its last object does.
+_live_children: dict[tuple[int, str], list[Any]] = {}
+# Reentrant: the finalizer that releases an entry may run (garbage collection) inside a claim.
+_live_children_lock = threading.RLock()
+
+
+def _claim_child(budget: Budget, limits: Limits) -> None:
+    """Refuse a child that would change the limits of a same-named child still alive in this process.
+
+    Same-named children of one parent are one budget in the store (one key): the last one built
+    sets its limits (see `Store.ensure_budget`), so a second child with other limits would silently
+    re-cap the first, which still enforces, prices and reports by its own. Across processes the
+    last build still wins: a store cannot tell a conflicting worker from a restart with new limits
+    (docs/shared-budgets.md). Limits are compared as the store keeps them (caps in store units,
+    ``warn_at``, window length), so ``Limits(max_cost_usd=2)`` and ``Limits(max_cost_usd="2.00")`` agree.
+    """
+    slot = (id(budget._store), budget._key)  # the store outlives its budgets: its id is not reused meanwhile
+    signature = (tuple(limits.as_vector()), limits.warn_at, limits.window_seconds)
+    with _live_children_lock:
+        entry = _live_children.get(slot)
+        if entry is not None and entry[0] != signature:
+            parent = cast(Budget, budget.parent)
+            raise ConfigurationError(
+                f"budget {budget.name!r} under {parent.name!r} already exists in this process with other limits "
+                f"({entry[2]!r}, not {limits!r}); same-named children of one parent are one budget, so build "
+                "it with the same limits to share it, or give this child another name"
+            )
+        if entry is None:
+            entry = _live_children[slot] = [signature, 0, limits]
+        entry[1] += 1
+    weakref.finalize(budget, _release_child, slot)
+
+
+def _release_child(slot: tuple[int, str]) -> None:
+    with _live_children_lock:
+        entry = _live_children.get(slot)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del _live_children[slot]
+
+
 def _names_store(url: Any, budget: Budget) -> bool:
     """Whether the URL ``url`` names ``budget``'s store (so a child given it can share that store).
 
@@ -1132,6 +1272,13 @@ def _names_store(url: Any, budget: Budget) -> bool:
     if not isinstance(url, str) or isinstance(budget._store, MemoryStore):
         return False
     return url == budget._store_from or url == budget._store.url
+
+
+def _allocation_text(unit: str | None, amount: int | Decimal | None) -> str:
+    """An allocation as `Budget.agent` takes it: ``max_tokens=1000``, ``max_cost_usd=0.5`` or ``no allocation``."""
+    if unit is None:
+        return "no allocation"
+    return f"{'max_tokens' if unit == 'tokens' else 'max_cost_usd'}={amount}"
 
 
 def _contract_of(name: str, state: AgentState) -> AgentContract:

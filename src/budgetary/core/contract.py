@@ -42,8 +42,8 @@ class AgentContract:
     """Stop the agent's calls once it reports a confidence at or above this."""
 
     def __post_init__(self) -> None:
-        if self.name is not None and not isinstance(self.name, str):
-            raise ConfigurationError(f"agent name must be a string or None, got {self.name!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise ConfigurationError(f"agent name must be a non-empty string or None, got {self.name!r}")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or self.priority < 1:
             raise ConfigurationError(f"priority must be an integer >= 1, got {self.priority!r}")
         if self.max_tokens is not None and self.max_cost_usd is not None:

@@ -5,6 +5,7 @@ The tree::
     BudgetError
      ├── ConfigurationError (ValueError)   bad limits, contracts, store URLs, prices
      ├── UsageError (ValueError)           a caller passed a bad value (negative tokens, NaN, ...)
+     │    └── (also TypeError)             ... of the wrong type (an agent or tool name that is no string)
      ├── UnknownAgent (KeyError)           an agent name that was never registered
      ├── StoreError                        the storage backend failed
      └── BudgetExceeded (RuntimeError)     a call was refused by the budget
@@ -41,6 +42,14 @@ class ConfigurationError(BudgetError, ValueError):
 
 class UsageError(BudgetError, ValueError):
     """A caller passed a bad value; the message names the field."""
+
+
+class _UsageTypeError(UsageError, TypeError):
+    """A caller passed a value of the wrong type (an agent or tool name that is not a string).
+
+    Both a `UsageError`, like every bad argument budgetary refuses, and the `TypeError`
+    Python code expects for a wrong type: either ``except`` catches it.
+    """
 
 
 class UnknownAgent(BudgetError, KeyError):

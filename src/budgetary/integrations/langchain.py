@@ -607,6 +607,8 @@ def _check_arguments(budget: Any, agent: Any, on_soft_limit: Any) -> None:
         raise ConfigurationError(f"budget must be a Budget, got {type(budget).__name__} {budget!r}")
     if agent is not None and not isinstance(agent, str):
         raise ConfigurationError(f"agent must be a str or None, got {type(agent).__name__} {agent!r}")
+    if agent == "":  # no agent can have it (SPEC §4): refused here, not at the first call
+        raise ConfigurationError("agent must be a non-empty str or None (the run itself), got ''")
     if on_soft_limit is not None and not callable(on_soft_limit):
         raise ConfigurationError(
             f"on_soft_limit must be a callable or None, got {type(on_soft_limit).__name__} {on_soft_limit!r}"

@@ -491,18 +491,92 @@ def test_hostile_budget_names_reach_only_their_own_keys(open_store: Opener, name
     assert plain.ledger.history() == []
 
 
+def test_a_child_built_again_under_its_name_shares_it_or_is_refused_while_it_lives(open_store: Opener) -> None:
+    import gc
+
+    day = Budget(Limits(max_total_tokens=10_000, max_cost_usd=5), name="day", store=open_store())
+    first = Budget(Limits(max_total_tokens=100, max_cost_usd=2), name="run", parent=day)
+    message = "budget 'run' under 'day' already exists in this process with other limits"
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Budget(Limits(max_total_tokens=5_000, max_cost_usd=2), name="run", parent=day)
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Budget(Limits(max_total_tokens=100, max_cost_usd=2, warn_at=(0.5,)), name="run", parent=day)
+    assert first.snapshot().limits.max_total_tokens == 100  # not re-capped by the refused build
+    with pytest.raises(BudgetExceeded):
+        first.reserve(prompt_tokens=60, max_output_tokens=60)
+    # The same limits (however spelled) are the same budget: counters are shared.
+    twin = Budget(Limits(max_total_tokens=100, max_cost_usd="2.00"), name="run", parent=day)
+    twin.record(None, _usage(30, 30))
+    assert first.snapshot().total_tokens == 60
+    # Another name, or the same name under another parent, is another budget.
+    assert Budget(Limits(max_total_tokens=5_000), name="run-2", parent=day).snapshot().total_tokens == 0
+    other = Budget(Limits(), name="other", parent=day)
+    assert Budget(Limits(max_total_tokens=5_000), name="run", parent=other).snapshot().total_tokens == 0
+    # Once no object of it lives (a restarted worker), the last build sets its limits, as for a root.
+    del first
+    gc.collect()
+    with pytest.raises(ConfigurationError, match=re.escape(message)):  # the twin still lives
+        Budget(Limits(max_total_tokens=5_000), name="run", parent=day)
+    del twin
+    gc.collect()
+    again = Budget(Limits(max_total_tokens=5_000), name="run", parent=day)
+    assert (again.snapshot().limits.max_total_tokens, again.snapshot().total_tokens) == (5_000, 60)
+
+
+def test_an_agent_registered_again_has_one_allocation_everywhere(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=10_000), name="b", store=open_store())
+    budget.agent("writer", priority=2, max_tokens=1_000)
+    budget.agent("editor", priority=1, max_tokens=1_000, min_reserve=0)
+    refused = "agent 'writer' is already registered with max_tokens=1000: an allocation changes only by transfers"
+    with pytest.raises(ConfigurationError, match=re.escape(refused + " (budget.reallocate), so it cannot be "
+                                                           "registered again with max_tokens=5000")):  # fmt: skip
+        budget.agent("writer", max_tokens=5_000)
+    with pytest.raises(ConfigurationError, match=re.escape("registered again with max_cost_usd=1")):
+        budget.agent("writer", max_cost_usd="1")
+    assert budget.contract("writer").max_tokens == budget.report()["writer"]["allocated"] == 1_000
+    # The same allocation again updates the rest of the contract.
+    c = budget.agent("writer", priority=3, max_tokens=1_000, confidence_threshold=0.9)
+    assert (c.priority, c.confidence_threshold) == (3, 0.9) and budget.contract("writer") is c
+    # After a transfer, registering it again keeps the allocation transfers made, and every reading agrees.
+    assert budget.reallocate("writer", 500) == 500
+    c = budget.agent("writer", priority=3, max_tokens=1_000)
+    assert c.max_tokens == budget.contract("writer").max_tokens == budget.report()["writer"]["allocated"] == 1_500
+    # Another object of the budget (a worker, a restart) gets the allocation the store enforces, not the one it asked.
+    other = Budget(Limits(max_total_tokens=10_000), name="b", store=open_store())
+    c = other.agent("writer", priority=3, max_tokens=9_999)
+    assert c.max_tokens == other.contract("writer").max_tokens == other.report()["writer"]["allocated"] == 1_500
+    with pytest.raises(BudgetExceeded) as info:
+        other.reserve("writer", prompt_tokens=1_100, max_output_tokens=1_000)  # 2,100 > 1,500 + the editor's 500
+    assert info.value.resource == "allocation"
+
+
 def test_hostile_agent_names_are_data(open_store: Opener) -> None:
     budget = Budget(Limits(), name="b", store=open_store())
-    for i, name in enumerate(HOSTILE):
+    names = [n for n in HOSTILE if n]  # "" is no agent's name, like None (the run itself): both are refused
+    for i, name in enumerate(names):
         budget.agent(name, priority=1 + i % 3, max_tokens=100 + i)
-    budget.agent(None, max_tokens=7)
-    for name in HOSTILE:
+    for name in names:
         budget.record(name, _usage(1, 2))
     report = budget.report()
-    assert set(report) == set(HOSTILE)
-    assert all(report[n]["consumed"] == 3 for n in HOSTILE)
+    assert set(report) == set(names)
+    assert all(report[n]["consumed"] == 3 for n in names)
     assert budget.reallocate("a|b", 50) == 50
-    assert sum(v["allocated"] for v in budget.report().values()) == sum(100 + i for i in range(len(HOSTILE)))
+    assert sum(v["allocated"] for v in budget.report().values()) == sum(100 + i for i in range(len(names)))
+
+
+def test_an_agent_name_that_is_no_string_is_refused_before_reaching_any_store(open_store: Opener) -> None:
+    budget = Budget(Limits(max_total_tokens=100), name="b", store=open_store())
+    message = re.escape("agent must be a string, or None for the run itself, got int 7")
+    for call in (
+        lambda: budget.check(7),  # type: ignore[arg-type]
+        lambda: budget.reserve(7, prompt_tokens=1, max_output_tokens=1),  # type: ignore[arg-type]
+        lambda: budget.begin_agent(7),  # type: ignore[arg-type]
+        lambda: budget.check_tool(7, "t"),  # type: ignore[arg-type]
+        lambda: budget.has_agent(7),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=message):  # not the store's own error (Redis: "can only concatenate")
+            call()
+    assert budget.ledger.history() == []
 
 
 def test_shared_stores_refuse_names_with_a_lone_surrogate(open_shared_store: Opener) -> None:
