@@ -582,17 +582,26 @@ class Budget:
         return await off_loop(self._store, self.ensure_agent, name)
 
     def contract(self, name: str | None) -> AgentContract:
-        """The contract registered for ``name`` (here or by another worker sharing the store); raises `UnknownAgent`."""
+        """The contract registered for ``name`` (here or by another worker sharing the store); raises `UnknownAgent`.
+
+        Read from the store, so it shows the allocation in force: transfers (`reallocate`, or the
+        reallocation a call or an overrun triggered) change it after registration. The same
+        contract object is returned while nothing changed.
+        """
         if name is not None and (type(name) is not str or not name):
             _refuse_agent(name)
-        contract = self._contracts.get(name)
-        if contract is None:
-            if name is None:
-                return _RUN_CONTRACT
-            contract = self._remember(name, self._stored_contract(name))
-            if contract is None:
+        if name is None:
+            return _RUN_CONTRACT
+        kept = self._contracts.get(name)
+        stored = self._stored_contract(name)
+        if stored is None:
+            if kept is None:
                 raise UnknownAgent(name, self.name)
-        return contract
+            return kept
+        if kept is not None and stored == kept:
+            return kept  # the same object while nothing changed
+        self._contracts[name] = stored
+        return stored
 
     def has_agent(self, name: str | None) -> bool:
         """Whether ``name`` is registered (here or by another worker sharing the store)."""
@@ -936,7 +945,7 @@ class Budget:
         """Pull up to ``shortfall`` (in ``agent``'s unit) from less important agents; return what moved."""
         if agent is not None and (type(agent) is not str or not agent):
             _refuse_agent(agent)
-        contract = self.contract(agent)
+        contract = self._contracts.get(agent) or self.contract(agent)  # only its unit is read
         if contract.unit == "usd":
             amount = coerce_cost(shortfall, "shortfall")
             units = usd_to_nanos(amount) if amount is not None else 0

@@ -709,3 +709,19 @@ def test_once_must_name_something(open_store: Opener) -> None:
     with pytest.raises(ConfigurationError):
         budget.mark(None)  # type: ignore[arg-type]
     assert budget.snapshot().limits.max_total_tokens == 100 and budget.snapshot().agents_started == 0
+
+
+def test_contract_shows_the_allocation_transfers_left(open_store: Opener) -> None:
+    # SPEC §5: allocations change only by transfers, and contract() reads back the one in force,
+    # as report() does, after an explicit reallocation and after an overrun that reallocation covered.
+    budget = Budget(Limits(max_total_tokens=10_000), name="b", store=open_store())
+    writer = budget.agent("writer", priority=2, max_tokens=1_000)
+    budget.agent("editor", priority=1, max_tokens=1_000, min_reserve=0)
+    assert budget.reallocate("writer", 300) == 300
+    assert budget.contract("writer").max_tokens == budget.report()["writer"]["allocated"] == 1_300
+    assert budget.contract("editor").max_tokens == budget.report()["editor"]["allocated"] == 700
+    budget.record("writer", _usage(1_400, 100))  # 200 over: the editor covers it
+    assert budget.contract("writer").max_tokens == budget.report()["writer"]["allocated"] == 1_500
+    assert budget.contract("editor").max_tokens == budget.report()["editor"]["allocated"] == 500
+    assert writer.max_tokens == 1_000  # a contract is a value: the one agent() returned is unchanged
+    assert budget.contract("writer") is budget.contract("writer")  # read again, nothing changed
