@@ -349,3 +349,22 @@ def test_messages_that_are_no_prompt_are_a_usage_error(messages: Any) -> None:
                                                    f"got {type(messages).__name__}")):  # fmt: skip
         budget.reserve(messages=messages)
     assert budget.snapshot().held_tokens == 0
+
+
+@needs_cache
+def test_message_mappings_count_their_other_fields_not_nothing():
+    # Reserve mode holds the byte bound; a message shape whose text is not under "content" (Gemini's
+    # parts, OpenAI Responses items, a legacy function_call) must not be held as an empty prompt.
+    text = "otters hold hands while they sleep " * 20
+    shapes = [
+        {"role": "user", "parts": [{"text": text}]},
+        {"type": "function_call_output", "call_id": "call_1", "output": text},
+        {"type": "function_call", "call_id": "call_1", "name": "search", "arguments": text},
+        {"role": "assistant", "content": None, "function_call": {"name": "search", "arguments": text}},
+    ]
+    for message in shapes:
+        exact = count_tokens([message], "gpt-4o")
+        assert exact >= tokens(text) + framing(1), message
+        assert upper_bound([message]) >= exact
+    # A plain chat message counts as before: its content only.
+    assert count_tokens([{"role": "user", "content": text}], "gpt-4o") == tokens(text) + framing(1)

@@ -58,8 +58,9 @@ _NO_FIELDS: dict[str, Any] = {}
 def message_texts(messages: Any) -> list[str]:
     """The texts a prompt is made of: strings, chat dicts, LangChain messages, content parts.
 
-    Non-text parts (images, tool-call arguments) contribute their JSON text,
-    which over-counts rather than under-counts.
+    Non-text parts (images, tool-call arguments) and the other fields of a message
+    mapping (Gemini's ``parts``, a Responses item's ``output``) contribute their
+    text or JSON text, which over-counts rather than under-counts.
     """
     if messages is None:
         return []
@@ -85,7 +86,15 @@ def message_texts(messages: Any) -> list[str]:
             if fields.get("tool_calls"):
                 texts.append(_json(fields["tool_calls"]))
         elif isinstance(message, Mapping):
-            texts.append(_content_text(message.get("content")))
+            text = _content_text(message.get("content"))
+            if len(message) > 2 or "content" not in message:
+                # Other fields carry text too (Gemini's ``parts``, an OpenAI Responses item's ``output`` or
+                # ``arguments``, a legacy ``function_call``): count their JSON rather than nothing.
+                extra = [v if isinstance(v, str) else _json(v) for k, v in message.items()
+                         if k not in _COUNTED_KEYS and v is not None]  # fmt: skip
+                if extra:
+                    text = "\n".join([text, *extra]) if text else "\n".join(extra)
+            texts.append(text)
             if message.get("tool_calls"):
                 texts.append(_json(message["tool_calls"]))
         else:
@@ -96,6 +105,10 @@ def message_texts(messages: Any) -> list[str]:
             if tool_calls:
                 texts.append(_json(tool_calls))
     return texts
+
+
+_COUNTED_KEYS = frozenset({"role", "content", "tool_calls"})
+"""Fields of a message mapping counted on their own (any other field is counted as its text or JSON)."""
 
 
 def _content_text(content: Any) -> str:
