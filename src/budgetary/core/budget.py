@@ -418,6 +418,8 @@ class Budget:
             raise ConfigurationError(f"limits must be a Limits, got {type(limits).__name__}")
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+        if type(name) is not str:  # a str subclass (a StrEnum member): every store keeps the plain string
+            name = str.__str__(name)
         if mode not in ("reserve", "gate"):
             raise ConfigurationError(f"mode must be 'reserve' or 'gate', got {mode!r}")
         if on_exhausted not in POLICIES:
@@ -1347,7 +1349,7 @@ def _once_marker(once: Any) -> str | None:
         return None
     if not isinstance(once, str) or not once:
         raise ConfigurationError(f"once must be a non-empty str or None, got {type(once).__name__} {once!r}")
-    return once
+    return once if type(once) is str else str.__str__(once)  # a str subclass travels as its plain string
 
 
 def _config_count(value: Any, name: str) -> int:

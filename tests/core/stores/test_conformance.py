@@ -7,6 +7,7 @@ require identical decisions, snapshots, reports and ledgers.
 
 from __future__ import annotations
 
+import enum
 import re
 import threading
 from decimal import Decimal
@@ -725,3 +726,22 @@ def test_contract_shows_the_allocation_transfers_left(open_store: Opener) -> Non
     assert budget.contract("editor").max_tokens == budget.report()["editor"]["allocated"] == 500
     assert writer.max_tokens == 1_000  # a contract is a value: the one agent() returned is unchanged
     assert budget.contract("writer") is budget.contract("writer")  # read again, nothing changed
+
+
+class _Name(str, enum.Enum):
+    DAY = "day"
+    RUN = "run"
+    RESUME = "resume-1"
+
+
+def test_str_subclass_budget_names_and_once_markers_work_in_every_store(open_store: Opener) -> None:
+    # Names may be str subclasses (StrEnum members), as agent names may; Redis packed them as bytes
+    # and raised TypeError for a budget name and for a once marker.
+    day = Budget(Limits(max_total_tokens=1_000, max_agents=1), name=_Name.DAY, store=open_store())
+    run = Budget(Limits(max_total_tokens=500), name=_Name.RUN, parent=day)
+    assert type(run.name) is str and run.snapshot().budget == "run" and run.snapshot().parent.budget == "day"
+    assert run.top_up(once=_Name.RESUME, total_tokens=10) is True
+    assert run.top_up(once="resume-1", total_tokens=10) is False  # one marker, however it is spelled
+    assert run.mark(_Name.RUN) is True and run.mark("run") is False
+    assert run.begin_agent(once=_Name.RUN).allowed and run.snapshot().agents_started == 0
+    assert run.snapshot().limits.max_total_tokens == 510
