@@ -1148,3 +1148,33 @@ def test_a_budget_node_called_directly_applies_skip_and_refuses_to_pause():
         asyncio.run(critique({"topic": "otters"}))
     assert info.value.resource == "llm_calls" and info.value.agent == "critic"
     assert model.calls.count == 0
+
+
+def test_a_budget_node_called_inside_a_chain_outside_any_graph_is_named_by_its_function():
+    # Called from a LangChain runnable (a RunnableLambda in a unit test, a chain step): there is a
+    # run config, but no LangGraph node to name the agent; the function's (or runnable's) name does.
+    from langchain_core.runnables import RunnableLambda
+
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=5))
+
+    @budget_node(budget)
+    def summarise(state: Research) -> dict:
+        return {"notes": [model.invoke("summarise").content]}
+
+    @budget_node(budget)
+    async def asummarise(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("summarise")).content]}
+
+    review = budget_node(RunnableLambda(lambda s: {"notes": [model.invoke("review").content]}, name="review"), budget)
+
+    assert RunnableLambda(summarise).invoke({"topic": "otters"}) == {"notes": ["ok"]}
+    assert asyncio.run(RunnableLambda(asummarise).ainvoke({"topic": "otters"})) == {"notes": ["ok"]}
+    assert review.invoke({"topic": "otters"}) == {"notes": ["ok"]}
+    starts = budget.ledger.history(kind="agent_start")
+    assert [(e.agent, e.location) for e in starts] == [
+        ("summarise", "summarise"),
+        ("asummarise", "asummarise"),
+        ("review", "review"),
+    ]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["summarise", "asummarise", "review"]

@@ -163,7 +163,7 @@ class _Governor:
         self.by_node = by_node
 
     def names(self, config: Mapping[str, Any]) -> tuple[str, str | None]:
-        node = self.node or config.get("metadata", {}).get("langgraph_node") or "node"
+        node = self.node or config.get("metadata", {}).get("langgraph_node") or self.unnamed
         return node, node if self.by_node else self.agent
 
     def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
@@ -328,6 +328,8 @@ class _Governor:
 
     node_is_tools = False
     node_is_model = False
+    unnamed = "node"
+    """The node's name where no LangGraph node names it: a `budget_node` run outside any graph (in a chain)."""
 
 
 class _RunHandler(BudgetCallbackHandler):
@@ -744,13 +746,16 @@ def budget_node(
     governor = _Governor(budget, None, agent, on_exhausted, _Options(skip_key=True), agent is None)
     if isinstance(fn, Runnable):
         governor.node_is_tools = _is_tool_node(fn)
+        governor.unnamed = fn.get_name()  # what add_node would name it
         return _mark(_wrap_runnable(fn, governor), governor)
     func = fn
 
     def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
         return {**kwargs, "config": node_config} if "config" in kwargs else kwargs
 
-    name = getattr(func, "__name__", None) or type(func).__name__
+    # Named as `add_node` would name the function: outside any graph (a unit test, a chain step) no
+    # LangGraph node names it.
+    name = governor.unnamed = getattr(func, "__name__", None) or type(func).__name__
 
     def run_config(kwargs: dict[str, Any]) -> Any:
         if var_child_runnable_config.get() is not None:
