@@ -1178,3 +1178,39 @@ def test_a_budget_node_called_inside_a_chain_outside_any_graph_is_named_by_its_f
         ("review", "review"),
     ]
     assert [e.agent for e in budget.ledger.history(kind="llm")] == ["summarise", "asummarise", "review"]
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+@pytest.mark.parametrize("checkpointer", [None, "memory"])
+def test_a_node_retried_by_its_retry_policy_keeps_its_agent_slot_with_or_without_a_checkpointer(checkpointer, runner):
+    # A RetryPolicy retry re-runs the same task after a transient error: like a resume, it takes
+    # no second max_agents slot, whether or not the graph checkpoints.
+    model = fake()
+    failures = [ConnectionError("transient")]
+
+    def flaky(state: Research) -> dict:
+        reply = model.invoke("plan")
+        if failures:
+            raise failures.pop()
+        return {"notes": [reply.content]}
+
+    async def aflaky(state: Research) -> dict:
+        reply = await model.ainvoke("plan")
+        if failures:
+            raise failures.pop()
+        return {"notes": [reply.content]}
+
+    builder = StateGraph(Research)
+    retry = RetryPolicy(max_attempts=3, initial_interval=0.001, retry_on=ConnectionError)
+    builder.add_node("planner", aflaky if runner == "async" else flaky, retry_policy=retry)
+    builder.add_edge(START, "planner")
+    budget = Budget(Limits(max_agents=1))  # the graph's one node execution
+    app = govern_graph(builder, budget, checkpointer=InMemorySaver() if checkpointer else None)
+    config = {"configurable": {"thread_id": "1"}}
+    if runner == "sync":
+        done = app.invoke({"topic": "x"}, config)
+    else:
+        done = asyncio.run(app.ainvoke({"topic": "x"}, config))
+    assert done["notes"] == ["ok"] and model.calls.count == 2  # retried once
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["planner"]
+    assert not budget.ledger.history(kind="deny")
