@@ -1148,3 +1148,69 @@ def test_a_budget_node_called_directly_applies_skip_and_refuses_to_pause():
         asyncio.run(critique({"topic": "otters"}))
     assert info.value.resource == "llm_calls" and info.value.agent == "critic"
     assert model.calls.count == 0
+
+
+def test_a_budget_node_called_inside_a_chain_outside_any_graph_is_named_by_its_function():
+    # Called from a LangChain runnable (a RunnableLambda in a unit test, a chain step): there is a
+    # run config, but no LangGraph node to name the agent; the function's (or runnable's) name does.
+    from langchain_core.runnables import RunnableLambda
+
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=5))
+
+    @budget_node(budget)
+    def summarise(state: Research) -> dict:
+        return {"notes": [model.invoke("summarise").content]}
+
+    @budget_node(budget)
+    async def asummarise(state: Research) -> dict:
+        return {"notes": [(await model.ainvoke("summarise")).content]}
+
+    review = budget_node(RunnableLambda(lambda s: {"notes": [model.invoke("review").content]}, name="review"), budget)
+
+    assert RunnableLambda(summarise).invoke({"topic": "otters"}) == {"notes": ["ok"]}
+    assert asyncio.run(RunnableLambda(asummarise).ainvoke({"topic": "otters"})) == {"notes": ["ok"]}
+    assert review.invoke({"topic": "otters"}) == {"notes": ["ok"]}
+    starts = budget.ledger.history(kind="agent_start")
+    assert [(e.agent, e.location) for e in starts] == [
+        ("summarise", "summarise"),
+        ("asummarise", "asummarise"),
+        ("review", "review"),
+    ]
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["summarise", "asummarise", "review"]
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+@pytest.mark.parametrize("checkpointer", [None, "memory"])
+def test_a_node_retried_by_its_retry_policy_keeps_its_agent_slot_with_or_without_a_checkpointer(checkpointer, runner):
+    # A RetryPolicy retry re-runs the same task after a transient error: like a resume, it takes
+    # no second max_agents slot, whether or not the graph checkpoints.
+    model = fake()
+    failures = [ConnectionError("transient")]
+
+    def flaky(state: Research) -> dict:
+        reply = model.invoke("plan")
+        if failures:
+            raise failures.pop()
+        return {"notes": [reply.content]}
+
+    async def aflaky(state: Research) -> dict:
+        reply = await model.ainvoke("plan")
+        if failures:
+            raise failures.pop()
+        return {"notes": [reply.content]}
+
+    builder = StateGraph(Research)
+    retry = RetryPolicy(max_attempts=3, initial_interval=0.001, retry_on=ConnectionError)
+    builder.add_node("planner", aflaky if runner == "async" else flaky, retry_policy=retry)
+    builder.add_edge(START, "planner")
+    budget = Budget(Limits(max_agents=1))  # the graph's one node execution
+    app = govern_graph(builder, budget, checkpointer=InMemorySaver() if checkpointer else None)
+    config = {"configurable": {"thread_id": "1"}}
+    if runner == "sync":
+        done = app.invoke({"topic": "x"}, config)
+    else:
+        done = asyncio.run(app.ainvoke({"topic": "x"}, config))
+    assert done["notes"] == ["ok"] and model.calls.count == 2  # retried once
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["planner"]
+    assert not budget.ledger.history(kind="deny")

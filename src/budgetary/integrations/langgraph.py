@@ -103,6 +103,9 @@ class _RunState:
     """Set by ``invoke``: the next stream of the run is its own graph's (see `claim`)."""
     chunks: list[Any] | None = None
     """The chunks of that stream, kept when ``invoke`` returns them (a ``stream_mode`` other than ``values``)."""
+    failed: set[str] = field(default_factory=set)
+    """Tasks (checkpoint namespaces) that failed after they took their ``max_agents`` slot, in a run with no
+    checkpointer: a retry re-running one takes no second slot (a checkpointed run marks them in the store)."""
 
     def claim(self) -> bool:
         """Whether a stream of this run is the one ``invoke`` runs through, whose chunks `observe` keeps.
@@ -122,6 +125,9 @@ class _RunState:
         elif isinstance(chunk, dict) and chunk.get("type") == "values":
             self.latest = chunk.get("data")
 
+
+_RETRY = "retry"
+"""`_Governor.start_marker` of a task that failed earlier in a run with no checkpointer: a retry, admitted as it is."""
 
 _RUN_KEY = "__budgetary_run"
 """Configurable key carrying a governed run's `_RunState` to its nodes and nested graphs.
@@ -163,7 +169,7 @@ class _Governor:
         self.by_node = by_node
 
     def names(self, config: Mapping[str, Any]) -> tuple[str, str | None]:
-        node = self.node or config.get("metadata", {}).get("langgraph_node") or "node"
+        node = self.node or config.get("metadata", {}).get("langgraph_node") or self.unnamed
         return node, node if self.by_node else self.agent
 
     def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
@@ -191,6 +197,8 @@ class _Governor:
         """(True, None, interrupts made) to run the node, else (False, the node's result under the policy, _)."""
         _end_if_ending(state, config)
         once = self.start_marker(config)
+        if once is _RETRY:
+            return True, None, 0
         attempt = 0
         while not (decision := self.budget.begin_agent(agent, location=node, once=once)).allowed:
             again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt)
@@ -205,6 +213,8 @@ class _Governor:
         """`enter` for async nodes: every store call is awaited or made off the event loop."""
         _end_if_ending(state, config)
         once = self.start_marker(config)
+        if once is _RETRY:
+            return True, None, 0
         attempt = 0
         while not (decision := await self.budget.abegin_agent(agent, location=node, once=once)).allowed:
             exc = await self.budget.aexceeded(decision, agent)
@@ -219,14 +229,22 @@ class _Governor:
         """What marks this node execution's start when a resume may re-run it: its task (checkpoint namespace).
 
         A node that fails or pauses after it took its ``max_agents`` slot is marked (`started`);
-        the resume re-running it, in this process or another, finds the mark and takes no second slot.
+        the resume (or ``RetryPolicy`` retry) re-running it, in this process or another, finds the
+        mark and takes no second slot. In a run with no checkpointer only a retry re-runs a task, in
+        this process: the run remembers it (`_RETRY` if this one failed before, else None).
         """
         task = config.get("metadata", {}).get("langgraph_checkpoint_ns")
+        if not task:
+            return None
         run = _run_of(config)  # None for a `budget_node` in a graph govern_graph did not wrap: it may resume
-        return f"start:{task}" if task and (run is None or run.resumable) else None
+        if run is None or run.resumable:
+            return f"start:{task}"
+        return _RETRY if task in run.failed else None
 
     def started(self, config: Mapping[str, Any]) -> None:
         """Mark the start of a node execution that ends by an exception (see `start_marker`)."""
+        if self._failed_in_run(config):
+            return
         marker = self.start_marker(config)
         if marker is not None:
             try:
@@ -235,8 +253,20 @@ class _Governor:
                 logger.warning("could not mark the start of %s; a resume re-running it takes another slot", marker)
 
     async def astarted(self, config: Mapping[str, Any]) -> None:
-        if self.start_marker(config) is not None:
+        if not self._failed_in_run(config) and self.start_marker(config) is not None:
             await self.budget.off_loop(self.started, config)
+
+    @staticmethod
+    def _failed_in_run(config: Mapping[str, Any]) -> bool:
+        """Remember a failed task of a run with no checkpointer in the run (see `start_marker`); False otherwise."""
+        run = _run_of(config)
+        if run is None or run.resumable:
+            return False
+        task = config.get("metadata", {}).get("langgraph_checkpoint_ns")
+        if task:
+            with run.lock:
+                run.failed.add(task)
+        return True
 
     def refused(self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int) -> tuple[bool, Any]:
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
@@ -328,6 +358,8 @@ class _Governor:
 
     node_is_tools = False
     node_is_model = False
+    unnamed = "node"
+    """The node's name where no LangGraph node names it: a `budget_node` run outside any graph (in a chain)."""
 
 
 class _RunHandler(BudgetCallbackHandler):
@@ -744,13 +776,16 @@ def budget_node(
     governor = _Governor(budget, None, agent, on_exhausted, _Options(skip_key=True), agent is None)
     if isinstance(fn, Runnable):
         governor.node_is_tools = _is_tool_node(fn)
+        governor.unnamed = fn.get_name()  # what add_node would name it
         return _mark(_wrap_runnable(fn, governor), governor)
     func = fn
 
     def with_config(kwargs: dict[str, Any], node_config: Any) -> dict[str, Any]:
         return {**kwargs, "config": node_config} if "config" in kwargs else kwargs
 
-    name = getattr(func, "__name__", None) or type(func).__name__
+    # Named as `add_node` would name the function: outside any graph (a unit test, a chain step) no
+    # LangGraph node names it.
+    name = governor.unnamed = getattr(func, "__name__", None) or type(func).__name__
 
     def run_config(kwargs: dict[str, Any]) -> Any:
         if var_child_runnable_config.get() is not None:
