@@ -991,3 +991,19 @@ def test_crew_from_checkpoint_keeps_the_budget_of_its_governed_original(checkpoi
     govern_crew(restored, other)  # governed again: its own budget from now on
     restored.kickoff()
     assert budget.snapshot().llm_calls == 2 and other.snapshot().llm_calls == 1
+
+
+def test_crew_from_checkpoint_after_a_resumed_kickoff_keeps_the_budget(checkpointed_crew):
+    import gc
+
+    crew, budget, checkpoint = checkpointed_crew
+    try:  # resumes a new crew of crew's id, gone once the kickoff ends (no ExceptionInfo keeps it)
+        crew.kickoff(from_checkpoint=checkpoint)
+    except CrewBudgetExceeded:
+        pass
+    gc.collect()
+    with pytest.raises(CrewBudgetExceeded):
+        Crew.from_checkpoint(checkpoint).kickoff()
+    with pytest.raises(CrewBudgetExceeded):
+        Crew.fork(checkpoint).kickoff()
+    assert budget.snapshot().llm_calls == 2 and budget.snapshot().held_llm_calls == 0

@@ -619,7 +619,7 @@ def _governed_copy(copy: Any) -> Any:
         clone = copy(self, *args, **kwargs)
         gov = getattr(self, _ATTR, None)
         if gov is not None:
-            _attach(clone, gov)
+            _attach(clone, gov, governs=False)
         return clone
 
     return governed
@@ -728,7 +728,7 @@ def _governed_restore(apply: Any) -> Any:
         restored = apply(instance, from_checkpoint)
         gov = getattr(instance, _ATTR, None)
         if restored is not None and gov is not None:
-            _attach(restored, gov)
+            _attach(restored, gov, governs=False)
         return restored
 
     return governed
@@ -747,7 +747,7 @@ def _governed_from_checkpoint(from_checkpoint: Any) -> Any:
         original = _governed_crews.get(str(getattr(crew, "id", "")))
         gov = getattr(original, _ATTR, None)
         if gov is not None and getattr(crew, _ATTR, None) is None:
-            _attach(crew, gov)
+            _attach(crew, gov, governs=False)
         return crew
 
     return classmethod(restore)
@@ -857,9 +857,18 @@ def _names_to_strings(mapping: Any, values: Callable[[Any], bool]) -> bool:
     return isinstance(mapping, Mapping) and all(isinstance(k, str) and values(v) for k, v in mapping.items())
 
 
-def _attach(crew: Any, gov: _Governance) -> None:
+def _attach(crew: Any, gov: _Governance, *, governs: bool = True) -> None:
+    """Put ``crew`` under ``gov``; ``governs=False`` for a crew that only inherits it (a copy, a restore).
+
+    An inheriting crew is found by `Crew.from_checkpoint` only while no governed crew with its id lives:
+    a crew restored by ``kickoff(from_checkpoint=...)`` has its original's id, and replacing the original
+    there would leave `Crew.from_checkpoint` ungoverned once the (short-lived) restored crew is gone.
+    """
     object.__setattr__(crew, _ATTR, gov)
-    _governed_crews[str(crew.id)] = crew
+    if governs:
+        _governed_crews[str(crew.id)] = crew
+    else:
+        _governed_crews.setdefault(str(crew.id), crew)
 
 
 @contextmanager
