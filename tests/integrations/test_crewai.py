@@ -1007,3 +1007,54 @@ def test_crew_from_checkpoint_after_a_resumed_kickoff_keeps_the_budget(checkpoin
     with pytest.raises(CrewBudgetExceeded):
         Crew.fork(checkpoint).kickoff()
     assert budget.snapshot().llm_calls == 2 and budget.snapshot().held_llm_calls == 0
+
+
+def _searching_forever() -> tuple[Any, Any]:
+    """A search tool and a responder that keeps calling it until CrewAI forces a final answer."""
+
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "more to read"
+
+    def responder(messages, index, agent, task):
+        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
+            return "Thought: forced\nFinal Answer: best effort"
+        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    return search, responder
+
+
+def test_agent_kickoff_in_budget_scope_charges_its_agent_less_calls_to_the_agent():
+    search, responder = _searching_forever()
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    budget = Budget()
+    with budget_scope(budget):
+        agent.kickoff("Research otters")
+    assert any(r["agent"] is None for r in fake.calls.records), "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count and {e.agent for e in entries} == {"Researcher"}
+    assert budget.report()["Researcher"]["consumed"] == 120 * fake.calls.count
+
+
+def test_a_task_a_flow_runs_itself_charges_its_agent_less_calls_to_its_agent_and_name():
+    from crewai.flow.flow import Flow, start
+
+    search, responder = _searching_forever()
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+
+    class Research(Flow):  # type: ignore[type-arg]
+        @start()
+        def go(self) -> str:
+            return task.execute_sync().raw
+
+    budget = Budget()
+    with budget_scope(budget):
+        Research().kickoff()
+    assert any(r["agent"] is None for r in fake.calls.records), "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count >= 2
+    assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}
