@@ -907,6 +907,8 @@ def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator
     ``llm.call()``/``acall()`` made outside those is reserved and charged too (to the budget's run,
     no agent unless it passes ``from_agent``); a refusal raises `CrewBudgetExceeded` from the call,
     whatever the policy (there is no task to skip). A crew governed by `govern_crew` keeps its own budget.
+    The scope follows the context: threads the block starts itself (``threading.Thread``, a bare
+    ``ThreadPoolExecutor``) do not see it unless their work runs in ``contextvars.copy_context()``.
 
     Example:
         ```python
