@@ -991,3 +991,70 @@ def test_crew_from_checkpoint_keeps_the_budget_of_its_governed_original(checkpoi
     govern_crew(restored, other)  # governed again: its own budget from now on
     restored.kickoff()
     assert budget.snapshot().llm_calls == 2 and other.snapshot().llm_calls == 1
+
+
+def test_crew_from_checkpoint_after_a_resumed_kickoff_keeps_the_budget(checkpointed_crew):
+    import gc
+
+    crew, budget, checkpoint = checkpointed_crew
+    try:  # resumes a new crew of crew's id, gone once the kickoff ends (no ExceptionInfo keeps it)
+        crew.kickoff(from_checkpoint=checkpoint)
+    except CrewBudgetExceeded:
+        pass
+    gc.collect()
+    with pytest.raises(CrewBudgetExceeded):
+        Crew.from_checkpoint(checkpoint).kickoff()
+    with pytest.raises(CrewBudgetExceeded):
+        Crew.fork(checkpoint).kickoff()
+    assert budget.snapshot().llm_calls == 2 and budget.snapshot().held_llm_calls == 0
+
+
+def _searching_forever() -> tuple[Any, Any]:
+    """A search tool and a responder that keeps calling it until CrewAI forces a final answer."""
+
+    @tool("search")
+    def search(query: str) -> str:
+        """Search the web."""
+        return "more to read"
+
+    def responder(messages, index, agent, task):
+        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
+            return "Thought: forced\nFinal Answer: best effort"
+        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    return search, responder
+
+
+def test_agent_kickoff_in_budget_scope_charges_its_agent_less_calls_to_the_agent():
+    search, responder = _searching_forever()
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    budget = Budget()
+    with budget_scope(budget):
+        agent.kickoff("Research otters")
+    assert any(r["agent"] is None for r in fake.calls.records), "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count and {e.agent for e in entries} == {"Researcher"}
+    assert budget.report()["Researcher"]["consumed"] == 120 * fake.calls.count
+
+
+def test_a_task_a_flow_runs_itself_charges_its_agent_less_calls_to_its_agent_and_name():
+    from crewai.flow.flow import Flow, start
+
+    search, responder = _searching_forever()
+    fake = llm(responder=responder)
+    agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=agent)
+
+    class Research(Flow):  # type: ignore[type-arg]
+        @start()
+        def go(self) -> str:
+            return task.execute_sync().raw
+
+    budget = Budget()
+    with budget_scope(budget):
+        Research().kickoff()
+    assert any(r["agent"] is None for r in fake.calls.records), "CrewAI made no agent-less call"
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count >= 2
+    assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}

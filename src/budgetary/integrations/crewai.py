@@ -75,6 +75,7 @@ from typing import Any
 try:
     import crewai.crew as crew_module
     from crewai import Crew, Task
+    from crewai.agents.agent_builder.base_agent_executor import BaseAgentExecutor
     from crewai.context import get_current_task_id
     from crewai.hooks import (
         HookAborted,
@@ -180,13 +181,21 @@ class _Run:
     lock: threading.Lock = field(default_factory=threading.Lock)
     scope: bool = False
     """A `budget_scope`'s own run, for its bare ``llm.call()``: a refusal reaches the caller and ends nothing."""
+    agent_role: str | None = None
+    """The role of a standalone ``Agent.kickoff``'s agent: its run's agent-less calls outside a known task."""
 
     def role_for(self, agent: Any, task: Any) -> str | None:
         role = getattr(agent, "role", None)
         if role is None:  # agent-less calls (the forced final answer after max_iter): the current task's agent
             task_id = str(getattr(task, "id", None) or get_current_task_id() or "")
-            role = self.task_roles.get(task_id)
+            role = self.task_roles[task_id] if task_id in self.task_roles else self.agent_role
         return role
+
+    def add_task(self, task: Any, role: str | None) -> None:
+        """Know ``task`` (run by an agent of ``role``): its agent-less calls are charged to that role."""
+        self.task_roles[str(task.id)] = role
+        self.task_names[str(task.id)] = getattr(task, "name", None)
+        self.tasks[str(task.id)] = task
 
     def own_task(self, agent: Any, task: Any) -> Any:
         """The task, else the crew task under way when ``agent`` is its own (an agent's planning call)."""
@@ -265,16 +274,16 @@ def _execution_start(ctx: Any) -> None:
     if getattr(crew, "process", None) == "hierarchical":
         default_role = getattr(getattr(crew, "manager_agent", None), "role", None) or MANAGER_ROLE
     owner = crew if crew is not None else getattr(ctx, "flow", None)
-    _open(gov, owner, enclosing, getattr(crew, "tasks", None) or [], default_role)
+    run = _open(gov, owner, enclosing, getattr(crew, "tasks", None) or [], default_role)
+    if isinstance(owner, BaseAgentExecutor):  # ``Agent.kickoff`` runs its executor as a flow
+        run.agent_role = getattr(owner.agent, "role", None)
 
 
 def _open(gov: _Governance, owner: Any, outer: _Run | None, tasks: Sequence[Any], default_role: str | None) -> _Run:
     """Make a run of ``tasks`` by ``owner`` current (its end, or `_close_abandoned`, closes it); return it."""
     run = _Run(gov, owner=owner, outer=outer)
     for task in tasks:
-        run.task_roles[str(task.id)] = getattr(getattr(task, "agent", None), "role", None) or default_role
-        run.task_names[str(task.id)] = getattr(task, "name", None)
-        run.tasks[str(task.id)] = task
+        run.add_task(task, getattr(getattr(task, "agent", None), "role", None) or default_role)
     _run.set(run)
     return run
 
@@ -619,7 +628,7 @@ def _governed_copy(copy: Any) -> Any:
         clone = copy(self, *args, **kwargs)
         gov = getattr(self, _ATTR, None)
         if gov is not None:
-            _attach(clone, gov)
+            _attach(clone, gov, governs=False)
         return clone
 
     return governed
@@ -682,7 +691,7 @@ def _task_run(execute: Any) -> Any:
     @functools.wraps(execute)
     def governed(self: Any, agent: Any = None, *args: Any, **kwargs: Any) -> Any:
         scope = _scope.get()
-        if scope is None or _run.get() is not None:
+        if _join_run(self, agent) or scope is None:
             return execute(self, agent, *args, **kwargs)
         _open_task_run(scope, self, agent)
         try:
@@ -699,7 +708,7 @@ def _atask_run(execute: Any) -> Any:
     @functools.wraps(execute)
     async def governed(self: Any, agent: Any = None, *args: Any, **kwargs: Any) -> Any:
         scope = _scope.get()
-        if scope is None or _run.get() is not None:
+        if _join_run(self, agent) or scope is None:
             return await execute(self, agent, *args, **kwargs)
         _open_task_run(scope, self, agent)
         try:
@@ -710,10 +719,28 @@ def _atask_run(execute: Any) -> Any:
     return governed
 
 
-def _open_task_run(scope: _Scope, task: Any, agent: Any) -> None:
-    run = _open(scope.gov, task, None, [task], None)
+def _join_run(task: Any, agent: Any) -> bool:
+    """Whether a run is under way: a task run in it (a crew's, or one a flow runs itself) is its work.
+
+    A task the run does not know yet (run by a flow step, a tool) is added to it, so that its agent-less
+    calls (the forced final answer) are charged to its agent and its name, as a crew's tasks are.
+    """
+    run = _run.get()
+    if run is None:
+        return False
+    if str(task.id) not in run.task_roles:
+        run.add_task(task, _runner_role(task, agent))
+    return True
+
+
+def _runner_role(task: Any, agent: Any) -> str | None:
     # CrewAI runs the task by the agent passed, else its own: that agent's role owns its agent-less calls.
-    run.task_roles[str(task.id)] = getattr(agent or getattr(task, "agent", None), "role", None)
+    return getattr(agent or getattr(task, "agent", None), "role", None)
+
+
+def _open_task_run(scope: _Scope, task: Any, agent: Any) -> None:
+    run = _open(scope.gov, task, None, [], None)
+    run.add_task(task, _runner_role(task, agent))
 
 
 def _governed_restore(apply: Any) -> Any:
@@ -728,7 +755,7 @@ def _governed_restore(apply: Any) -> Any:
         restored = apply(instance, from_checkpoint)
         gov = getattr(instance, _ATTR, None)
         if restored is not None and gov is not None:
-            _attach(restored, gov)
+            _attach(restored, gov, governs=False)
         return restored
 
     return governed
@@ -747,7 +774,7 @@ def _governed_from_checkpoint(from_checkpoint: Any) -> Any:
         original = _governed_crews.get(str(getattr(crew, "id", "")))
         gov = getattr(original, _ATTR, None)
         if gov is not None and getattr(crew, _ATTR, None) is None:
-            _attach(crew, gov)
+            _attach(crew, gov, governs=False)
         return crew
 
     return classmethod(restore)
@@ -857,9 +884,18 @@ def _names_to_strings(mapping: Any, values: Callable[[Any], bool]) -> bool:
     return isinstance(mapping, Mapping) and all(isinstance(k, str) and values(v) for k, v in mapping.items())
 
 
-def _attach(crew: Any, gov: _Governance) -> None:
+def _attach(crew: Any, gov: _Governance, *, governs: bool = True) -> None:
+    """Put ``crew`` under ``gov``; ``governs=False`` for a crew that only inherits it (a copy, a restore).
+
+    An inheriting crew is found by `Crew.from_checkpoint` only while no governed crew with its id lives:
+    a crew restored by ``kickoff(from_checkpoint=...)`` has its original's id, and replacing the original
+    there would leave `Crew.from_checkpoint` ungoverned once the (short-lived) restored crew is gone.
+    """
     object.__setattr__(crew, _ATTR, gov)
-    _governed_crews[str(crew.id)] = crew
+    if governs:
+        _governed_crews[str(crew.id)] = crew
+    else:
+        _governed_crews.setdefault(str(crew.id), crew)
 
 
 @contextmanager
@@ -871,6 +907,8 @@ def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator
     ``llm.call()``/``acall()`` made outside those is reserved and charged too (to the budget's run,
     no agent unless it passes ``from_agent``); a refusal raises `CrewBudgetExceeded` from the call,
     whatever the policy (there is no task to skip). A crew governed by `govern_crew` keeps its own budget.
+    The scope follows the context: threads the block starts itself (``threading.Thread``, a bare
+    ``ThreadPoolExecutor``) do not see it unless their work runs in ``contextvars.copy_context()``.
 
     Example:
         ```python
