@@ -963,7 +963,7 @@ def checkpointed_crew(tmp_path, monkeypatch):
     crewai_event_bus.flush()  # checkpoints are written by event handlers
     latest = max(tmp_path.rglob("*.json"), key=lambda path: path.stat().st_mtime_ns)
     try:
-        yield crew, budget, CheckpointConfig(restore_from=str(latest))
+        yield crew, budget, CheckpointConfig(restore_from=str(latest), location=str(tmp_path))
     finally:
         crewai_event_bus.reset_runtime_state()  # restoring installs the checkpoint's state for the process
 
