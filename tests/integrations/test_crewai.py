@@ -270,7 +270,9 @@ def test_soft_limit_tells_the_agent_once_and_calls_the_host():
     assert ["Budget notice" in s for s in seen] == [False, False, True]
 
 
-def test_the_forced_final_answer_after_max_iter_is_charged_to_the_tasks_agent():
+def _searching_forever() -> tuple[Any, Any]:
+    """A search tool and a responder that keeps calling it until CrewAI forces a final answer."""
+
     @tool("search")
     def search(query: str) -> str:
         """Search the web."""
@@ -280,6 +282,12 @@ def test_the_forced_final_answer_after_max_iter_is_charged_to_the_tasks_agent():
         if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
             return "Thought: forced\nFinal Answer: best effort"
         return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+
+    return search, responder
+
+
+def test_the_forced_final_answer_after_max_iter_is_charged_to_the_tasks_agent():
+    search, responder = _searching_forever()
 
     fake = llm(responder=responder)
     agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
@@ -415,15 +423,7 @@ def test_a_call_no_hook_saw_is_still_charged_to_the_current_task():
         def _invoke_after_llm_call_hooks(self, messages: Any, response: Any, *args: Any) -> Any:
             return response
 
-    @tool("search")
-    def search(query: str) -> str:
-        """Search the web."""
-        return "more to read"
-
-    def responder(messages, index, agent, task):
-        if agent is None:
-            return "Thought: forced\nFinal Answer: best effort"
-        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+    search, responder = _searching_forever()
 
     fake = HooklessLLM(responder=responder, prompt_tokens=100, completion_tokens=20, max_tokens=20)
     agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
@@ -909,15 +909,7 @@ def test_task_execute_sync_in_budget_scope_runs_the_task_start_checks():
 
 
 def test_task_execute_sync_in_budget_scope_charges_agent_less_calls_to_the_tasks_agent():
-    @tool("search")
-    def search(query: str) -> str:
-        """Search the web."""
-        return "more to read"
-
-    def responder(messages, index, agent, task):
-        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
-            return "Thought: forced\nFinal Answer: best effort"
-        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
+    search, responder = _searching_forever()
 
     fake = llm(responder=responder)
     agent = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, tools=[search], max_iter=1)
@@ -1007,22 +999,6 @@ def test_crew_from_checkpoint_after_a_resumed_kickoff_keeps_the_budget(checkpoin
     with pytest.raises(CrewBudgetExceeded):
         Crew.fork(checkpoint).kickoff()
     assert budget.snapshot().llm_calls == 2 and budget.snapshot().held_llm_calls == 0
-
-
-def _searching_forever() -> tuple[Any, Any]:
-    """A search tool and a responder that keeps calling it until CrewAI forces a final answer."""
-
-    @tool("search")
-    def search(query: str) -> str:
-        """Search the web."""
-        return "more to read"
-
-    def responder(messages, index, agent, task):
-        if agent is None:  # CrewAI's forced final answer: no agent, no task, no executor
-            return "Thought: forced\nFinal Answer: best effort"
-        return f'Thought: keep looking\nAction: search\nAction Input: {{"query": "otters {index}"}}'
-
-    return search, responder
 
 
 def test_agent_kickoff_in_budget_scope_charges_its_agent_less_calls_to_the_agent():
