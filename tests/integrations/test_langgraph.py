@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("langgraph")
 
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -1214,3 +1215,82 @@ def test_a_node_retried_by_its_retry_policy_keeps_its_agent_slot_with_or_without
     assert done["notes"] == ["ok"] and model.calls.count == 2  # retried once
     assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["planner"]
     assert not budget.ledger.history(kind="deny")
+
+
+class _RootRuns(BaseCallbackHandler):
+    """How the root run of a graph ended, as a tracer (LangSmith, a logger) sees it."""
+
+    def __init__(self) -> None:
+        self.ends: list[Any] = []
+        self.errors: list[BaseException] = []
+
+    def on_chain_end(self, outputs: Any, *, run_id: Any, parent_run_id: Any = None, **kwargs: Any) -> None:
+        if parent_run_id is None:
+            self.ends.append(outputs)
+
+    def on_chain_error(self, error: BaseException, *, run_id: Any, parent_run_id: Any = None, **kwargs: Any) -> None:
+        if parent_run_id is None:
+            self.errors.append(error)
+
+
+@pytest.mark.parametrize("saver", [None, "memory"])
+def test_end_ends_the_root_run_cleanly_for_tracers_streams_and_events(saver):
+    def governed() -> Any:  # a new budget of two calls for each run
+        checkpointer = InMemorySaver() if saver else None
+        return govern_graph(research_builder(fake()), Budget(Limits(max_llm_calls=2)), on_exhausted="end",
+                            checkpointer=checkpointer)  # fmt: skip
+
+    config = {"configurable": {"thread_id": "1"}}
+    tracer = _RootRuns()
+    state = governed().invoke({"topic": "x"}, {**config, "callbacks": [tracer]})
+    assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher"]
+    assert tracer.errors == [] and len(tracer.ends) == 1  # ended, not failed
+
+    # Without a checkpointer the refused writer is skipped (its step ends) and the run ends before the critic.
+    updates = list(governed().stream({"topic": "x"}, config, stream_mode="updates"))
+    assert [next(iter(u)) for u in updates] == ["planner", "researcher"] + ([] if saver else ["writer"])
+
+    async def root_events() -> list[str]:
+        events = governed().astream_events({"topic": "x"}, config, version="v2")
+        return [e["event"] async for e in events if not e["parent_ids"]]
+
+    events = asyncio.run(root_events())
+    assert events[0] == "on_chain_start" and events[-1] == "on_chain_end"  # the root run ends, with its output
+
+
+def test_a_graph_error_handler_does_not_catch_end():
+    model = fake()
+    builder = research_builder(model)
+    handled = []
+    builder.set_node_defaults(error_handler=lambda state: handled.append(state) or {"notes": ["fallback"]})
+    app = govern_graph(builder, Budget(Limits(max_llm_calls=1)), on_exhausted="end", checkpointer=InMemorySaver())
+    state = app.invoke({"topic": "x"}, {"configurable": {"thread_id": "1"}})
+    assert handled == [] and [n.split(":")[0] for n in state["notes"]] == ["planner"]
+    assert [m.agent for m in state["budget_skipped"]] == ["researcher"]
+
+
+def test_end_with_a_checkpointer_keeps_the_send_branches_that_finish_and_resumes_only_the_refused():
+    model = fake(delay=0.05)
+
+    class Fan(TypedDict, total=False):
+        items: list[int]
+        results: Annotated[list[str], operator.add]
+
+    async def worker(state: dict) -> dict:
+        item = state["item"]
+        reply = await model.ainvoke(f"item {item}")
+        return {"results": [f"{item}:{reply.content}"]}
+
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", END)
+    budget = Budget(Limits(max_llm_calls=2))
+    app = govern_graph(builder, budget, on_exhausted="end", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "1"}}
+    asyncio.run(app.ainvoke({"items": [1, 2, 3, 4]}, config))
+    assert model.calls.count == 2  # two branches ran, two were refused; none was cancelled half-way
+    budget.top_up(llm_calls=2)
+    done = asyncio.run(app.ainvoke(None, config))
+    assert sorted(r.split(":")[0] for r in done["results"]) == ["1", "2", "3", "4"]
+    assert model.calls.count == 4  # the finished branches were kept, not run (and paid) again

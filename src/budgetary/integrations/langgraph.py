@@ -30,8 +30,9 @@ that branch runs again. Error handlers that
 catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
 ``error_handler``) also catch `BudgetExceeded`: a denied tool then becomes an
 error message to the model and the run goes on. Re-raise it there if it must stop the run.
-A graph-level ``error_handler`` also catches the signal ``end`` stops a run with: its fallback
-runs instead (with a checkpointer the skip marker is then lost).
+``end`` stops a run the way LangGraph stops an interrupted one (with an interrupt that asks
+nothing): error handlers and retry policies leave it alone, the root run ends without an error
+for tracers and ``astream_events``, and a stream stops after the step of the refusal.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ try:
     from langgraph._internal._constants import CONFIG_KEY_SCRATCHPAD  # pinned: langgraph>=1,<2
     from langgraph._internal._runnable import RunnableCallable
     from langgraph.config import get_config
+    from langgraph.errors import GraphInterrupt
     from langgraph.graph.state import StateGraph
     from langgraph.types import GraphOutput, interrupt
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -78,24 +80,35 @@ _AGENT_MODEL_NODES = frozenset({"model", "agent"})
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _EndRun(BudgetExceeded):
-    """Raised by a node under the ``end`` policy; the governed graph turns it into a normal return."""
+class _EndRun(GraphInterrupt):
+    """Raised by a node to end the run under the ``end`` policy: to LangGraph, an interrupt that asks nothing.
 
-    state: Any = None
-    """The state the ending node received: the state reached so far."""
-    marker: Skipped | None = None
+    So the root graph ends its run as it ends an interrupted one: the other tasks of the step
+    finish and are kept, the run ends without an error (tracers and ``astream_events`` see it
+    end), with a checkpointer it is resumable at the refused node, and error handlers and
+    ``RetryPolicy`` leave it alone. The governed graph returns the state reached so far.
+    """
+
+    def __init__(self, reason: str, state: Any, marker: Skipped | None) -> None:
+        super().__init__()  # no interrupts: LangGraph reports none and the run has nothing to answer
+        self.reason = reason
+        self.state = state
+        """The state the ending node received: the state reached so far."""
+        self.marker = marker
 
 
 @dataclass
 class _RunState:
     resumable: bool = False
-    """Whether the graph has a checkpointer: an ``end`` then stops at once, and a resume re-runs the node."""
+    """Whether the graph has a checkpointer: an ``end`` then stops the run at the refused node, resumable there."""
     skipped: dict[tuple[str, str], Any] = field(default_factory=dict)
     """(graph invocation, node) -> the step the node was first skipped at."""
     ending: _EndRun | None = None
     """Set by a node refused under ``end`` in a graph with no checkpointer: the run ends before its next step."""
     ending_at: tuple[str, Any] = ("", None)
     """Where the ``end`` refusal happened: its graph invocation and step (see `_position`)."""
+    ended: _EndRun | None = None
+    """The first `_EndRun` raised in the run: the root graph ends the run at it, and ``invoke`` returns the state."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     latest: Any = None
     """The latest full state ``invoke`` saw (its ``values`` stream), returned when the run ends."""
@@ -116,6 +129,13 @@ class _RunState:
         with self.lock:
             claimed, self.unclaimed = self.unclaimed, False
         return claimed
+
+    def end(self, end: _EndRun) -> _EndRun:
+        """``end``, kept as the run's ending if it is the first (what ``invoke`` returns from)."""
+        with self.lock:
+            if self.ended is None:
+                self.ended = end
+        return end
 
     def observe(self, chunk: Any) -> None:
         if self.chunks is not None:
@@ -318,17 +338,16 @@ class _Governor:
                       "spent": exc.spent, "requested": exc.requested, "snapshot": exc.snapshot}  # fmt: skip
             if governed is None:  # LangGraph has no switch to end a run: only govern_graph's wrapper can
                 raise BudgetExceeded(f"{exc}; the run ends here (govern_graph ends a run without raising)", **fields)
-            end = _EndRun(str(exc), **fields)
-            end.state, end.marker = state, marker
+            end = _EndRun(str(exc), state, marker)
             if self.policy != "end" or not governed.resumable:
                 # Let the step end with this node skipped (its pending tool calls answered, what its
                 # siblings finish kept: no checkpoint may keep it), then end the run before the next
-                # node starts. Only `end` with a checkpointer stops at once, resumable at this node.
+                # node starts. Only `end` with a checkpointer stops at this node (resumable there) as its step ends.
                 with governed.lock:
                     if governed.ending is None:
                         governed.ending, governed.ending_at = end, _position(config)
                 return self.skip_update(marker, state)
-            raise end from exc
+            raise governed.end(end) from exc
         return self.skip_update(marker, state)
 
     def skip_update(self, marker: Skipped, state: Any) -> dict[str, Any]:
@@ -376,11 +395,8 @@ def _end_if_ending(state: Any, config: Mapping[str, Any]) -> None:
         graph, step = _position(config)
         if graph != run.ending_at[0] or step == run.ending_at[1]:
             return  # a sibling in the refused node's step, or a node of a subgraph running in it
-        end = run.ending  # a new exception per node: several may enter the next step at once
-        again = _EndRun(str(end), budget=end.budget, agent=end.agent, resource=end.resource, limit=end.limit,
-                        spent=end.spent, requested=end.requested, snapshot=end.snapshot)  # fmt: skip
-        again.state, again.marker = state, end.marker  # the state this node was given: the run so far
-        raise again
+        # A new exception per node (several may enter the next step at once), with the state this node was given.
+        raise run.end(_EndRun(run.ending.reason, state, run.ending.marker))
 
 
 def _end_after_subgraph(config: Mapping[str, Any]) -> None:
@@ -445,8 +461,6 @@ def _govern_call(
                 _end_after_subgraph(config)
                 return result
             except BudgetExceeded as exc:
-                if isinstance(exc, _EndRun):
-                    raise
                 again, result = governor.refused(exc, state, config, attempt)
                 if not again:
                     return result
@@ -480,8 +494,6 @@ async def _agovern_call(
                 _end_after_subgraph(config)
                 return result
             except BudgetExceeded as exc:
-                if isinstance(exc, _EndRun):
-                    raise
                 again, result = await governor.arefused(exc, state, config, attempt)
                 if not again:
                     return result
@@ -551,10 +563,8 @@ def _governed_class(base: Any) -> type:
         run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
-        try:
-            return base.invoke(self, input, _with_run(config, run), **kwargs)
-        except _EndRun as end:
-            return _ended(self, end, config, run, kwargs)
+        output = base.invoke(self, input, _with_run(config, run), **kwargs)
+        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
@@ -562,41 +572,40 @@ def _governed_class(base: Any) -> type:
         run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
-        try:
-            return await base.ainvoke(self, input, _with_run(config, run), **kwargs)
-        except _EndRun as end:
-            return _ended(self, end, config, run, kwargs)
+        output = await base.ainvoke(self, input, _with_run(config, run), **kwargs)
+        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
         if current is not None:
             observe = current.observe if current.claim() else None
             for chunk in base.stream(self, input, config, **kwargs):
+                if current.ended is not None and _ends_run(chunk):
+                    continue
                 if observe is not None:
                     observe(chunk)
                 yield chunk
             return
-        try:
-            run = _RunState(resumable=_persists(self))
-            yield from base.stream(self, input, _with_run(config, run), **kwargs)
-        except _EndRun:
-            return  # the run ended under the `end` policy: the stream simply stops
+        run = _RunState(resumable=_persists(self))
+        for chunk in base.stream(self, input, _with_run(config, run), **kwargs):
+            if run.ended is None or not _ends_run(chunk):
+                yield chunk
 
     async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
         if current is not None:
             observe = current.observe if current.claim() else None
             async for chunk in base.astream(self, input, config, **kwargs):
+                if current.ended is not None and _ends_run(chunk):
+                    continue
                 if observe is not None:
                     observe(chunk)
                 yield chunk
             return
-        try:
-            run = _RunState(resumable=_persists(self))
-            async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
+        run = _RunState(resumable=_persists(self))
+        async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
+            if run.ended is None or not _ends_run(chunk):
                 yield chunk
-        except _EndRun:
-            return
 
     def copy(self: Any, update: dict[str, Any] | None = None) -> Any:
         # Pregel.copy (also behind with_config) rebuilds the graph from its constructor's arguments,
@@ -616,6 +625,19 @@ def _governed_class(base: Any) -> type:
 
 
 _governed_classes: dict[type, type] = {}
+
+
+def _ends_run(chunk: Any) -> bool:
+    """Whether a stream chunk is LangGraph's report of the `_EndRun` (an interrupt with nothing to ask).
+
+    Its shapes: ``{"__interrupt__": ()}`` alone, or last in a tuple (with the mode or namespace), or
+    as a version 2 part's ``data``.
+    """
+    if isinstance(chunk, tuple) and chunk:
+        chunk = chunk[-1]
+    elif isinstance(chunk, dict) and "data" in chunk and "type" in chunk:
+        chunk = chunk["data"]
+    return isinstance(chunk, dict) and len(chunk) == 1 and chunk.get("__interrupt__", None) == ()
 
 
 def _persists(graph: Any) -> bool:
