@@ -1073,3 +1073,25 @@ def test_bad_middleware_arguments_fail_at_construction():
         BudgetMiddleware(None)
     with pytest.raises(ConfigurationError, match=re.escape("agent must be a str or None, got int 5")):
         BudgetMiddleware(Budget(), agent=5)
+
+
+def test_a_refusal_is_not_logged_by_langchain_as_a_callback_error(caplog):
+    class Broken(BaseCallbackHandler):
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            raise ValueError("a real bug")
+
+    class Mine(BudgetCallbackHandler):  # a subclass is named by its own class in LangChain's warning
+        pass
+
+    model = FakeChatModel(usage={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15})
+    caplog.set_level(logging.WARNING, logger="langchain_core.callbacks.manager")
+    for handler in (BudgetCallbackHandler(Budget(Limits(max_llm_calls=0))), Mine(Budget(Limits(max_llm_calls=0)))):
+        with pytest.raises(BudgetExceeded):
+            model.invoke("hi", config={"callbacks": [handler]})
+        with pytest.raises(BudgetExceeded):
+            asyncio.run(model.ainvoke("hi", config={"callbacks": [handler]}))
+    assert [r.getMessage() for r in caplog.records] == []
+    model.invoke("hi", config={"callbacks": [Broken(), BudgetCallbackHandler(Budget())]})
+    assert [r.getMessage() for r in caplog.records] == [
+        "Error in Broken.on_chat_model_start callback: ValueError('a real bug')"
+    ]  # other handlers' errors are still logged

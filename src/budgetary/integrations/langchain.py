@@ -16,6 +16,8 @@ Streaming: usage arrives only if the provider sends a usage chunk. With
 node do not see callbacks: use ``langchain_core.runnables.config.get_executor_for_config``.
 ``Runnable.with_retry()`` retries every ``Exception`` by default, a refusal too (with backoff, to
 the same refusal): pass ``retry_if_exception_type`` naming the errors worth retrying.
+LangChain logs each exception a handler raises as "Error in ... callback"; importing this module
+drops that warning for refusals (the caller gets them as `BudgetExceeded`), not for other errors.
 """
 
 from __future__ import annotations
@@ -58,6 +60,27 @@ __all__ = [  # noqa: F822 - BudgetMiddleware is built on first access (it needs 
 ]
 
 logger = logging.getLogger("budgetary")
+
+
+class _RefusalIsNotAnError(logging.Filter):
+    """Drop LangChain's "Error in <handler>.<event> callback" warning when the error is a budget refusal.
+
+    LangChain logs every exception a handler raises, then re-raises it if the handler asks. A
+    refusal is this handler's purpose, and its caller gets it as `BudgetExceeded`: a warning
+    printed for each one (with no logging configured, on stderr) would report a failure that
+    did not happen. Other errors of the handler are logged as before.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            record.msg == "Error in %s.%s callback: %s" and isinstance(args, tuple) and len(args) == 3
+            and args[0] in _handler_names and isinstance(args[2], str) and args[2].startswith("BudgetExceeded(")
+        )  # fmt: skip
+
+
+_handler_names = {"BudgetCallbackHandler"}  # and its subclasses' (see `__init_subclass__`)
+logging.getLogger("langchain_core.callbacks.manager").addFilter(_RefusalIsNotAnError())
 
 SOFT_LIMIT_EVENT = "budgetary_soft_limit"
 """Name of the LangChain custom event dispatched on each soft-limit crossing.
@@ -265,6 +288,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self._levels = frozenset(_level_names(budget))  # the budgets whose soft limits this handler reports
         self._key = budget_key(budget)  # the budget across its objects (one shared budget, two objects)
         self._claims = _claims_of(budget)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _handler_names.add(cls.__name__)  # LangChain's warnings name a handler by its class
 
     def __copy__(self) -> BudgetCallbackHandler:
         return self  # callback managers copy handler lists; state must stay shared
