@@ -172,10 +172,10 @@ def test_names_are_data_not_keys():
 @pytest.mark.parametrize("name", [None, ""])
 def test_an_agent_is_registered_only_under_a_non_empty_string(name):
     budget = Budget(Limits(max_total_tokens=1_000))
-    with pytest.raises(ConfigurationError, match=re.escape("agent name must be a non-empty string")):
+    with pytest.raises(ConfigurationError, match=re.escape("agent name must be a non-empty string, got")):
         budget.agent(name, max_tokens=100)
-    with pytest.raises(ConfigurationError, match=re.escape("agent name must be a non-empty string or None")):
-        budget.agent(5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=re.escape("agent name must be a non-empty string, got 5")):
+        budget.agent(5)  # type: ignore[arg-type]  # not "or None": registering None is refused too
     assert budget.report() == {}
     assert not budget.store.has_agent(budget._key, "")
     assert budget.contract(None).max_tokens is None  # the run itself got no allocation

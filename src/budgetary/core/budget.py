@@ -535,6 +535,8 @@ class Budget:
                 "agent name must be a non-empty string, got None (None is the run itself, which has no contract: "
                 "its caps are the budget's Limits)"
             )
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"agent name must be a non-empty string, got {name!r}")
         contract = AgentContract(
             name=name,
             priority=priority,
