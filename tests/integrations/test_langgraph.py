@@ -1294,3 +1294,35 @@ def test_end_with_a_checkpointer_keeps_the_send_branches_that_finish_and_resumes
     done = asyncio.run(app.ainvoke(None, config))
     assert sorted(r.split(":")[0] for r in done["results"]) == ["1", "2", "3", "4"]
     assert model.calls.count == 4  # the finished branches were kept, not run (and paid) again
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+@pytest.mark.parametrize("called", ["as_node", "in_node"])
+def test_end_in_a_governed_graph_under_a_plain_parent_returns_its_state_to_the_parent(called, runner):
+    # The parent graph is not governed: the governed graph's run is its own, and `end` returns its state
+    # so far to the parent, which goes on (no work lost, no empty interrupt reaching the user).
+    def parent() -> Any:  # a new budget of one call for each run
+        team = govern_graph(research_builder(fake(), asynchronous=runner == "async"), Budget(Limits(max_llm_calls=1)),
+                            on_exhausted="end")  # fmt: skip
+
+        def call_team(state: Research) -> dict:
+            return {"notes": team.invoke({"topic": state["topic"]})["notes"]}
+
+        async def acall_team(state: Research) -> dict:
+            return {"notes": (await team.ainvoke({"topic": state["topic"]}))["notes"]}
+
+        builder = StateGraph(Research)
+        builder.add_node("team", team if called == "as_node" else call_team if runner == "sync" else acall_team)
+        builder.add_node("publish", lambda state: {"notes": ["published"]})
+        builder.add_edge(START, "team")
+        builder.add_edge("team", "publish")
+        return builder.compile()
+
+    if runner == "sync":
+        updates = list(parent().stream({"topic": "x"}, stream_mode="updates"))
+        assert [next(iter(u)) for u in updates] == ["team", "publish"]
+        state = parent().invoke({"topic": "x"})
+    else:
+        state = asyncio.run(parent().ainvoke({"topic": "x"}))
+    assert "__interrupt__" not in state
+    assert state["notes"][0] == "planner:ok" and state["notes"][-1] == "published"

@@ -20,7 +20,8 @@ node, follows the node's policy:
   ``budget_skipped`` state key if the schema has one (a list with an adding
   reducer). A skipped tool node answers its pending tool calls with error tool
   messages. A node skipped twice in one run ends the run instead of looping.
-- ``end``: stop the run without raising and return the state reached so far.
+- ``end``: stop the run without raising and return the state reached so far (a governed graph run
+  inside a graph `govern_graph` did not wrap returns it there, and that graph goes on).
 
 A resumed node re-runs from its start and repeats the LLM calls it made before
 the refusal: keep one LLM call per node where that matters. Of parallel branches
@@ -537,14 +538,19 @@ def _governed_class(base: Any) -> type:
     if cached is not None:
         return cached
 
-    def _ended(self: Any, end: _EndRun, config: Any, run: _RunState, kwargs: dict[str, Any]) -> Any:
-        """What ``invoke`` returns (its ``stream_mode``, ``output_keys`` and ``version``) for the run so far."""
+    def _ended(
+        self: Any, end: _EndRun, config: Any, run: _RunState, kwargs: dict[str, Any], nested: bool = False
+    ) -> Any:
+        """What ``invoke`` returns (its ``stream_mode``, ``output_keys`` and ``version``) for the run so far.
+
+        ``nested``: the graph runs inside a graph `govern_graph` did not wrap, which goes on with this state.
+        """
         if run.chunks is not None:
             return run.chunks
         keys = kwargs.get("output_keys")
         keys = self.output_channels if keys is None else keys
         thread = (config or {}).get("configurable", {}).get("thread_id")
-        if _persists(self) and thread is not None:
+        if _persists(self) and thread is not None and not nested:
             state = _output(self.get_state(config).values, keys)  # what the checkpoint holds: resumable from here
         else:  # what the run's stream returned (invoke's output already), else the ending node's input
             state = run.latest if run.latest is not None else _output(end.state, keys)
@@ -563,7 +569,12 @@ def _governed_class(base: Any) -> type:
         run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
-        output = base.invoke(self, input, _with_run(config, run), **kwargs)
+        try:
+            output = base.invoke(self, input, _with_run(config, run), **kwargs)
+        except GraphInterrupt as exc:
+            if not _ended_inside(run, exc):
+                raise
+            return _ended(self, run.ended, config, run, kwargs, nested=True)
         return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
@@ -572,7 +583,12 @@ def _governed_class(base: Any) -> type:
         run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
-        output = await base.ainvoke(self, input, _with_run(config, run), **kwargs)
+        try:
+            output = await base.ainvoke(self, input, _with_run(config, run), **kwargs)
+        except GraphInterrupt as exc:
+            if not _ended_inside(run, exc):
+                raise
+            return _ended(self, run.ended, config, run, kwargs, nested=True)
         return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
@@ -587,9 +603,13 @@ def _governed_class(base: Any) -> type:
                 yield chunk
             return
         run = _RunState(resumable=_persists(self))
-        for chunk in base.stream(self, input, _with_run(config, run), **kwargs):
-            if run.ended is None or not _ends_run(chunk):
-                yield chunk
+        try:
+            for chunk in base.stream(self, input, _with_run(config, run), **kwargs):
+                if run.ended is None or not _ends_run(chunk):
+                    yield chunk
+        except GraphInterrupt as exc:
+            if not _ended_inside(run, exc):
+                raise
 
     async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
@@ -603,9 +623,13 @@ def _governed_class(base: Any) -> type:
                 yield chunk
             return
         run = _RunState(resumable=_persists(self))
-        async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
-            if run.ended is None or not _ends_run(chunk):
-                yield chunk
+        try:
+            async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
+                if run.ended is None or not _ends_run(chunk):
+                    yield chunk
+        except GraphInterrupt as exc:
+            if not _ended_inside(run, exc):
+                raise
 
     def copy(self: Any, update: dict[str, Any] | None = None) -> Any:
         # Pregel.copy (also behind with_config) rebuilds the graph from its constructor's arguments,
@@ -625,6 +649,16 @@ def _governed_class(base: Any) -> type:
 
 
 _governed_classes: dict[type, type] = {}
+
+
+def _ended_inside(run: _RunState, exc: GraphInterrupt) -> bool:
+    """Whether ``exc`` is the run's `end` leaving a governed graph nested in a graph `govern_graph` did not wrap.
+
+    A nested graph passes its interrupts up rather than ending on them; the governed graph's run is its
+    own, so it returns its state so far there (and the parent goes on). One with a real interrupt in it
+    goes up: the user must see the question.
+    """
+    return run.ended is not None and not (exc.args and exc.args[0])
 
 
 def _ends_run(chunk: Any) -> bool:
