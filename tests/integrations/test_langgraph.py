@@ -1326,3 +1326,45 @@ def test_end_in_a_governed_graph_under_a_plain_parent_returns_its_state_to_the_p
         state = asyncio.run(parent().ainvoke({"topic": "x"}))
     assert "__interrupt__" not in state
     assert state["notes"][0] == "planner:ok" and state["notes"][-1] == "published"
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+def test_end_beside_a_real_interrupt_still_returns_the_interrupt(runner):
+    # One branch asks the user (interrupt()), its sibling is ended by the budget in the same step:
+    # invoke must still hand the question to the user, as the stream does.
+    from langgraph.types import interrupt
+
+    model = fake()
+
+    class S(TypedDict, total=False):
+        notes: Annotated[list[str], operator.add]
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    def ask(state: S) -> dict:
+        return {"notes": [f"ask:{interrupt('approve?')}"]}
+
+    builder = StateGraph(S)
+    builder.add_node("plan", lambda state: {"notes": [model.invoke("plan").content]})
+    builder.add_node("ask", ask)
+    builder.add_node("work", lambda state: {"notes": [f"work:{model.invoke('work').content}"]})
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "ask")
+    builder.add_edge("plan", "work")
+    budgets = {thread: Budget(Limits(max_llm_calls=1)) for thread in ("v1", "v2")}  # a budget per run
+    saver = InMemorySaver()
+
+    def invoke(input: Any, thread: str, **kwargs: Any) -> Any:
+        app = govern_graph(builder, budgets[thread], on_exhausted="end", checkpointer=saver)
+        config = {"configurable": {"thread_id": thread}}
+        if runner == "sync":
+            return app.invoke(input, config, **kwargs)
+        return asyncio.run(app.ainvoke(input, config, **kwargs))
+
+    state = invoke({}, "v1")
+    (asked,) = state["__interrupt__"]
+    assert asked.value == "approve?" and [m.agent for m in state["budget_skipped"]] == ["work"]
+    output = invoke({}, "v2", version="v2")
+    assert [i.value for i in output.interrupts] == ["approve?"] and "__interrupt__" not in output.value
+    budgets["v1"].top_up(llm_calls=1)
+    done = invoke(Command(resume={asked.id: "yes"}), "v1")
+    assert sorted(done["notes"]) == ["ask:yes", "ok", "work:ok"] and "__interrupt__" not in done

@@ -33,7 +33,8 @@ catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
 error message to the model and the run goes on. Re-raise it there if it must stop the run.
 ``end`` stops a run the way LangGraph stops an interrupted one (with an interrupt that asks
 nothing): error handlers and retry policies leave it alone, the root run ends without an error
-for tracers and ``astream_events``, and a stream stops after the step of the refusal.
+for tracers and ``astream_events``, and a stream stops after the step of the refusal (a question
+another node of that step asks with ``interrupt()`` still reaches the caller, in ``invoke``'s result too).
 """
 
 from __future__ import annotations
@@ -539,11 +540,18 @@ def _governed_class(base: Any) -> type:
         return cached
 
     def _ended(
-        self: Any, end: _EndRun, config: Any, run: _RunState, kwargs: dict[str, Any], nested: bool = False
+        self: Any,
+        end: _EndRun,
+        config: Any,
+        run: _RunState,
+        kwargs: dict[str, Any],
+        output: Any = None,
+        nested: bool = False,
     ) -> Any:
         """What ``invoke`` returns (its ``stream_mode``, ``output_keys`` and ``version``) for the run so far.
 
-        ``nested``: the graph runs inside a graph `govern_graph` did not wrap, which goes on with this state.
+        ``output``: what LangGraph's ``invoke`` returned (its real interrupts are kept). ``nested``: the graph
+        runs inside a graph `govern_graph` did not wrap, which goes on with this state.
         """
         if run.chunks is not None:
             return run.chunks
@@ -559,7 +567,21 @@ def _governed_class(base: Any) -> type:
         if end.marker is not None and isinstance(state, Mapping) and not isinstance(keys, str) and SKIPPED_KEY in keys:
             if end.marker not in (markers := state.get(SKIPPED_KEY) or []):
                 state = {**state, SKIPPED_KEY: [*markers, end.marker]}
-        return GraphOutput(value=state, interrupts=()) if kwargs.get("version") == "v2" else state
+        # A sibling of the refused node that asked the user (interrupt()) in the same step: the question
+        # still reaches the user, as LangGraph's invoke hands it over.
+        if isinstance(output, GraphOutput):
+            interrupts = tuple(output.interrupts)
+        else:
+            interrupts = tuple(output.get("__interrupt__", ())) if isinstance(output, Mapping) else ()
+        if kwargs.get("version") == "v2":
+            return GraphOutput(value=state, interrupts=interrupts)
+        if interrupts:
+            return (
+                {**state, "__interrupt__": list(interrupts)}
+                if isinstance(state, dict)
+                else {"__interrupt__": list(interrupts)}
+            )
+        return state
 
     # Only the outermost call of a run turns `end` into a return: `invoke` runs through `stream`,
     # and a governed graph used as a subgraph must end its parent's run too.
@@ -575,7 +597,7 @@ def _governed_class(base: Any) -> type:
             if not _ended_inside(run, exc):
                 raise
             return _ended(self, run.ended, config, run, kwargs, nested=True)
-        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
+        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs, output)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
@@ -589,7 +611,7 @@ def _governed_class(base: Any) -> type:
             if not _ended_inside(run, exc):
                 raise
             return _ended(self, run.ended, config, run, kwargs, nested=True)
-        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
+        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs, output)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
