@@ -1368,3 +1368,17 @@ def test_end_beside_a_real_interrupt_still_returns_the_interrupt(runner):
     budgets["v1"].top_up(llm_calls=1)
     done = invoke(Command(resume={asked.id: "yes"}), "v1")
     assert sorted(done["notes"]) == ["ask:yes", "ok", "work:ok"] and "__interrupt__" not in done
+
+
+def test_end_in_a_run_forked_from_an_earlier_checkpoint_returns_the_state_it_reached():
+    model = fake()
+    saver = InMemorySaver()
+    config = {"configurable": {"thread_id": "1"}}
+    govern_graph(research_builder(model), Budget(Limits(max_llm_calls=4)), checkpointer=saver).invoke(
+        {"topic": "x"}, config
+    )
+    app = govern_graph(research_builder(model), Budget(Limits(max_llm_calls=2)), on_exhausted="end", checkpointer=saver)
+    (start,) = [s for s in app.get_state_history(config) if s.next == ("planner",)]
+    state = app.invoke(None, start.config)  # replay from before the planner (time travel)
+    assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher"]
+    assert [m.agent for m in state["budget_skipped"]] == ["writer"]

@@ -557,9 +557,12 @@ def _governed_class(base: Any) -> type:
             return run.chunks
         keys = kwargs.get("output_keys")
         keys = self.output_channels if keys is None else keys
-        thread = (config or {}).get("configurable", {}).get("thread_id")
-        if _persists(self) and thread is not None and not nested:
-            state = _output(self.get_state(config).values, keys)  # what the checkpoint holds: resumable from here
+        configurable = (config or {}).get("configurable", {})
+        if _persists(self) and configurable.get("thread_id") is not None and not nested:
+            # What the thread's latest checkpoint holds: resumable from here. Not the checkpoint a run
+            # replayed from (``checkpoint_id``, time travel): that one is where the run started.
+            latest = {**config, "configurable": {k: v for k, v in configurable.items() if k != "checkpoint_id"}}
+            state = _output(self.get_state(latest).values, keys)
         else:  # what the run's stream returned (invoke's output already), else the ending node's input
             state = run.latest if run.latest is not None else _output(end.state, keys)
         # The marker is missing when the run stopped at once, or ended in a nested graph whose state never
