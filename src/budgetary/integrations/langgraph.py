@@ -597,9 +597,9 @@ def _governed_class(base: Any) -> type:
         try:
             output = base.invoke(self, input, _with_run(config, run), **kwargs)
         except GraphInterrupt as exc:
-            if not _ended_inside(run, exc):
+            if (end := _ended_inside(run, exc)) is None:
                 raise
-            return _ended(self, run.ended, config, run, kwargs, nested=True)
+            return _ended(self, end, config, run, kwargs, nested=True)
         return output if run.ended is None else _ended(self, run.ended, config, run, kwargs, output)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
@@ -611,9 +611,9 @@ def _governed_class(base: Any) -> type:
         try:
             output = await base.ainvoke(self, input, _with_run(config, run), **kwargs)
         except GraphInterrupt as exc:
-            if not _ended_inside(run, exc):
+            if (end := _ended_inside(run, exc)) is None:
                 raise
-            return _ended(self, run.ended, config, run, kwargs, nested=True)
+            return _ended(self, end, config, run, kwargs, nested=True)
         return output if run.ended is None else _ended(self, run.ended, config, run, kwargs, output)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
@@ -633,7 +633,7 @@ def _governed_class(base: Any) -> type:
                 if run.ended is None or not _ends_run(chunk):
                     yield chunk
         except GraphInterrupt as exc:
-            if not _ended_inside(run, exc):
+            if _ended_inside(run, exc) is None:
                 raise
 
     async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
@@ -653,7 +653,7 @@ def _governed_class(base: Any) -> type:
                 if run.ended is None or not _ends_run(chunk):
                     yield chunk
         except GraphInterrupt as exc:
-            if not _ended_inside(run, exc):
+            if _ended_inside(run, exc) is None:
                 raise
 
     def copy(self: Any, update: dict[str, Any] | None = None) -> Any:
@@ -676,14 +676,14 @@ def _governed_class(base: Any) -> type:
 _governed_classes: dict[type, type] = {}
 
 
-def _ended_inside(run: _RunState, exc: GraphInterrupt) -> bool:
-    """Whether ``exc`` is the run's `end` leaving a governed graph nested in a graph `govern_graph` did not wrap.
+def _ended_inside(run: _RunState, exc: GraphInterrupt) -> _EndRun | None:
+    """The run's `end` if ``exc`` is it leaving a governed graph nested in a graph `govern_graph` did not wrap.
 
     A nested graph passes its interrupts up rather than ending on them; the governed graph's run is its
     own, so it returns its state so far there (and the parent goes on). One with a real interrupt in it
     goes up: the user must see the question.
     """
-    return run.ended is not None and not (exc.args and exc.args[0])
+    return None if exc.args and exc.args[0] else run.ended
 
 
 def _ends_run(chunk: Any) -> bool:
