@@ -1294,3 +1294,91 @@ def test_end_with_a_checkpointer_keeps_the_send_branches_that_finish_and_resumes
     done = asyncio.run(app.ainvoke(None, config))
     assert sorted(r.split(":")[0] for r in done["results"]) == ["1", "2", "3", "4"]
     assert model.calls.count == 4  # the finished branches were kept, not run (and paid) again
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+@pytest.mark.parametrize("called", ["as_node", "in_node"])
+def test_end_in_a_governed_graph_under_a_plain_parent_returns_its_state_to_the_parent(called, runner):
+    # The parent graph is not governed: the governed graph's run is its own, and `end` returns its state
+    # so far to the parent, which goes on (no work lost, no empty interrupt reaching the user).
+    def parent() -> Any:  # a new budget of one call for each run
+        team = govern_graph(research_builder(fake(), asynchronous=runner == "async"), Budget(Limits(max_llm_calls=1)),
+                            on_exhausted="end")  # fmt: skip
+
+        def call_team(state: Research) -> dict:
+            return {"notes": team.invoke({"topic": state["topic"]})["notes"]}
+
+        async def acall_team(state: Research) -> dict:
+            return {"notes": (await team.ainvoke({"topic": state["topic"]}))["notes"]}
+
+        builder = StateGraph(Research)
+        builder.add_node("team", team if called == "as_node" else call_team if runner == "sync" else acall_team)
+        builder.add_node("publish", lambda state: {"notes": ["published"]})
+        builder.add_edge(START, "team")
+        builder.add_edge("team", "publish")
+        return builder.compile()
+
+    if runner == "sync":
+        updates = list(parent().stream({"topic": "x"}, stream_mode="updates"))
+        assert [next(iter(u)) for u in updates] == ["team", "publish"]
+        state = parent().invoke({"topic": "x"})
+    else:
+        state = asyncio.run(parent().ainvoke({"topic": "x"}))
+    assert "__interrupt__" not in state
+    assert state["notes"][0] == "planner:ok" and state["notes"][-1] == "published"
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+def test_end_beside_a_real_interrupt_still_returns_the_interrupt(runner):
+    # One branch asks the user (interrupt()), its sibling is ended by the budget in the same step:
+    # invoke must still hand the question to the user, as the stream does.
+    from langgraph.types import interrupt
+
+    model = fake()
+
+    class S(TypedDict, total=False):
+        notes: Annotated[list[str], operator.add]
+        budget_skipped: Annotated[list[Skipped], operator.add]
+
+    def ask(state: S) -> dict:
+        return {"notes": [f"ask:{interrupt('approve?')}"]}
+
+    builder = StateGraph(S)
+    builder.add_node("plan", lambda state: {"notes": [model.invoke("plan").content]})
+    builder.add_node("ask", ask)
+    builder.add_node("work", lambda state: {"notes": [f"work:{model.invoke('work').content}"]})
+    builder.add_edge(START, "plan")
+    builder.add_edge("plan", "ask")
+    builder.add_edge("plan", "work")
+    budgets = {thread: Budget(Limits(max_llm_calls=1)) for thread in ("v1", "v2")}  # a budget per run
+    saver = InMemorySaver()
+
+    def invoke(input: Any, thread: str, **kwargs: Any) -> Any:
+        app = govern_graph(builder, budgets[thread], on_exhausted="end", checkpointer=saver)
+        config = {"configurable": {"thread_id": thread}}
+        if runner == "sync":
+            return app.invoke(input, config, **kwargs)
+        return asyncio.run(app.ainvoke(input, config, **kwargs))
+
+    state = invoke({}, "v1")
+    (asked,) = state["__interrupt__"]
+    assert asked.value == "approve?" and [m.agent for m in state["budget_skipped"]] == ["work"]
+    output = invoke({}, "v2", version="v2")
+    assert [i.value for i in output.interrupts] == ["approve?"] and "__interrupt__" not in output.value
+    budgets["v1"].top_up(llm_calls=1)
+    done = invoke(Command(resume={asked.id: "yes"}), "v1")
+    assert sorted(done["notes"]) == ["ask:yes", "ok", "work:ok"] and "__interrupt__" not in done
+
+
+def test_end_in_a_run_forked_from_an_earlier_checkpoint_returns_the_state_it_reached():
+    model = fake()
+    saver = InMemorySaver()
+    config = {"configurable": {"thread_id": "1"}}
+    govern_graph(research_builder(model), Budget(Limits(max_llm_calls=4)), checkpointer=saver).invoke(
+        {"topic": "x"}, config
+    )
+    app = govern_graph(research_builder(model), Budget(Limits(max_llm_calls=2)), on_exhausted="end", checkpointer=saver)
+    (start,) = [s for s in app.get_state_history(config) if s.next == ("planner",)]
+    state = app.invoke(None, start.config)  # replay from before the planner (time travel)
+    assert [n.split(":")[0] for n in state["notes"]] == ["planner", "researcher"]
+    assert [m.agent for m in state["budget_skipped"]] == ["writer"]

@@ -20,7 +20,8 @@ node, follows the node's policy:
   ``budget_skipped`` state key if the schema has one (a list with an adding
   reducer). A skipped tool node answers its pending tool calls with error tool
   messages. A node skipped twice in one run ends the run instead of looping.
-- ``end``: stop the run without raising and return the state reached so far.
+- ``end``: stop the run without raising and return the state reached so far (a governed graph run
+  inside a graph `govern_graph` did not wrap returns it there, and that graph goes on).
 
 A resumed node re-runs from its start and repeats the LLM calls it made before
 the refusal: keep one LLM call per node where that matters. Of parallel branches
@@ -32,7 +33,8 @@ catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
 error message to the model and the run goes on. Re-raise it there if it must stop the run.
 ``end`` stops a run the way LangGraph stops an interrupted one (with an interrupt that asks
 nothing): error handlers and retry policies leave it alone, the root run ends without an error
-for tracers and ``astream_events``, and a stream stops after the step of the refusal.
+for tracers and ``astream_events``, and a stream stops after the step of the refusal (a question
+another node of that step asks with ``interrupt()`` still reaches the caller, in ``invoke``'s result too).
 """
 
 from __future__ import annotations
@@ -537,15 +539,30 @@ def _governed_class(base: Any) -> type:
     if cached is not None:
         return cached
 
-    def _ended(self: Any, end: _EndRun, config: Any, run: _RunState, kwargs: dict[str, Any]) -> Any:
-        """What ``invoke`` returns (its ``stream_mode``, ``output_keys`` and ``version``) for the run so far."""
+    def _ended(
+        self: Any,
+        end: _EndRun,
+        config: Any,
+        run: _RunState,
+        kwargs: dict[str, Any],
+        output: Any = None,
+        nested: bool = False,
+    ) -> Any:
+        """What ``invoke`` returns (its ``stream_mode``, ``output_keys`` and ``version``) for the run so far.
+
+        ``output``: what LangGraph's ``invoke`` returned (its real interrupts are kept). ``nested``: the graph
+        runs inside a graph `govern_graph` did not wrap, which goes on with this state.
+        """
         if run.chunks is not None:
             return run.chunks
         keys = kwargs.get("output_keys")
         keys = self.output_channels if keys is None else keys
-        thread = (config or {}).get("configurable", {}).get("thread_id")
-        if _persists(self) and thread is not None:
-            state = _output(self.get_state(config).values, keys)  # what the checkpoint holds: resumable from here
+        configurable = (config or {}).get("configurable", {})
+        if _persists(self) and configurable.get("thread_id") is not None and not nested:
+            # What the thread's latest checkpoint holds: resumable from here. Not the checkpoint a run
+            # replayed from (``checkpoint_id``, time travel): that one is where the run started.
+            latest = {**config, "configurable": {k: v for k, v in configurable.items() if k != "checkpoint_id"}}
+            state = _output(self.get_state(latest).values, keys)
         else:  # what the run's stream returned (invoke's output already), else the ending node's input
             state = run.latest if run.latest is not None else _output(end.state, keys)
         # The marker is missing when the run stopped at once, or ended in a nested graph whose state never
@@ -553,7 +570,21 @@ def _governed_class(base: Any) -> type:
         if end.marker is not None and isinstance(state, Mapping) and not isinstance(keys, str) and SKIPPED_KEY in keys:
             if end.marker not in (markers := state.get(SKIPPED_KEY) or []):
                 state = {**state, SKIPPED_KEY: [*markers, end.marker]}
-        return GraphOutput(value=state, interrupts=()) if kwargs.get("version") == "v2" else state
+        # A sibling of the refused node that asked the user (interrupt()) in the same step: the question
+        # still reaches the user, as LangGraph's invoke hands it over.
+        if isinstance(output, GraphOutput):
+            interrupts = tuple(output.interrupts)
+        else:
+            interrupts = tuple(output.get("__interrupt__", ())) if isinstance(output, Mapping) else ()
+        if kwargs.get("version") == "v2":
+            return GraphOutput(value=state, interrupts=interrupts)
+        if interrupts:
+            return (
+                {**state, "__interrupt__": list(interrupts)}
+                if isinstance(state, dict)
+                else {"__interrupt__": list(interrupts)}
+            )
+        return state
 
     # Only the outermost call of a run turns `end` into a return: `invoke` runs through `stream`,
     # and a governed graph used as a subgraph must end its parent's run too.
@@ -563,8 +594,13 @@ def _governed_class(base: Any) -> type:
         run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
-        output = base.invoke(self, input, _with_run(config, run), **kwargs)
-        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
+        try:
+            output = base.invoke(self, input, _with_run(config, run), **kwargs)
+        except GraphInterrupt as exc:
+            if (end := _ended_inside(run, exc)) is None:
+                raise
+            return _ended(self, end, config, run, kwargs, nested=True)
+        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs, output)
 
     async def ainvoke(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         if _run_of(config) is not None or _run_of(var_child_runnable_config.get()) is not None:
@@ -572,8 +608,13 @@ def _governed_class(base: Any) -> type:
         run = _RunState(resumable=_persists(self), unclaimed=True)
         if kwargs.get("stream_mode", "values") != "values":
             run.chunks = []
-        output = await base.ainvoke(self, input, _with_run(config, run), **kwargs)
-        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs)
+        try:
+            output = await base.ainvoke(self, input, _with_run(config, run), **kwargs)
+        except GraphInterrupt as exc:
+            if (end := _ended_inside(run, exc)) is None:
+                raise
+            return _ended(self, end, config, run, kwargs, nested=True)
+        return output if run.ended is None else _ended(self, run.ended, config, run, kwargs, output)
 
     def stream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
@@ -587,9 +628,13 @@ def _governed_class(base: Any) -> type:
                 yield chunk
             return
         run = _RunState(resumable=_persists(self))
-        for chunk in base.stream(self, input, _with_run(config, run), **kwargs):
-            if run.ended is None or not _ends_run(chunk):
-                yield chunk
+        try:
+            for chunk in base.stream(self, input, _with_run(config, run), **kwargs):
+                if run.ended is None or not _ends_run(chunk):
+                    yield chunk
+        except GraphInterrupt as exc:
+            if _ended_inside(run, exc) is None:
+                raise
 
     async def astream(self: Any, input: Any, config: Any = None, **kwargs: Any) -> Any:
         current = _run_of(config) or _run_of(var_child_runnable_config.get())
@@ -603,9 +648,13 @@ def _governed_class(base: Any) -> type:
                 yield chunk
             return
         run = _RunState(resumable=_persists(self))
-        async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
-            if run.ended is None or not _ends_run(chunk):
-                yield chunk
+        try:
+            async for chunk in base.astream(self, input, _with_run(config, run), **kwargs):
+                if run.ended is None or not _ends_run(chunk):
+                    yield chunk
+        except GraphInterrupt as exc:
+            if _ended_inside(run, exc) is None:
+                raise
 
     def copy(self: Any, update: dict[str, Any] | None = None) -> Any:
         # Pregel.copy (also behind with_config) rebuilds the graph from its constructor's arguments,
@@ -625,6 +674,16 @@ def _governed_class(base: Any) -> type:
 
 
 _governed_classes: dict[type, type] = {}
+
+
+def _ended_inside(run: _RunState, exc: GraphInterrupt) -> _EndRun | None:
+    """The run's `end` if ``exc`` is it leaving a governed graph nested in a graph `govern_graph` did not wrap.
+
+    A nested graph passes its interrupts up rather than ending on them; the governed graph's run is its
+    own, so it returns its state so far there (and the parent goes on). One with a real interrupt in it
+    goes up: the user must see the question.
+    """
+    return None if exc.args and exc.args[0] else run.ended
 
 
 def _ends_run(chunk: Any) -> bool:
