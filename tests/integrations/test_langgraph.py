@@ -37,6 +37,20 @@ class Research(TypedDict, total=False):
     budget_skipped: Annotated[list[Skipped], operator.add]
 
 
+class Fan(TypedDict, total=False):
+    items: list[int]
+    results: Annotated[list[str], operator.add]
+
+
+def fan_out(worker: Any) -> StateGraph:
+    """A graph that sends each of ``items`` to its own ``worker`` branch (``Send``)."""
+    builder = StateGraph(Fan)
+    builder.add_node("worker", worker)
+    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
+    builder.add_edge("worker", END)
+    return builder
+
+
 def research_builder(model: FakeChatModel, *, asynchronous: bool = False) -> StateGraph:
     def step(name: str):
         def node(state: Research) -> dict:
@@ -379,17 +393,10 @@ def test_a_denial_is_not_retried_by_the_retry_policy():
 def test_send_fan_out_reaches_the_provider_exactly_three_times_and_leaves_no_hold():
     model = fake(delay=0.02)
 
-    class Fan(TypedDict, total=False):
-        items: list[int]
-        results: Annotated[list[str], operator.add]
-
     def worker(state: dict) -> dict:
         return {"results": [model.invoke(f"item {state['item']}").content]}
 
-    builder = StateGraph(Fan)
-    builder.add_node("worker", worker)
-    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
-    builder.add_edge("worker", END)
+    builder = fan_out(worker)
     for runner in ("sync", "async"):
         model.calls.records.clear()
         budget = Budget(Limits(max_llm_calls=3))
@@ -412,17 +419,10 @@ def test_async_branches_cancelled_by_a_siblings_denial_close_their_holds_charged
 
     model = fake(delay=0.2)
 
-    class Fan(TypedDict, total=False):
-        items: list[int]
-        results: Annotated[list[str], operator.add]
-
     async def worker(state: dict) -> dict:
         return {"results": [(await model.ainvoke(f"item {state['item']}")).content]}
 
-    builder = StateGraph(Fan)
-    builder.add_node("worker", worker)
-    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
-    builder.add_edge("worker", END)
+    builder = fan_out(worker)
     budget = Budget(Limits(max_llm_calls=3), lease_ttl=600)  # far longer than the test: no lease runs out
     with pytest.raises(BudgetExceeded):
         asyncio.run(govern_graph(builder, budget).ainvoke({"items": list(range(8))}))
@@ -837,18 +837,11 @@ def test_a_graph_error_handler_catches_a_denial():
 def test_finished_send_branches_are_kept_on_resume():
     model = fake()
 
-    class Fan(TypedDict, total=False):
-        items: list[int]
-        results: Annotated[list[str], operator.add]
-
     def worker(state: dict) -> dict:
         item = state["item"]
         return {"results": [f"{item}:{model.invoke(f'item {item}').content}"]}
 
-    builder = StateGraph(Fan)
-    builder.add_node("worker", worker)
-    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
-    builder.add_edge("worker", END)
+    builder = fan_out(worker)
     budget = Budget(Limits(max_llm_calls=3))
     app = govern_graph(builder, budget, checkpointer=InMemorySaver())
     # One branch at a time: LangGraph loses the writes of a branch still running when a sibling fails
@@ -1272,19 +1265,12 @@ def test_a_graph_error_handler_does_not_catch_end():
 def test_end_with_a_checkpointer_keeps_the_send_branches_that_finish_and_resumes_only_the_refused():
     model = fake(delay=0.05)
 
-    class Fan(TypedDict, total=False):
-        items: list[int]
-        results: Annotated[list[str], operator.add]
-
     async def worker(state: dict) -> dict:
         item = state["item"]
         reply = await model.ainvoke(f"item {item}")
         return {"results": [f"{item}:{reply.content}"]}
 
-    builder = StateGraph(Fan)
-    builder.add_node("worker", worker)
-    builder.add_conditional_edges(START, lambda s: [Send("worker", {"item": i}) for i in s["items"]])
-    builder.add_edge("worker", END)
+    builder = fan_out(worker)
     budget = Budget(Limits(max_llm_calls=2))
     app = govern_graph(builder, budget, on_exhausted="end", checkpointer=InMemorySaver())
     config = {"configurable": {"thread_id": "1"}}
