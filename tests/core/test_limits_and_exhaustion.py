@@ -378,6 +378,20 @@ def test_top_up_raises_limits_by_the_given_amounts():
     assert limits.max_input_tokens is None  # an unlimited dimension stays unlimited
 
 
+def test_top_up_of_a_resource_the_budget_does_not_limit_says_it_changed_nothing(caplog):
+    tenant = Budget(Limits(max_total_tokens=1_000), name="tenant")
+    run = Budget(Limits(max_llm_calls=2), name="run", parent=tenant)  # the token cap is the tenant's
+    with caplog.at_level("WARNING", logger="budgetary"):
+        assert run.top_up(total_tokens=500, llm_calls=1)
+        assert run.top_up(llm_calls=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "budget 'run' has no limit on total_tokens: top_up(total_tokens=...) changed nothing there "
+        "(top up the budget that sets it)"
+    ]
+    assert run.snapshot().limits.max_total_tokens is None and run.snapshot().limits.max_llm_calls == 4
+    assert tenant.snapshot().limits.max_total_tokens == 1_000
+
+
 def test_top_up_rejects_unknown_resources():
     with pytest.raises(ConfigurationError, match=re.escape("cannot top up 'tokens'")):
         Budget().top_up(tokens=5)

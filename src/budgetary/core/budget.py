@@ -964,10 +964,19 @@ class Budget:
         The limits stay raised: on a windowed budget, for the windows that follow too. With
         ``once="<name>"`` the top-up is applied the first time that name is used on this budget, by
         any worker sharing the store, and ignored after that (for answers a resumed run replays;
-        names are kept 30 days). Returns whether it was applied.
+        names are kept 30 days). Returns whether it was applied. A resource this budget sets no
+        limit on stays unlimited (a parent's limit is raised on the parent): that is logged.
         """
         vector = top_up_vector(amounts)
-        return self._store.top_up(self._key, vector, self._clock(), _once_marker(once))
+        applied = self._store.top_up(self._key, vector, self._clock(), _once_marker(once))
+        asked = zip(DIMENSIONS, vector[: len(DIMENSIONS)], strict=True)
+        unlimited = [r for r, v in asked if v and getattr(self.limits, f"max_{r}") is None]
+        if applied and unlimited:
+            logger.warning(
+                "budget %r has no limit on %s: top_up(%s) changed nothing there (top up the budget that sets it)",
+                self.name, ", ".join(unlimited), ", ".join(f"{r}=..." for r in unlimited),
+            )  # fmt: skip
+        return applied
 
     def mark(self, name: str) -> bool:
         """Mark ``name`` on this budget, for every worker sharing the store; False if it was marked already.
