@@ -784,6 +784,23 @@ def test_middleware_of_two_budgets_govern_one_agent_together():
     assert BudgetMiddleware(Budget(name="a|b:c")).name == "BudgetMiddleware[a_b_c]"  # LangGraph's reserved characters
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_a_model_call_refused_by_an_inner_middleware_is_not_charged_to_the_outer_ones_budget(run_async):
+    # The inner middleware refuses at its reserve (the call's estimate is over its token cap) and
+    # ends the agent with its message: no call reached the provider, so the outer budget's hold
+    # must be given back, not charged as a call that answered without usage.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    user, feature = Budget(name="user"), Budget(Limits(max_total_tokens=100), name="feature")
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(user), BudgetMiddleware(feature)])
+    result = asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+    assert "budget refused" in result["messages"][-1].content
+    assert provider_calls(model) == 0
+    assert (user.snapshot().llm_calls, user.snapshot().total_tokens, user.snapshot().held_tokens) == (0, 0, 0)
+    assert not user.ledger.history(kind="llm")
+
+
 def test_middleware_prices_with_the_billed_model_name():
     from budgetary.integrations.langchain import BudgetMiddleware
 

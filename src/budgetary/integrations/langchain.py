@@ -924,7 +924,11 @@ def _build_middleware() -> type:
             if self.exit_behavior == "error":
                 raise exc
             if self.exit_behavior == "end":
-                return AIMessage(content=f"Stopped: the budget refused another model call. {exc}")
+                # Marked: an outer BudgetMiddleware gives its hold back for this call that never ran.
+                return AIMessage(
+                    content=f"Stopped: the budget refused another model call. {exc}",
+                    response_metadata={_REFUSAL_MARK: True},
+                )
             answer = interrupt({
                 "reason": str(exc), "budget": exc.budget, "agent": exc.agent, "resource": exc.resource,
                 "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
@@ -1001,6 +1005,9 @@ def _build_middleware() -> type:
             finally:
                 _middleware_budgets.reset(token)
             usage, billed = _response_usage(response)
+            if usage is None and _refused_inside(response):
+                reservation.release("refused by an inner BudgetMiddleware: no model call")
+                return response
             if usage is None:
                 reservation.charge_estimate()
             else:
@@ -1024,6 +1031,9 @@ def _build_middleware() -> type:
             finally:
                 _middleware_budgets.reset(token)
             usage, billed = _response_usage(response)
+            if usage is None and _refused_inside(response):
+                await reservation.arelease("refused by an inner BudgetMiddleware: no model call")
+                return response
             if usage is None:
                 await reservation.acharge_estimate()
             else:
@@ -1046,8 +1056,16 @@ def _build_middleware() -> type:
                 return usage, _billed_model(message)
         return None, None
 
+    def _refused_inside(response: Any) -> bool:
+        """Whether an inner `BudgetMiddleware` refused the call (so it never reached the model)."""
+        messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
+        return any(getattr(m, "response_metadata", {}).get(_REFUSAL_MARK) is True for m in messages)
+
     return BudgetMiddleware
 
+
+_REFUSAL_MARK = "budgetary_refused"
+"""``response_metadata`` key of the final message `BudgetMiddleware` ends an agent with when it refuses."""
 
 _middleware_class: type | None = None
 
