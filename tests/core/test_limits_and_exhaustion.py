@@ -300,6 +300,13 @@ def test_charge_failed_calls_charges_the_hold_instead():
     assert budget.ledger.history(kind="llm")[0].estimated
 
 
+def test_a_release_of_a_call_that_did_not_fail_gives_the_hold_back_even_with_charge_failed_calls():
+    budget = Budget(Limits(max_total_tokens=1_000), charge_failed_calls=True)
+    budget.reserve(model="gpt-4o-mini", prompt_tokens=30, max_output_tokens=70).release("cache hit", failed=False)
+    asyncio.run(budget.reserve(model="gpt-4o-mini", prompt_tokens=30, max_output_tokens=70).arelease("x", failed=False))
+    assert (budget.snapshot().total_tokens, budget.snapshot().held_tokens, budget.snapshot().llm_calls) == (0, 0, 0)
+
+
 def test_live_calls_keep_their_holds_past_the_lease_and_an_abandoned_one_loses_it():
     # Real time: the keeper thread renews at a third of the TTL; an abandoned hold is not renewed.
     from budgetary.core._lease import keeper

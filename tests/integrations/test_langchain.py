@@ -257,6 +257,30 @@ def test_llm_cache_hits_are_not_charged_as_provider_spend():
     assert budget.snapshot().held_tokens == 0
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_with_charge_failed_calls_cache_hits_and_re_attributed_holds_are_still_not_charged(run_async):
+    # charge_failed_calls charges the hold of a call that failed (the provider may have billed it);
+    # a cache hit never reached the provider, and a hold re-attributed to a more specific handler
+    # is charged by that handler: charging them too counted calls that were never made, or twice.
+    model = make_model()
+    budget = Budget(charge_failed_calls=True)
+    handlers = [BudgetCallbackHandler(budget), BudgetCallbackHandler(budget, agent="writer")]
+
+    def call(prompt: str) -> None:
+        config: Any = {"callbacks": handlers}
+        asyncio.run(model.ainvoke(prompt, config=config)) if run_async else model.invoke(prompt, config=config)
+
+    set_llm_cache(InMemoryCache())
+    try:
+        call("same prompt")
+        call("same prompt")
+    finally:
+        set_llm_cache(None)
+    assert provider_calls(model) == 1
+    assert (budget.snapshot().llm_calls, budget.snapshot().total_tokens, budget.snapshot().held_tokens) == (1, 150, 0)
+    assert [e.agent for e in budget.ledger.history(kind="llm")] == ["writer"]
+
+
 def test_a_failed_call_releases_its_hold():
     model = make_model(error=ConnectionError("provider down"))
     budget = Budget(Limits(max_total_tokens=10_000))

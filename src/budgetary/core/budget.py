@@ -240,26 +240,30 @@ class Reservation:
             budget._after(outcome, self.agent, entry.usage or usage)
         return entry
 
-    def release(self, reason: str = "call failed") -> None:
-        """Give the hold back without charging (the call failed before the provider billed it)."""
+    def release(self, reason: str = "call failed", *, failed: bool = True) -> None:
+        """Give the hold back without charging (the call failed before the provider billed it).
+
+        ``failed=False``: the call did not fail, it never reached the provider (an LLM-cache hit, a
+        refusal elsewhere) or another hold charges it; ``charge_failed_calls`` does not apply.
+        """
         if self._done:
             return
         budget = self._budget
-        if budget.charge_failed_calls:
+        if failed and budget.charge_failed_calls:
             self.charge_estimate()
             return
         self._close()
         budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
 
-    async def arelease(self, reason: str = "call failed") -> None:
+    async def arelease(self, reason: str = "call failed", *, failed: bool = True) -> None:
         """`release` for async code: never blocks the event loop (see `Budget.areserve`)."""
         budget = self._budget
         if not is_async_store(budget._store):
-            await off_loop(budget._store, self.release, reason)
+            await off_loop(budget._store, functools.partial(self.release, reason, failed=failed))
             return
         if self._done:
             return
-        if budget.charge_failed_calls:
+        if failed and budget.charge_failed_calls:
             await self.acharge_estimate()
             return
         self._close()

@@ -322,10 +322,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             except BaseException as exc:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
                 for held in _holds_of_refused_start(run_id, claim):
-                    held.release(_refused_elsewhere(exc))
+                    held.release(_refused_elsewhere(exc), failed=False)
                 raise
             if not self._started(claim, run_id, reservation):
-                reservation.release("re-attributed to a more specific handler")
+                reservation.release("re-attributed to a more specific handler", failed=False)
 
     async def _aon_chat_model_start(
         self, serialized: dict[str, Any] | None, messages: list[list[Any]], *, run_id: UUID,
@@ -343,10 +343,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             except BaseException as exc:
                 self._release_claim(run_id)
                 for held in _holds_of_refused_start(run_id, claim):
-                    await held.arelease(_refused_elsewhere(exc))
+                    await held.arelease(_refused_elsewhere(exc), failed=False)
                 raise
             if not self._started(claim, run_id, reservation):
-                await reservation.arelease("re-attributed to a more specific handler")
+                await reservation.arelease("re-attributed to a more specific handler", failed=False)
 
     on_chat_model_start = _AwaitedInAsyncRuns(_on_chat_model_start, _aon_chat_model_start)
     # A text-completion call: the same, with prompts for messages.
@@ -359,7 +359,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return
         reservation, usage, model, also = ended
         if usage is _CACHE_HIT:
-            reservation.release("served from the LLM cache: no provider call")
+            reservation.release("served from the LLM cache: no provider call", failed=False)
             return
         if usage is None:
             reservation.charge_estimate()  # streaming without a usage chunk: see the module docstring
@@ -375,7 +375,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return
         reservation, usage, model, also = ended
         if usage is _CACHE_HIT:
-            await reservation.arelease("served from the LLM cache: no provider call")
+            await reservation.arelease("served from the LLM cache: no provider call", failed=False)
             return
         if usage is None:
             await reservation.acharge_estimate()
@@ -600,7 +600,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 claim.also = current.also + ((current.handler,) if current.handler.on_soft_limit is not None else ())
             claims[run_id] = claim
         if current is not None and current.reservation is not None:
-            current.reservation.release("re-attributed to a more specific handler")
+            current.reservation.release("re-attributed to a more specific handler", failed=False)
         return claim
 
     def _release_claim(self, run_id: UUID) -> _Claim | None:
@@ -1006,7 +1006,7 @@ def _build_middleware() -> type:
                 _middleware_budgets.reset(token)
             usage, billed = _response_usage(response)
             if usage is None and _refused_inside(response):
-                reservation.release("refused by an inner BudgetMiddleware: no model call")
+                reservation.release("refused by an inner BudgetMiddleware: no model call", failed=False)
                 return response
             if usage is None:
                 reservation.charge_estimate()
@@ -1032,7 +1032,7 @@ def _build_middleware() -> type:
                 _middleware_budgets.reset(token)
             usage, billed = _response_usage(response)
             if usage is None and _refused_inside(response):
-                await reservation.arelease("refused by an inner BudgetMiddleware: no model call")
+                await reservation.arelease("refused by an inner BudgetMiddleware: no model call", failed=False)
                 return response
             if usage is None:
                 await reservation.acharge_estimate()
