@@ -773,6 +773,25 @@ def test_middleware_of_a_child_budget_and_a_scope_of_its_parent_charge_the_paren
     assert day.snapshot().held_tokens == 0 and day.snapshot().tool_calls == 2
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_of_a_parent_budget_and_a_scope_of_its_child_charge_the_parent_once(run_async):
+    # A tenant's middleware on the agent, a run's budget (the tenant's child) as a scope around it:
+    # the handler's charge of the child is also the tenant's, so the middleware's hold must go.
+    # Both counted against the tenant, which refused the second of the two calls its cap allows.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    tenant = Budget(Limits(max_llm_calls=2), name="tenant")
+    run = Budget(name="run", parent=tenant)
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(tenant, exit_behavior="error")])
+    with budget_scope(run):
+        result = asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+    assert result["messages"][-1].content == "Otters are semi-aquatic mammals."
+    assert provider_calls(model) == 2 == tenant.snapshot().llm_calls == run.snapshot().llm_calls
+    assert tenant.snapshot().total_tokens == 2 * 150 and tenant.snapshot().held_llm_calls == 0
+    assert len(tenant.ledger.history(kind="llm")) == 2
+
+
 def test_middleware_holds_the_max_tokens_the_call_is_made_with():
     from langchain.agents.middleware import AgentMiddleware
 

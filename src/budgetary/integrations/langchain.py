@@ -143,7 +143,7 @@ class _AwaitedInAsyncRuns:
 class _Claim:
     """Which handler charges a run: the same budget attached twice must charge once."""
 
-    __slots__ = ("also", "batch", "covered", "handler", "parent", "rank", "reservation")
+    __slots__ = ("also", "batch", "ceded", "covered", "handler", "parent", "rank", "reservation")
 
     def __init__(
         self, handler: BudgetCallbackHandler, parent: UUID | None, batch: object = None,
@@ -159,6 +159,7 @@ class _Claim:
         # Handlers of the family with an on_soft_limit that stood aside for this one: they hear too.
         self.also: tuple[BudgetCallbackHandler, ...] = ()
         self.reservation: Reservation | None = None
+        self.ceded: tuple[Reservation, ...] = ()  # BudgetMiddleware holds on parent budgets this call's charge covers
 
 
 # Claims per family of budgets (a budget, its parent, ...: keyed by the top one), shared by every
@@ -232,9 +233,18 @@ def _refused_elsewhere(exc: BaseException) -> str:
     return f"refused by budget {budget!r}" if budget is not None else f"refused before it ran ({type(exc).__name__})"
 
 
-# While BudgetMiddleware makes a model call: the budgets its instances (an agent may take several)
-# have already reserved it on.
-_middleware_budgets: ContextVar[tuple[Budget, ...]] = ContextVar("budgetary_middleware_budgets", default=())
+class _MiddlewareCall:
+    """A model call `BudgetMiddleware` reserved: its budget, its hold, and whether a handler took it over."""
+
+    __slots__ = ("budget", "ceded", "reservation")
+
+    def __init__(self, budget: Budget, reservation: Reservation) -> None:
+        self.budget, self.reservation, self.ceded = budget, reservation, False
+
+
+# While BudgetMiddleware makes a model call: the calls its instances (an agent may take several)
+# have reserved on their budgets.
+_middleware_calls: ContextVar[tuple[_MiddlewareCall, ...]] = ContextVar("budgetary_middleware_calls", default=())
 # Set while a governed LangGraph node runs: per budget, the handler of the innermost governed node.
 # That budget's calls in the node are charged as that handler would charge them (its agent, its
 # rank); other handlers of the budget (a user's own, a budget_scope, an outer node's) that see a call
@@ -314,6 +324,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if begun is not None:
             claim, agent, model, max_out, location = begun
             try:
+                for held in claim.ceded:
+                    held.release("charged through a child budget by its handler", failed=False)
                 self.budget.ensure_agent(agent)
                 reservation = self.budget.reserve(
                     agent, model=model, messages=_with_tools(messages, kwargs), max_output_tokens=max_out,
@@ -335,6 +347,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if begun is not None:
             claim, agent, model, max_out, location = begun
             try:
+                for held in claim.ceded:
+                    await held.arelease("charged through a child budget by its handler", failed=False)
                 await self.budget.aensure_agent(agent)
                 reservation = await self.budget.areserve(
                     agent, model=model, messages=_with_tools(messages, kwargs), max_output_tokens=max_out,
@@ -491,13 +505,15 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
     ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
         """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
-        if _middleware_budgets.get() and self._middleware_charges():
+        if _middleware_calls.get() and self._middleware_charges():
             return None  # BudgetMiddleware already reserved this call
         params = kwargs.get("invocation_params") or {}
         charger = self._charging_for()  # a governed node's handler, if the call runs in one
         claim = self._take(run_id, parent_run_id, params or None, charger._precedence)
         if claim is None:
             return None
+        if _middleware_calls.get():
+            claim.ceded = self._take_over_middleware()
         metadata = metadata or {}
         model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
         max_out = metadata.get("ls_max_tokens")
@@ -567,13 +583,33 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         A child budget's charge is also its parents': a parent's handler reserving again would
         count the call twice.
         """
-        for budget in _middleware_budgets.get():
-            node: Budget | None = budget
+        for call in _middleware_calls.get():
+            node: Budget | None = call.budget
             while node is not None:
                 if node is self.budget or budget_key(node) == self._key:
                     return True
                 node = node.parent
         return False
+
+    def _take_over_middleware(self) -> tuple[Reservation, ...]:
+        """The holds `BudgetMiddleware` took for this call on parents of this budget: this handler's charge covers them.
+
+        The child's charge is also its parents': the middleware's hold must go before this handler
+        reserves (both would count against the parent, refusing the last call a limit allows) and
+        the middleware must not settle it (the call would count twice).
+        """
+        ceded = []
+        for call in _middleware_calls.get():
+            if call.ceded:
+                continue
+            node = self.budget.parent
+            while node is not None:
+                if node is call.budget or budget_key(node) == budget_key(call.budget):
+                    call.ceded = True
+                    ceded.append(call.reservation)
+                    break
+                node = node.parent
+        return tuple(ceded)
 
     def _charging_for(self) -> BudgetCallbackHandler:
         """The handler whose agent and rank this one charges a call with: the governed node's, in one."""
@@ -996,14 +1032,18 @@ def _build_middleware() -> type:
             reservation = self._reserve(request)
             if isinstance(reservation, AIMessage):
                 return ModelResponse(result=[reservation])
-            token = _middleware_budgets.set((*_middleware_budgets.get(), self.budget))
+            call = _MiddlewareCall(self.budget, reservation)
+            token = _middleware_calls.set((*_middleware_calls.get(), call))
             try:
                 response = handler(request)
             except BaseException as exc:
-                _ended_without_reply(reservation, exc)
+                if not call.ceded:
+                    _ended_without_reply(reservation, exc)
                 raise
             finally:
-                _middleware_budgets.reset(token)
+                _middleware_calls.reset(token)
+            if call.ceded:  # a child budget's handler charged the call, for this budget too
+                return response
             usage, billed = _response_usage(response)
             if usage is None and _refused_inside(response):
                 reservation.release("refused by an inner BudgetMiddleware: no model call", failed=False)
@@ -1022,14 +1062,18 @@ def _build_middleware() -> type:
             reservation = await self._areserve(request)
             if isinstance(reservation, AIMessage):
                 return ModelResponse(result=[reservation])
-            token = _middleware_budgets.set((*_middleware_budgets.get(), self.budget))
+            call = _MiddlewareCall(self.budget, reservation)
+            token = _middleware_calls.set((*_middleware_calls.get(), call))
             try:
                 response = await handler(request)
             except BaseException as exc:
-                await _aended_without_reply(reservation, exc)
+                if not call.ceded:
+                    await _aended_without_reply(reservation, exc)
                 raise
             finally:
-                _middleware_budgets.reset(token)
+                _middleware_calls.reset(token)
+            if call.ceded:  # a child budget's handler charged the call, for this budget too
+                return response
             usage, billed = _response_usage(response)
             if usage is None and _refused_inside(response):
                 await reservation.arelease("refused by an inner BudgetMiddleware: no model call", failed=False)
