@@ -1034,3 +1034,16 @@ def test_a_task_a_flow_runs_itself_charges_its_agent_less_calls_to_its_agent_and
     entries = budget.ledger.history(kind="llm")
     assert len(entries) == fake.calls.count >= 2
     assert {(e.agent, e.location) for e in entries} == {("Researcher", "research")}
+
+
+def test_the_task_start_check_is_not_charged_with_charge_failed_calls():
+    # Under skip, each task's start reserves its first call to see if it fits, then gives it back:
+    # that hold is no call, so charge_failed_calls (for calls that failed at the provider) must not charge it.
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_total_tokens=10_000), charge_failed_calls=True)
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff(inputs={"topic": "otters"})
+    entries = budget.ledger.history(kind="llm")
+    assert len(entries) == fake.calls.count == 3 and not any(e.estimated for e in entries)
+    assert budget.snapshot().total_tokens == 3 * 120

@@ -369,7 +369,7 @@ def _first_call_refusal(run: _Run, agent_obj: Any, agent: str | None, task: Any,
         )  # fmt: skip
     except BudgetExceeded as exc:
         return exc
-    probe.release("task-start check: the task's first call fits")
+    probe.release("task-start check: the task's first call fits", failed=False)
     return None
 
 
