@@ -46,7 +46,7 @@ from budgetary.core._engine import (
 )
 from budgetary.core._units import COST, LLM, nanos_to_usd
 from budgetary.core.contract import AgentContract
-from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent, UsageError
+from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent, UsageError, _BudgetMissing
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
@@ -1120,7 +1120,7 @@ def _json(raw: str, agent: str | None) -> Any:
     if "err" in result:
         if result["err"] == "agent":
             raise UnknownAgent(agent or "", result["n"])
-        raise KeyError(result["key"])
+        raise _BudgetMissing(result["key"])
     return result
 
 
