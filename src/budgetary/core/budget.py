@@ -393,7 +393,8 @@ class Budget:
         allow_unpriced: Under a USD cap, allow models with no known price (their cost is unknown).
             Default (``None``): the parent's setting, else ``False``; ``True`` or ``False`` overrides it.
         prices: Per-model price overrides (`Price` or a mapping of its fields).
-        clock: Seconds since the epoch; inject one in tests.
+        clock: Seconds since the epoch; inject one in tests. Default: the parent's clock, else
+            `time.time` (one family keeps one time: its window and lease arithmetic mixes them).
         run_id: Tag for ledger entries; default a new random id.
     """
 
@@ -413,7 +414,7 @@ class Budget:
         charge_failed_calls: bool = False,
         allow_unpriced: bool | None = None,
         prices: Mapping[str, Price | Mapping[str, Any]] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         run_id: str | None = None,
     ) -> None:
         if limits is None:
@@ -439,6 +440,8 @@ class Budget:
             allow_unpriced = parent.allow_unpriced if parent is not None else False
         elif not isinstance(allow_unpriced, bool):
             raise ConfigurationError(f"allow_unpriced must be True, False or None (inherit), got {allow_unpriced!r}")
+        if clock is None:
+            clock = parent._clock if parent is not None else time.time
         hooks: dict[str, object] = {"on_soft_limit": on_soft_limit, "clock": clock}
         for hook, value in hooks.items():
             if value is not None and not callable(value):
@@ -456,7 +459,7 @@ class Budget:
         self.allow_unpriced: bool = allow_unpriced
         self.run_id = run_id or uuid.uuid4().hex
         self._limits = limits
-        self._clock = clock
+        self._clock: Callable[[], float] = clock
         self._gate = mode == "gate"
         # One table prices a charge for every level: a child's overrides add to its parent's and win.
         self._prices: PriceTable = PriceTable(prices) if parent is None else parent._prices.extended(prices)

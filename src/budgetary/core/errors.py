@@ -72,6 +72,27 @@ class StoreError(BudgetError):
     """The storage backend failed (connection, schema, script)."""
 
 
+class _BudgetMissing(StoreError, KeyError):
+    """The store has no state for a budget it was asked about.
+
+    A `StoreError` for the application (a `Budget` whose state is gone: a Redis server restarted
+    without persistence, a flushed or evicted key, a replaced file) and a `KeyError` for the
+    store protocol's readers (the CLI's "no budget" message).
+    """
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the key; give a sentence instead.
+        return (
+            f"budget {self.key} is not in the store: its state was lost (a Redis server restarted "
+            "without persistence, a flushed or evicted key, a deleted database file) or it was never "
+            "built there; building the Budget again starts it from zero"
+        )
+
+
 class BudgetExceeded(BudgetError, RuntimeError):
     """A call was refused because it would pass a limit.
 

@@ -338,6 +338,27 @@ def test_windows_reset_counters_at_utc_boundaries(open_store: Opener, clock: Fak
     assert budget.check().allowed
 
 
+def test_child_budgets_keep_their_parents_clock_so_a_windowed_cap_holds(open_store: Opener, clock: FakeClock) -> None:
+    """Runs built by name under a tenant's hourly budget, given no clock of their own, keep the
+    tenant's: with the wall clock, their calls rolled the tenant's window to another hour, and
+    the tenant's own calls rolled it back, granting more than the cap in one hour."""
+    clock.now = 1_800_003_600.0 + 10
+    day = Budget(Limits(max_llm_calls=3, window="1h"), name="tenant", store=open_store(), clock=clock)
+    granted = 0
+    for i in range(8):
+        budget = Budget(Limits(), name=f"run-{i}", parent=day) if i % 2 else day
+        try:
+            budget.reserve(prompt_tokens=1, max_output_tokens=1).settle(_usage(1, 1))
+            granted += 1
+        except BudgetExceeded:
+            pass
+    assert granted == 3
+    assert {e.time for e in day.ledger} == {clock.now}
+    assert day.snapshot().window_resets_at == 1_800_007_200.0
+    clock.advance(3600)
+    assert Budget(Limits(), name="run-9", parent=day).check().allowed
+
+
 def test_window_resets_at_is_a_float_in_every_store_even_with_a_clock_that_gives_ints(open_store: Opener) -> None:
     budget = Budget(Limits(window="1h"), name="b", store=open_store(), clock=lambda: 1_800_000_000)
     resets = budget.snapshot().window_resets_at

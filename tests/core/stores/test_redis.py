@@ -395,3 +395,34 @@ def test_a_rediss_url_serves_sync_and_async_calls_and_keeps_its_tls_connection(t
     for key in admin.scan_iter(match=prefix + "*"):
         admin.delete(key)
     admin.close()
+
+
+def test_a_budget_whose_state_the_server_lost_raises_store_error(
+    redis_url: str, key_prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Redis restarted without persistence (or a flush, an eviction) loses a family's keys: every
+    call of a live `Budget` then says so as a `StoreError`, as any other store failure, not a bare
+    KeyError of the store's internals; the CLI still says there is no such budget."""
+    from budgetary.cli import main
+
+    store = RedisStore(redis_url, key_prefix=key_prefix)
+    day = Budget(Limits(max_llm_calls=10, window="1d"), name="day", store=store)
+    run = Budget(Limits(max_llm_calls=5), name="run", parent=day)
+    held = run.reserve(prompt_tokens=5, max_output_tokens=5)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*client.scan_iter(match=key_prefix + "*"))  # what the restart leaves: nothing
+    client.close()
+    calls = [
+        lambda: held.settle({"input_tokens": 1, "output_tokens": 1}),
+        lambda: run.reserve(prompt_tokens=5, max_output_tokens=5),
+        run.snapshot,
+        run.check,
+        lambda: run.top_up(llm_calls=1),
+        lambda: asyncio.run(run.areserve(prompt_tokens=5, max_output_tokens=5)),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError, match="not in the store: its state was lost"):
+            call()
+    assert main(["--store", redis_url, "--key-prefix", key_prefix, "report", "day", "run"]) == 1
+    assert "no budget 'day/run'" in capsys.readouterr().err
+    store.close()

@@ -377,6 +377,61 @@ def test_sync_calls_on_an_asyncio_only_store_work_in_a_forked_child(redis_url: s
 
 
 @pytest.mark.redis
+def test_async_calls_on_a_callers_asyncio_client_are_exact_in_forked_children_and_parent(
+    redis_url: str, key_prefix: str
+) -> None:
+    """redis.asyncio's pools do not notice a fork: a child calling through the caller's client used
+    the parent's connections, both processes read each other's replies (the parent's settle failed
+    with a JSONDecodeError, or timed out once the child's collected client took the sockets out of
+    the shared epoll set), and the grants were not exact. The child now uses a copy of the client."""
+    import gc
+    import multiprocessing
+
+    store = RedisStore(aioredis.Redis.from_url(redis_url), key_prefix=key_prefix)
+    budget = Budget(Limits(max_llm_calls=100), name="b", store=store)
+
+    async def cycles(n: int) -> int:
+        granted = 0
+        for _ in range(n):
+            try:
+                reservation = await budget.areserve(prompt_tokens=3, max_output_tokens=2)
+            except BudgetExceeded:
+                continue
+            await reservation.asettle(_usage(3, 1))
+            granted += 1
+        return granted
+
+    loop = asyncio.new_event_loop()  # the parent's connections stay open on it across the fork
+    parent = loop.run_until_complete(cycles(2))
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+
+    async def collected_cycles(n: int) -> int:
+        granted = await cycles(1)  # the child now uses its copy of the client...
+        gc.collect()  # ...and the parent's client, if nothing kept it, is collected on the running loop
+        return granted + await cycles(n - 1)
+
+    def child() -> None:
+        try:
+            done.put(asyncio.run(asyncio.wait_for(collected_cycles(60), timeout=30)))
+        except BaseException as exc:
+            done.put(repr(exc))
+
+    procs = [ctx.Process(target=child, daemon=True) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    parent += loop.run_until_complete(asyncio.wait_for(cycles(60), timeout=30))
+    children = [done.get(timeout=30) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert parent + sum(children) == 100, children  # exactly the cap, however the calls interleaved
+    snap = loop.run_until_complete(budget.asnapshot())
+    assert (snap.llm_calls, snap.total_tokens, snap.held_llm_calls) == (100, 400, 0)
+    loop.run_until_complete(store.aclose())
+    loop.close()
+
+
+@pytest.mark.redis
 def test_event_loops_in_several_threads_share_a_url_store(redis_url: str, key_prefix: str) -> None:
     # Each loop gets its own asyncio client: a client's connections belong to one loop.
     store = RedisStore(redis_url, key_prefix=key_prefix)

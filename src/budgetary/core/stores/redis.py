@@ -46,7 +46,7 @@ from budgetary.core._engine import (
 )
 from budgetary.core._units import COST, LLM, nanos_to_usd
 from budgetary.core.contract import AgentContract
-from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent, UsageError
+from budgetary.core.errors import ConfigurationError, StoreError, UnknownAgent, UsageError, _BudgetMissing
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
@@ -436,6 +436,8 @@ class RedisStore:
         self._program = program()
         self._script = None if self._client is None else self._client.register_script(self._program.script)
         self._ascript: Any = None if self._aclient is None else self._aclient.register_script(self._program.script)
+        self._aforks = _forks  # the fork generation the caller's asyncio client belongs to
+        self._parents_clients: list[Any] = []  # see `_forked_client`
         self._functions = True
         self._response_error = redis.ResponseError
         # See `_fcall`: connections for a client this store opened, and the packed start of an
@@ -641,6 +643,8 @@ class RedisStore:
         """The asyncio client for the running loop (a URL store opens one per loop, lazily)."""
         loop = asyncio.get_running_loop()
         if not self._owns_client:  # the caller's asyncio client
+            if self._aforks != _forks:
+                self._forked_client()
             if self._aloop is not loop:
                 self._aloop, self._setup_lock = loop, None
             return self._aclient
@@ -671,6 +675,25 @@ class RedisStore:
                 self._loop_slots[loop] = asyncio.Semaphore(client.connection_kwargs["max_connections"])
             self._loop_clients[loop] = client
         return client
+
+    def _forked_client(self) -> None:
+        """In a forked child, switch to a copy of the caller's asyncio client (same pool class and settings).
+
+        redis.asyncio's pools, unlike the sync ones, do not notice a fork: the child would send its
+        calls on the connections the parent opened, whose sockets the two processes then share, and
+        each would read replies meant for the other (a settle answered by a reserve's reply).
+        The parent's client stays referenced: collected here, its connections would close their
+        transports, taking their sockets out of the event loop's epoll set, which the child shares
+        with the parent (whose calls would then wait for replies they never hear of).
+        A redis.asyncio.RedisCluster client has no pool to copy and is used as it is.
+        """
+        self._aforks = _forks
+        pool = getattr(self._aclient, "connection_pool", None)
+        if pool is not None:
+            self._parents_clients.append(self._aclient)
+            copy = type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
+            self._aclient = type(self._aclient).from_pool(copy)
+            self._ascript = self._aclient.register_script(self._program.script)
 
     async def _run_setup(self) -> None:
         if self._setup_lock is None:
@@ -1120,7 +1143,7 @@ def _json(raw: str, agent: str | None) -> Any:
     if "err" in result:
         if result["err"] == "agent":
             raise UnknownAgent(agent or "", result["n"])
-        raise KeyError(result["key"])
+        raise _BudgetMissing(result["key"])
     return result
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from budgetary.core._engine import ONCE_TTL, AgentState, Engine, Hold, Level
-from budgetary.core.errors import ConfigurationError, StoreError
+from budgetary.core.errors import ConfigurationError, StoreError, _BudgetMissing
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.stores._codec import hold_from_doc, hold_to_doc, level_from_doc, level_to_doc
 from budgetary.core.stores.base import EngineStore, LevelFigures, checked_seconds, unencodable
@@ -165,12 +165,12 @@ class SQLiteStore(EngineStore):
 
     def figures(self, chain: tuple[str, ...], now: float) -> list[LevelFigures]:
         if self._missing():
-            raise KeyError(chain[0])
+            raise _BudgetMissing(chain[0])
         return super().figures(chain, now)
 
     def agents(self, key: str, now: float) -> dict[str | None, AgentState]:
         if self._missing():
-            raise KeyError(key)
+            raise _BudgetMissing(key)
         return super().agents(key, now)
 
     def entries(self, scope: str) -> list[LedgerEntry]:
@@ -294,7 +294,7 @@ class _Levels(dict[str, Level]):
     def __missing__(self, key: str) -> Level:
         row = self._conn.execute("SELECT doc FROM levels WHERE key = ?", (key,)).fetchone()
         if row is None:
-            raise KeyError(key)
+            raise _BudgetMissing(key)
         self.original[key] = row[0]
         level = self[key] = level_from_doc(row[0])
         return level
