@@ -100,6 +100,29 @@ def test_the_command_reads_redis_from_another_process(redis_url: str, key_prefix
     assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [e.id for e in run.ledger.history()]
 
 
+@pytest.mark.redis
+def test_a_report_does_not_trim_a_redis_ledger_the_application_keeps(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from budgetary.core.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, key_prefix=key_prefix, ledger_max_len=0)  # the app keeps every entry
+    run = _spend(store)
+    dying = Budget(run.parent.limits, name="tenant acme", store=store, lease_ttl=0.05)  # type: ignore[union-attr]
+    dying.reserve(model="gpt-4o-mini", prompt_tokens=1)  # and its worker dies: the lease expires
+    time.sleep(0.1)
+    kept = [e.id for e in run.ledger.history()]
+    # A store the command opened with a default length would trim on the write a read makes (the
+    # expired lease's release entry): make that default small enough to show.
+    monkeypatch.setitem(RedisStore.__init__.__kwdefaults__, "ledger_max_len", 2)
+    code, text = _cli("--store", redis_url, "--key-prefix", key_prefix, "report", "tenant acme", 'report "42"')
+    assert code == 0, text
+    assert [e.id for e in run.ledger.history()][: len(kept)] == kept
+    assert [e.kind for e in dying.ledger.history()][-1] == "release"  # the report's write happened
+
+
 def test_a_key_prefix_needs_a_redis_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli("--store", f"sqlite:///{tmp_path / 'b.db'}", "--key-prefix", "x:", "report", "a")[0] == 1
     assert "--key-prefix applies to Redis stores only" in capsys.readouterr().err

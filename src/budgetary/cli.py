@@ -29,18 +29,22 @@ from budgetary.core.errors import BudgetError, ConfigurationError
 from budgetary.core.ledger import KINDS, Ledger, LedgerEntry, csv_text, jsonl_text
 from budgetary.core.snapshot import Snapshot
 from budgetary.core.stores import Store, open_store
+from budgetary.core.stores.base import REDIS_URL_SCHEMES
 
 __all__ = ["main"]
 
 
 def _open(url: str, key_prefix: str | None) -> Store:
+    if url.startswith(REDIS_URL_SCHEMES):
+        from budgetary.core.stores.redis import RedisStore
+
+        # A read may write (release entries of expired leases) through the script that trims the
+        # ledger: ledger_max_len=0 leaves the length to the application that keeps the budget.
+        if key_prefix is None:
+            return RedisStore(url, ledger_max_len=0)
+        return RedisStore(url, key_prefix=key_prefix, ledger_max_len=0)
     if key_prefix is not None:
-        from budgetary.core.stores.redis import URL_SCHEMES, RedisStore
-
-        if not url.startswith(URL_SCHEMES):
-            raise ConfigurationError("--key-prefix applies to Redis stores only")
-
-        return RedisStore(url, key_prefix=key_prefix)
+        raise ConfigurationError("--key-prefix applies to Redis stores only")
     return open_store(url)
 
 

@@ -207,6 +207,13 @@ class AsyncStore(Protocol):
         """`Store.count_tool`, awaited."""
 
 
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "rediss-cluster://")
+"""The URLs `RedisStore` opens: one server (TCP, TLS, Unix socket), or a Cluster through one of its nodes.
+
+Here, not in the Redis module, so that code without redis-py installed can tell them apart.
+"""
+
+
 def checked_ledger_max_len(value: Any, store: str) -> int:
     """A store's ``ledger_max_len`` argument, checked: an int >= 0 (0 keeps every entry)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -51,7 +51,14 @@ from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit
 from budgetary.core.ledger import LedgerEntry
 from budgetary.core.limits import Limits
 from budgetary.core.stores._codec import agent_key, agent_name, level_from_doc
-from budgetary.core.stores.base import LevelFigures, checked_ledger_max_len, checked_name, checked_seconds, unencodable
+from budgetary.core.stores.base import (
+    REDIS_URL_SCHEMES,
+    LevelFigures,
+    checked_ledger_max_len,
+    checked_name,
+    checked_seconds,
+    unencodable,
+)
 from budgetary.core.usage import Usage
 
 if TYPE_CHECKING:
@@ -60,8 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStore", "URL_SCHEMES"]
 
-URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis-cluster://", "rediss-cluster://")
-"""The URLs `RedisStore` opens: one server (TCP, TLS, Unix socket), or a Cluster through one of its nodes."""
+URL_SCHEMES = REDIS_URL_SCHEMES
 _CLUSTER_SCHEMES = {"redis-cluster://": "redis://", "rediss-cluster://": "rediss://"}
 
 T = TypeVar("T")
