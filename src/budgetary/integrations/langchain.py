@@ -197,6 +197,15 @@ def _level_names(budget: Budget) -> Iterator[str]:
         node = node.parent
 
 
+def _within(budget: Budget | None, key: Hashable) -> bool:
+    """Whether ``budget`` or one of its parents is the budget ``key`` names (`budget_key`: any object of it)."""
+    while budget is not None:
+        if budget_key(budget) == key:
+            return True
+        budget = budget.parent
+    return False
+
+
 def _depth(budget: Budget) -> int:
     depth = 0
     while (budget := budget.parent) is not None:  # type: ignore[assignment]
@@ -505,14 +514,15 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
     ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
         """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
-        if _middleware_calls.get() and self._middleware_charges():
+        middleware = _middleware_calls.get()
+        if middleware and self._middleware_charges():
             return None  # BudgetMiddleware already reserved this call
         params = kwargs.get("invocation_params") or {}
         charger = self._charging_for()  # a governed node's handler, if the call runs in one
         claim = self._take(run_id, parent_run_id, params or None, charger._precedence)
         if claim is None:
             return None
-        if _middleware_calls.get():
+        if middleware:
             claim.ceded = self._take_over_middleware()
         metadata = metadata or {}
         model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
@@ -583,13 +593,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         A child budget's charge is also its parents': a parent's handler reserving again would
         count the call twice.
         """
-        for call in _middleware_calls.get():
-            node: Budget | None = call.budget
-            while node is not None:
-                if node is self.budget or budget_key(node) == self._key:
-                    return True
-                node = node.parent
-        return False
+        return any(_within(call.budget, self._key) for call in _middleware_calls.get())
 
     def _take_over_middleware(self) -> tuple[Reservation, ...]:
         """The holds `BudgetMiddleware` took for this call on parents of this budget: this handler's charge covers them.
@@ -600,15 +604,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """
         ceded = []
         for call in _middleware_calls.get():
-            if call.ceded:
-                continue
-            node = self.budget.parent
-            while node is not None:
-                if node is call.budget or budget_key(node) == budget_key(call.budget):
-                    call.ceded = True
-                    ceded.append(call.reservation)
-                    break
-                node = node.parent
+            if not call.ceded and _within(self.budget.parent, budget_key(call.budget)):
+                call.ceded = True
+                ceded.append(call.reservation)
         return tuple(ceded)
 
     def _charging_for(self) -> BudgetCallbackHandler:

@@ -148,9 +148,6 @@ class _RunState:
             self.latest = chunk.get("data")
 
 
-_RETRY = "retry"
-"""`_Governor.start_marker` of a task that failed earlier in a run with no checkpointer: a retry, admitted as it is."""
-
 _RUN_KEY = "__budgetary_run"
 """Configurable key carrying a governed run's `_RunState` to its nodes and nested graphs.
 
@@ -219,7 +216,7 @@ class _Governor:
         """(True, None, interrupts made) to run the node, else (False, the node's result under the policy, _)."""
         _end_if_ending(state, config)
         once = self.start_marker(config)
-        if once is _RETRY:
+        if once is None and self._retried(config):
             return True, None, 0
         attempt = 0
         while not (decision := self.budget.begin_agent(agent, location=node, once=once)).allowed:
@@ -235,7 +232,7 @@ class _Governor:
         """`enter` for async nodes: every store call is awaited or made off the event loop."""
         _end_if_ending(state, config)
         once = self.start_marker(config)
-        if once is _RETRY:
+        if once is None and self._retried(config):
             return True, None, 0
         attempt = 0
         while not (decision := await self.budget.abegin_agent(agent, location=node, once=once)).allowed:
@@ -248,47 +245,52 @@ class _Governor:
 
     @staticmethod
     def start_marker(config: Mapping[str, Any]) -> str | None:
-        """What marks this node execution's start when a resume may re-run it: its task (checkpoint namespace).
+        """What marks this node execution's start in the store, when a resume may re-run it: its task.
 
         A node that fails or pauses after it took its ``max_agents`` slot is marked (`started`);
         the resume (or ``RetryPolicy`` retry) re-running it, in this process or another, finds the
-        mark and takes no second slot. In a run with no checkpointer only a retry re-runs a task, in
-        this process: the run remembers it (`_RETRY` if this one failed before, else None).
+        mark and takes no second slot. None in a run with no checkpointer (see `_retried`).
         """
         task = config.get("metadata", {}).get("langgraph_checkpoint_ns")
-        if not task:
-            return None
         run = _run_of(config)  # None for a `budget_node` in a graph govern_graph did not wrap: it may resume
-        if run is None or run.resumable:
-            return f"start:{task}"
-        return _RETRY if task in run.failed else None
+        return f"start:{task}" if task and (run is None or run.resumable) else None
+
+    @staticmethod
+    def _retried(config: Mapping[str, Any]) -> bool:
+        """Whether a run with no checkpointer re-runs a task that failed after taking its slot (a retry, here)."""
+        run = _run_of(config)
+        return run is not None and config.get("metadata", {}).get("langgraph_checkpoint_ns") in run.failed
+
+    def _remember_start(self, config: Mapping[str, Any]) -> str | None:
+        """Remember a node execution that ends by an exception after it took its slot: the mark to write, if any.
+
+        A run with no checkpointer keeps it itself (only a retry re-runs the task, in this process).
+        """
+        run = _run_of(config)
+        if run is not None and not run.resumable:
+            task = config.get("metadata", {}).get("langgraph_checkpoint_ns")
+            if task:
+                with run.lock:
+                    run.failed.add(task)
+            return None
+        return self.start_marker(config)
 
     def started(self, config: Mapping[str, Any]) -> None:
         """Mark the start of a node execution that ends by an exception (see `start_marker`)."""
-        if self._failed_in_run(config):
-            return
-        marker = self.start_marker(config)
+        marker = self._remember_start(config)
         if marker is not None:
-            try:
-                self.budget.mark(marker)
-            except Exception:  # the node's own exception is what the caller must see
-                logger.warning("could not mark the start of %s; a resume re-running it takes another slot", marker)
+            self._mark(marker)
 
     async def astarted(self, config: Mapping[str, Any]) -> None:
-        if not self._failed_in_run(config) and self.start_marker(config) is not None:
-            await self.budget.off_loop(self.started, config)
+        marker = self._remember_start(config)
+        if marker is not None:
+            await self.budget.off_loop(self._mark, marker)
 
-    @staticmethod
-    def _failed_in_run(config: Mapping[str, Any]) -> bool:
-        """Remember a failed task of a run with no checkpointer in the run (see `start_marker`); False otherwise."""
-        run = _run_of(config)
-        if run is None or run.resumable:
-            return False
-        task = config.get("metadata", {}).get("langgraph_checkpoint_ns")
-        if task:
-            with run.lock:
-                run.failed.add(task)
-        return True
+    def _mark(self, marker: str) -> None:
+        try:
+            self.budget.mark(marker)
+        except Exception:  # the node's own exception is what the caller must see
+            logger.warning("could not mark the start of %s; a resume re-running it takes another slot", marker)
 
     def refused(self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int) -> tuple[bool, Any]:
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
