@@ -834,6 +834,40 @@ def test_a_graph_error_handler_catches_a_denial():
     assert model.calls.count == 1 and budget.ledger.history(kind="deny")
 
 
+@pytest.mark.parametrize("how", ["node handler, compiled", "node handler, builder", "default handler, builder"])
+def test_an_error_handlers_llm_calls_are_checked_and_charged(how: str) -> None:
+    """A fallback node falling back to a cheaper model is governed like any node, however it was added."""
+    main, cheap = fake(), fake()
+
+    def write(state: Research) -> dict:
+        return {"notes": [main.invoke("write").content]}
+
+    def fallback(state: Research) -> dict:
+        return {"notes": [cheap.invoke("write cheaply").content]}
+
+    builder = StateGraph(Research)
+    if how.startswith("default"):
+        builder.set_node_defaults(error_handler=fallback)
+        builder.add_node("write", write)
+    else:
+        builder.add_node("write", write, error_handler=fallback)
+    builder.add_edge(START, "write")
+    builder.add_edge("write", END)
+    graph = builder.compile() if how.endswith("compiled") else builder
+    handler_node = "__default_error_handler__" if how.startswith("default") else "__error_handler__write"
+
+    budget = Budget(Limits(max_llm_calls=1))
+    budget.agent("write", max_tokens=1)  # the writer's own call is refused: its error handler takes over
+    state = govern_graph(graph, budget).invoke({"topic": "otters"})
+    assert main.calls.count == 0 and cheap.calls.count == 1 and state["notes"] == [cheap.responses[0]]
+    assert [(e.agent, e.usage.total_tokens) for e in budget.ledger.history(kind="llm")] == [
+        (handler_node, cheap.usage["total_tokens"])
+    ]
+    with pytest.raises(BudgetExceeded):  # the fallback is refused too once the run's calls are spent
+        govern_graph(graph, budget).invoke({"topic": "otters"})
+    assert cheap.calls.count == 1 and budget.snapshot().held_llm_calls == 0
+
+
 def test_finished_send_branches_are_kept_on_resume():
     model = fake()
 

@@ -31,6 +31,9 @@ that branch runs again. Error handlers that
 catch every exception (``ToolNode(handle_tool_errors=True)``, a graph-level
 ``error_handler``) also catch `BudgetExceeded`: a denied tool then becomes an
 error message to the model and the run goes on. Re-raise it there if it must stop the run.
+An error-handler node is governed like any node (its agent is its node name,
+``__error_handler__<node>`` or ``__default_error_handler__``): a fallback to a cheaper model is
+checked and charged.
 ``end`` stops a run the way LangGraph stops an interrupted one (with an interrupt that asks
 nothing): error handlers and retry policies leave it alone, the root run ends without an error
 for tracers and ``astream_events``, and a stream stops after the step of the refusal (a question
@@ -787,11 +790,15 @@ def govern_graph(
         }
         compiled = builder.compile(checkpointer=checkpointer)
         compiled.builder = graph
+        # compile() adds the handler of set_node_defaults(error_handler=...) itself: govern it here.
+        for name, node in compiled.nodes.items():
+            if name not in graph.nodes and _is_error_handler(node) and not _governed_by(node.bound, budget):
+                compiled.nodes[name] = node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
     else:
         update: dict[str, Any] = {
             "nodes": {
                 name: node
-                if name.startswith("__") or _governed_by(node.bound, budget)
+                if (name.startswith("__") and not _is_error_handler(node)) or _governed_by(node.bound, budget)
                 else node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
                 for name, node in graph.nodes.items()
             }
@@ -927,6 +934,14 @@ def _budget_node_policy(runnable: Any) -> str | None:
     """The policy of a node that is a `budget_node` (of any budget), else None."""
     parts = _budget_node_parts(runnable)
     return parts[0]._budgetary_policy if parts else None
+
+
+def _is_error_handler(node: Any) -> bool:
+    """Whether a compiled graph's node is an ``error_handler`` (LangGraph names it ``__error_handler__<node>``).
+
+    A fallback's LLM calls (a cheaper model) are calls like any other: governed, charged to the handler node.
+    """
+    return getattr(node, "is_error_handler", False) is True
 
 
 def _is_tool_node(runnable: Any) -> bool:
