@@ -677,6 +677,44 @@ def test_a_users_handler_stands_aside_for_the_nodes_mapped_agents():
     assert budget.snapshot().llm_calls == 2 and budget.snapshot().tool_calls == 1
 
 
+@pytest.mark.parametrize("policy", ["skip", "end"])
+def test_a_skipped_tool_node_answers_only_the_tool_calls_that_did_not_run(policy: str) -> None:
+    """A tool that ran before its sibling call was refused keeps its answer: the model must not redo it."""
+    from langgraph.prebuilt import ToolNode
+
+    sent: list[str] = []
+
+    @tool
+    def send_email(to: str) -> str:
+        """Send an email."""
+        sent.append(to)
+        return f"sent to {to}"
+
+    two_calls = AIMessage("", tool_calls=[
+        {"name": "send_email", "args": {"to": "ann"}, "id": "c1"},
+        {"name": "send_email", "args": {"to": "bob"}, "id": "c2"},
+    ])  # fmt: skip
+    model = fake(responses=[two_calls, AIMessage("done")]).bind_tools([send_email])
+
+    class Chat(TypedDict, total=False):
+        messages: Annotated[list[Any], operator.add]
+
+    builder = StateGraph(Chat)
+    builder.add_node("model", lambda state: {"messages": [model.invoke(state["messages"])]})
+    builder.add_node("tools", ToolNode([send_email]))
+    builder.add_edge(START, "model")
+    builder.add_conditional_edges("model", lambda state: "tools" if state["messages"][-1].tool_calls else END)
+    builder.add_edge("tools", "model")
+    budget = Budget(Limits(max_tool_calls=1))
+    state = govern_graph(builder, budget, policies={"tools": policy}).invoke(
+        {"messages": [HumanMessage("mail both")]}, {"max_concurrency": 1}
+    )
+    answers = {m.tool_call_id: m for m in state["messages"] if m.type == "tool"}
+    assert sent == ["ann"] and budget.snapshot().tool_calls == 1
+    assert (answers["c1"].status, answers["c1"].content) == ("success", "sent to ann")
+    assert answers["c2"].status == "error" and answers["c2"].content.startswith("Not run:")
+
+
 # -- prebuilt ReAct agents -----------------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
+from uuid import UUID
 
 try:
     from langchain_core.messages import AIMessage, ToolMessage
@@ -194,10 +195,10 @@ class _Governor:
         node = self.node or config.get("metadata", {}).get("langgraph_node") or self.unnamed
         return node, node if self.by_node else self.agent
 
-    def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, BudgetCallbackHandler]:
+    def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, _NodeHandler]:
         """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
         # It owns the node's calls (see `own`); a node mapped to no agent charges the run.
-        handler = BudgetCallbackHandler(self.budget, agent) if agent is not None else _RunHandler(self.budget, rank=1)
+        handler = _NodeHandler(self.budget, agent, {} if self.node_is_tools else None)
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = [handler]
@@ -295,20 +296,25 @@ class _Governor:
         except Exception:  # the node's own exception is what the caller must see
             logger.warning("could not mark the start of %s; a resume re-running it takes another slot", marker)
 
-    def refused(self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int) -> tuple[bool, Any]:
-        """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result)."""
-        step, then = self._refusal(exc, state, config, attempt)
+    def refused(
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, answered: Mapping[str, Any] = {}
+    ) -> tuple[bool, Any]:  # fmt: skip
+        """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result).
+
+        ``answered``: tool call id -> the `ToolMessage` of a tool the node ran before the refusal.
+        """
+        step, then = self._refusal(exc, state, config, attempt, answered)
         return then(step())
 
     async def arefused(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int
-    ) -> tuple[bool, Any]:
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, answered: Mapping[str, Any] = {}
+    ) -> tuple[bool, Any]:  # fmt: skip
         """`refused` for async nodes: its store step (a top-up, a skip marker) runs off the event loop."""
-        step, then = self._refusal(exc, state, config, attempt)
+        step, then = self._refusal(exc, state, config, attempt, answered)
         return then(await self.budget.off_loop(step))
 
     def _refusal(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, answered: Mapping[str, Any]
     ) -> tuple[Callable[[], Any], Callable[[Any], tuple[bool, Any]]]:
         """A refusal under the policy: its store step, and what `refused` returns given the step's result."""
         node, agent = self.names(config)
@@ -325,7 +331,7 @@ class _Governor:
             answer, key = self._interrupt(exc, config, node, agent, attempt)
             return functools.partial(apply_top_up_once, self.budget, answer, key), lambda _: (True, None)
         skip = functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
-        return skip, lambda marker: (False, self._skipped(marker, exc, state, config, node))
+        return skip, lambda marker: (False, self._skipped(marker, exc, state, config, node, answered))
 
     def _interrupt(
         self, exc: BudgetExceeded, config: Mapping[str, Any], node: str, agent: str | None, attempt: int
@@ -337,7 +343,10 @@ class _Governor:
         })  # fmt: skip
         return answer, (config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node, attempt)
 
-    def _skipped(self, marker: Skipped, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], node: str) -> Any:
+    def _skipped(
+        self, marker: Skipped, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], node: str,
+        answered: Mapping[str, Any],
+    ) -> Any:  # fmt: skip
         """The node's result once skipped: its state update, or the end of the run (``end``, or a loop)."""
         governed = _run_of(config)  # None for a `budget_node` in a graph govern_graph did not wrap
         if self.policy == "end" or (governed is not None and _skipped_before(governed, node, config)):
@@ -353,11 +362,11 @@ class _Governor:
                 with governed.lock:
                     if governed.ending is None:
                         governed.ending, governed.ending_at = end, _position(config)
-                return self.skip_update(marker, state)
+                return self.skip_update(marker, state, answered)
             raise governed.end(end) from exc
-        return self.skip_update(marker, state)
+        return self.skip_update(marker, state, answered)
 
-    def skip_update(self, marker: Skipped, state: Any) -> dict[str, Any]:
+    def skip_update(self, marker: Skipped, state: Any, answered: Mapping[str, Any] = {}) -> dict[str, Any]:
         update: dict[str, Any] = {SKIPPED_KEY: [marker]} if self.options.skip_key else {}
         messages = state.get("messages") if isinstance(state, Mapping) else getattr(state, "messages", None)
         last = messages[-1] if isinstance(messages, list) and messages else None
@@ -372,7 +381,8 @@ class _Governor:
         if pending:
             # The agent loop needs an answer to every tool call it made.
             update["messages"] = [
-                ToolMessage(
+                answered.get(call["id"])
+                or ToolMessage(
                     content=f"Not run: {marker.reason}", tool_call_id=call["id"], name=call["name"], status="error"
                 )
                 for call in pending
@@ -388,11 +398,24 @@ class _Governor:
     """The node's name where no LangGraph node names it: a `budget_node` run outside any graph (in a chain)."""
 
 
-class _RunHandler(BudgetCallbackHandler):
-    """A node's handler for a node mapped to the run (``agents={"node": None}``): metadata names no agent."""
+class _NodeHandler(BudgetCallbackHandler):
+    """The handler of one node execution: it charges the node's agent, whatever metadata names.
+
+    A node mapped to the run (``agents={"node": None}``) charges the run. A tool node's handler keeps
+    what its tools answered: skipped, the node answers only the tool calls that did not run.
+    """
+
+    def __init__(self, budget: Budget, agent: str | None, answers: dict[str, ToolMessage] | None) -> None:
+        super().__init__(budget, agent, rank=1)
+        self.answers = answers
 
     def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
-        return None
+        return self.agent
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        super().on_tool_end(output, run_id=run_id, **kwargs)
+        if self.answers is not None and isinstance(output, ToolMessage):
+            self.answers[output.tool_call_id] = output
 
 
 def _end_if_ending(state: Any, config: Mapping[str, Any]) -> None:
@@ -468,7 +491,7 @@ def _govern_call(
                 _end_after_subgraph(config)
                 return result
             except BudgetExceeded as exc:
-                again, result = governor.refused(exc, state, config, attempt)
+                again, result = governor.refused(exc, state, config, attempt, handler.answers or {})
                 if not again:
                     return result
                 attempt += 1
@@ -501,7 +524,7 @@ async def _agovern_call(
                 _end_after_subgraph(config)
                 return result
             except BudgetExceeded as exc:
-                again, result = await governor.arefused(exc, state, config, attempt)
+                again, result = await governor.arefused(exc, state, config, attempt, handler.answers or {})
                 if not again:
                     return result
                 attempt += 1
@@ -791,9 +814,9 @@ def govern_graph(
         compiled = builder.compile(checkpointer=checkpointer)
         compiled.builder = graph
         # compile() adds the handler of set_node_defaults(error_handler=...) itself: govern it here.
-        for name, node in compiled.nodes.items():
-            if name not in graph.nodes and _is_error_handler(node) and not _governed_by(node.bound, budget):
-                compiled.nodes[name] = node.copy({"bound": _wrap_runnable(node.bound, governor(name, node.bound))})
+        for name, added in list(compiled.nodes.items()):
+            if name not in graph.nodes and _is_error_handler(added) and not _governed_by(added.bound, budget):
+                compiled.nodes[name] = added.copy({"bound": _wrap_runnable(added.bound, governor(name, added.bound))})
     else:
         update: dict[str, Any] = {
             "nodes": {
