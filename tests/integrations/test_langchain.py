@@ -8,6 +8,7 @@ import re
 import threading
 from decimal import Decimal
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
@@ -982,6 +983,43 @@ def test_a_slow_async_call_keeps_its_hold_and_a_cancelled_one_is_charged_its_est
     assert (held_after, calls) == (0, 2)
     reported, *charged = charged
     assert sorted(charged) == [reported, (True, 500)]
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+def test_a_cancelled_chain_raises_its_cancellation_after_the_lease_keeper_charged_the_call(runner: str) -> None:
+    """The call's task ends first (the keeper charges it), then the chain's own error: that finds nothing to do.
+
+    The chain's error handler used to charge the estimate again and raise UsageError ("already closed")
+    in place of the caller's CancelledError or TimeoutError.
+    """
+    budget = Budget(Limits(max_total_tokens=100_000), lease_ttl=30)
+    handler = BudgetCallbackHandler(budget)
+    chain_run, call_run = uuid4(), uuid4()
+    messages = [[HumanMessage("otters?")]]
+
+    async def call() -> None:  # LangChain runs a chain's model step in a task of its own
+        metadata = {"ls_model_name": "gpt-4o-mini"}
+        handler.on_chat_model_start({}, messages, run_id=call_run, parent_run_id=chain_run, metadata=metadata)
+        await asyncio.sleep(30)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # the task's end wakes the keeper, which charges the abandoned call
+            if budget.snapshot().held_tokens == 0:
+                break
+            await asyncio.sleep(0.01)
+        if runner == "async":  # what LangChain's async manager awaits
+            await handler._aon_chain_error(asyncio.CancelledError(), run_id=chain_run)
+        else:
+            handler.on_chain_error(asyncio.CancelledError(), run_id=chain_run)
+
+    asyncio.run(scenario())
+    (entry,) = budget.ledger.history(kind="llm")
+    assert entry.estimated and budget.snapshot().held_tokens == 0 and budget.snapshot().llm_calls == 1
 
 
 def test_async_branches_cancelled_by_a_siblings_refusal_count_so_the_cap_holds_across_runs():

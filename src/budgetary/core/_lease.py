@@ -80,7 +80,7 @@ class _LeaseKeeper:
                     self.live.pop(reservation.hold_id, None)  # no more renewals: the lease runs out...
                     if task.cancelled():  # ...unless the call was abandoned in flight: charge it now
                         try:
-                            reservation.charge_estimate()
+                            reservation._charge_if_open()  # its parent run may be closing it too
                         except Exception:  # a store hiccup: the lease runs out instead
                             pass
                     continue

@@ -45,6 +45,8 @@ POLICIES: tuple[str, ...] = ("deny", "skip", "interrupt", "end")
 """What an adapter does when the budget refuses: raise, skip the work, pause the run, end the run."""
 
 # A refusal on one of these may disappear when the cheap upper bound is replaced by an exact count.
+# One close per reservation: its owner and the lease keeper's thread may race to close it (`Reservation._claim`).
+_closing = threading.Lock()
 _INPUT_SENSITIVE = frozenset({"input_tokens", "total_tokens", "cost_usd", "allocation"})
 
 # Hold ids are a per-budget random prefix and a counter. A forked child inherits both, so parent
@@ -172,6 +174,24 @@ class Reservation:
         """Charge the pre-call estimate, flagged ``estimated`` (the call's real usage is unknown)."""
         return self._settle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
 
+    def _charge_if_open(self) -> LedgerEntry | None:
+        """`charge_estimate` for a call abandoned in flight; None if someone closed it first.
+
+        A cancelled task's hold has two closers: the lease keeper (which sees the task end) and the
+        parent run's error handling. Whichever comes second does nothing.
+        """
+        if not self._claim():
+            return None
+        return self._settle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST], claimed=True)
+
+    async def _acharge_if_open(self) -> LedgerEntry | None:
+        budget = self._budget
+        if not is_async_store(budget._store):
+            return await off_loop(budget._store, self._charge_if_open)
+        if not self._claim():
+            return None
+        return await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST], claimed=True)
+
     async def acharge_estimate(self) -> LedgerEntry:
         """`charge_estimate` for async code: never blocks the event loop (see `Budget.areserve`)."""
         if not is_async_store(self._budget._store):
@@ -179,12 +199,13 @@ class Reservation:
         return await self._asettle(self.estimate, self.model, estimated=True, actual_cost=self._req[COST])
 
     def _settle(
-        self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
+        self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None, claimed: bool = False
     ) -> LedgerEntry:
+        """Charge ``usage``; ``claimed``: the caller closed the reservation already (`_claim`)."""
         budget = self._budget
         if usage.cost_usd is not None:
             usage = _as_charged(usage)
-        actual, meta, cost_known = self._settle_request(usage, model, actual_cost)
+        actual, meta, cost_known = self._settle_request(usage, model, actual_cost, claimed)
         outcome = budget._store.settle(
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
             estimated=estimated, cost_known=cost_known, usage=usage,
@@ -194,24 +215,25 @@ class Reservation:
         return outcome.entry  # type: ignore[return-value]  # a settle always writes its entry
 
     async def _asettle(
-        self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None
+        self, usage: Usage, model: str | None, *, estimated: bool, actual_cost: int | None = None, claimed: bool = False
     ) -> LedgerEntry:
         """`_settle` with the store's async twin."""
         budget = self._budget
         if usage.cost_usd is not None:
             usage = _as_charged(usage)
-        actual, meta, cost_known = self._settle_request(usage, model, actual_cost)
+        actual, meta, cost_known = self._settle_request(usage, model, actual_cost, claimed)
         outcome = await cast(AsyncStore, budget._store).asettle(
             budget._chain, self.agent, self.hold_id or None, actual, now=budget._clock(), meta=meta,
             estimated=estimated, cost_known=cost_known, usage=usage,
         )  # fmt: skip
         return self._settled(outcome, usage)
 
-    def _settle_request(self, usage: Usage, model: str | None, actual_cost: int | None) -> tuple[Vector, Meta, bool]:
+    def _settle_request(
+        self, usage: Usage, model: str | None, actual_cost: int | None, claimed: bool
+    ) -> tuple[Vector, Meta, bool]:
         """Close the reservation and say what the store charges: (counters, meta, whether the cost is known)."""
-        if self._done:
+        if not claimed and not self._claim():
             raise UsageError(f"reservation {self.hold_id} for agent {self.agent!r} was already closed")
-        self._close()
         budget = self._budget
         unpriced = usage.cost_usd is None
         if actual_cost:
@@ -250,10 +272,10 @@ class Reservation:
             return
         budget = self._budget
         if failed and budget.charge_failed_calls:
-            self.charge_estimate()
+            self._charge_if_open()
             return
-        self._close()
-        budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
+        if self._claim():
+            budget._store.release(self.hold_id, now=budget._clock(), reason=reason)
 
     async def arelease(self, reason: str = "call failed", *, failed: bool = True) -> None:
         """`release` for async code: never blocks the event loop (see `Budget.areserve`)."""
@@ -264,15 +286,19 @@ class Reservation:
         if self._done:
             return
         if failed and budget.charge_failed_calls:
-            await self.acharge_estimate()
+            await self._acharge_if_open()
             return
-        self._close()
-        await cast(AsyncStore, budget._store).arelease(self.hold_id, now=budget._clock(), reason=reason)
+        if self._claim():
+            await cast(AsyncStore, budget._store).arelease(self.hold_id, now=budget._clock(), reason=reason)
 
-    def _close(self) -> None:
-        """Mark the reservation closed (settled or released) and stop renewing its lease."""
-        self._done = True
+    def _claim(self) -> bool:
+        """Close the reservation (settled or released: no more renewals); False if it was closed already."""
+        with _closing:
+            if self._done:
+                return False
+            self._done = True
         keeper.live.pop(self.hold_id, None)
+        return True
 
     def keep_alive(self) -> Reservation:
         """Renew the hold in the background until this reservation is settled or released.
@@ -332,7 +358,7 @@ class _LLMCall:
         if r is None or r._done:
             return  # settled in the block (or never reserved); settling took it off the keeper
         if exc_type is None:
-            r.charge_estimate()  # the caller forgot to settle: charge what was held
+            r._charge_if_open()  # the caller forgot to settle: charge what was held
         else:
             r.release(f"call failed: {exc_type.__name__}")
 
@@ -354,7 +380,7 @@ class _LLMCall:
         if r is None or r._done:
             return
         if exc_type is None:
-            await r._asettle(r.estimate, r.model, estimated=True, actual_cost=r._req[COST])
+            await r._acharge_if_open()
         else:
             await r.arelease(f"call failed: {exc_type.__name__}")
 

@@ -430,11 +430,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         flagged ``estimated``, rather than forgotten.
         """
         for reservation in self._orphans(run_id):
-            reservation.charge_estimate()
+            reservation._charge_if_open()  # the lease keeper may have charged a cancelled task's call
 
     async def _aon_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         for reservation in self._orphans(run_id):
-            await reservation.acharge_estimate()
+            await reservation._acharge_if_open()
 
     on_chain_error = _AwaitedInAsyncRuns(_on_chain_error, _aon_chain_error)
 
@@ -687,14 +687,14 @@ def _ended_without_reply(reservation: Reservation, error: BaseException) -> None
     if isinstance(error, Exception):
         reservation.release(f"call failed: {type(error).__name__}")
     else:
-        reservation.charge_estimate()
+        reservation._charge_if_open()  # the lease keeper may have charged it already (a cancelled task)
 
 
 async def _aended_without_reply(reservation: Reservation, error: BaseException) -> None:
     if isinstance(error, Exception):
         await reservation.arelease(f"call failed: {type(error).__name__}")
     else:
-        await reservation.acharge_estimate()
+        await reservation._acharge_if_open()
 
 
 _NO_USAGE = Usage(input_tokens=0, output_tokens=0)
