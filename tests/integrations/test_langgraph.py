@@ -15,7 +15,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
-from langgraph.types import Command, RetryPolicy, Send
+from langgraph.types import Command, RetryPolicy, Send, interrupt
 
 from budgetary import Budget, BudgetExceeded, Limits, Skipped, UsageError, is_budget_skipped
 from budgetary.integrations.langchain import BudgetCallbackHandler
@@ -160,6 +160,78 @@ def test_an_interrupted_run_resumes_after_a_top_up_from_the_command_line(tmp_pat
     done = app.invoke(Command(resume={}), config)
     assert [n.split(":")[0] for n in done["notes"]] == ["planner", "researcher", "writer", "critic"]
     assert budget.snapshot().limits.max_total_tokens == 730 and model.calls.count == 4
+
+
+class Reviewed(TypedDict, total=False):
+    draft: str
+    approved: Any
+
+
+def reviewed_draft(model: FakeChatModel, *, ask_first: bool) -> StateGraph:
+    """One node that asks a human (its own interrupt()) and calls the model, in either order."""
+
+    def write(state: Reviewed) -> dict:
+        approved = interrupt({"q": "write it?"}) if ask_first else None
+        draft = str(model.invoke("write").content)
+        if not ask_first:
+            approved = interrupt({"q": f"approve {draft!r}?"})
+        return {"draft": draft, "approved": approved}
+
+    builder = StateGraph(Reviewed)
+    builder.add_node("write", write)
+    builder.add_edge(START, "write")
+    builder.add_edge("write", END)
+    return builder
+
+
+@pytest.mark.parametrize("runner", ["sync", "async"])
+@pytest.mark.parametrize("refused_at, ask_first", [("call", False), ("call", True), ("entry", False)])
+def test_a_node_asking_its_own_questions_gets_its_answers_around_a_budget_interrupt(
+    runner: str, refused_at: str, ask_first: bool
+) -> None:
+    """LangGraph hands resume values to a task's interrupts by position: the budget's must not shift the node's."""
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=0) if refused_at == "call" else Limits(max_agents=0))
+    app = govern_graph(reviewed_draft(model, ask_first=ask_first), budget, on_exhausted="interrupt",
+                       checkpointer=InMemorySaver())  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+
+    def run(value: Any) -> dict:
+        return app.invoke(value, config) if runner == "sync" else asyncio.run(app.ainvoke(value, config))
+
+    # Room for the call and its repeat: the node re-runs from its start when the human answers.
+    top_up = {"llm_calls": 2} if refused_at == "call" else {"agents": 1}
+    asked, state = [], run({})
+    while "__interrupt__" in state:
+        (pending,) = state["__interrupt__"]
+        question = pending.value.get("q", "budget")
+        asked.append(question)
+        state = run(Command(resume={"budget": top_up, "write it?": "go"}.get(question, "yes")))
+    if ask_first:  # the human's go-ahead, then the refused call: once topped up, the node finishes
+        assert asked == ["write it?", "budget"]  # each asked once
+        assert (state["draft"], state["approved"]) == (model.responses[0], "go")
+        assert model.calls.count == budget.snapshot().llm_calls == 1
+    else:  # the call (refused, then made), then the human's approval: the re-run repeats the call
+        assert asked == ["budget", f"approve {model.responses[0]!r}?"]
+        assert (state["draft"], state["approved"]) == (model.responses[0], "yes")
+        assert model.calls.count == budget.snapshot().llm_calls == 2
+    limits = budget.snapshot().limits
+    assert (limits.max_llm_calls, limits.max_agents) == ((2, None) if refused_at == "call" else (None, 1))
+
+
+def test_a_node_question_after_a_resume_without_an_answer_gets_its_own_answer():
+    """Resumed with Command(resume={}) after a top-up made elsewhere, then the node asks: the answer is its own."""
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=0))
+    app = govern_graph(reviewed_draft(model, ask_first=False), budget, on_exhausted="interrupt",
+                       checkpointer=InMemorySaver())  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+    assert app.invoke({}, config)["__interrupt__"][0].value["resource"] == "llm_calls"
+    budget.top_up(llm_calls=2)
+    (question,) = app.invoke(Command(resume={}), config)["__interrupt__"]
+    assert question.value == {"q": f"approve {model.responses[0]!r}?"}
+    assert app.invoke(Command(resume="yes"), config)["approved"] == "yes"
+    assert model.calls.count == 2 and budget.snapshot().limits.max_llm_calls == 2
 
 
 def test_interrupt_without_a_checkpointer_is_refused_up_front():

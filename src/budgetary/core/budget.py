@@ -1022,6 +1022,13 @@ class Budget:
             raise ConfigurationError("mark needs a name: a non-empty str")
         return self._store.top_up(self._key, zeros(), self._clock(), marker)  # a top-up of nothing, marked
 
+    def marked(self, name: str) -> bool:
+        """Whether ``name`` was marked on this budget (`mark`, `top_up`'s ``once``) by any worker. Changes nothing."""
+        marker = _once_marker(name)
+        if marker is None:
+            raise ConfigurationError("marked needs a name: a non-empty str")
+        return self._store.seen(self._key, marker, self._clock())
+
     def skip(
         self, agent: str | None = None, reason: str = "", *, resource: str | None = None,
         location: str | None = None, run_id: str | None = None,

@@ -11,12 +11,12 @@ from budgetary.core.errors import ConfigurationError, UsageError
 __all__ = ["apply_top_up_once", "budget_key"]
 
 
-def apply_top_up_once(budget: Budget, resume: Any, key: tuple[str, int]) -> bool:
+def apply_top_up_once(budget: Budget, resume: Any, key: tuple[str, int | str]) -> bool:
     """Apply ``resume`` (``top_up`` keywords, e.g. ``{"total_tokens": 5000}``) to ``budget`` once per ``key``.
 
     LangGraph hands the same resume value back every time an interrupted node
     re-runs, in whichever process resumes the run; ``key`` (the task's checkpoint
-    namespace and the interrupt's index in the node) tells a replay from a new
+    namespace and where the interrupt is in the node) tells a replay from a new
     resume, and the store remembers it (`Budget.top_up`'s ``once``), so a replay in
     another worker is not applied again. Returns True if applied now. An empty
     mapping (a top-up made elsewhere) applies nothing.

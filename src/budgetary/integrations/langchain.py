@@ -75,7 +75,8 @@ class _RefusalIsNotAnError(logging.Filter):
         args = record.args
         return not (
             record.msg == "Error in %s.%s callback: %s" and isinstance(args, tuple) and len(args) == 3
-            and args[0] in _handler_names and isinstance(args[2], str) and args[2].startswith("BudgetExceeded(")
+            and args[0] in _handler_names and isinstance(args[2], str)
+            and args[2].startswith(("BudgetExceeded(", "GraphInterrupt("))  # a refusal, or a pause for one
         )  # fmt: skip
 
 

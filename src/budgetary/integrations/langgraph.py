@@ -15,7 +15,9 @@ node, follows the node's policy:
 - ``interrupt``: pause with ``interrupt()``; resume with
   ``Command(resume={"total_tokens": 5000})`` (`Budget.top_up` keywords, applied
   once however often the node re-runs, and in whichever process: the store
-  remembers the answers it applied) or ``Command(resume={})``.
+  remembers the answers it applied) or ``Command(resume={})``. An LLM call of the
+  node pauses where it is refused; every re-run of the node pauses at the same places
+  (see `_Pauses`), so that the node's own ``interrupt()`` questions keep their answers.
 - ``skip``: the node does not run; a `Skipped` marker goes to the ledger and to a
   ``budget_skipped`` state key if the schema has one (a list with an adding
   reducer). A skipped tool node answers its pending tool calls with error tool
@@ -46,6 +48,7 @@ import asyncio
 import copy
 import functools
 import inspect
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -71,7 +74,7 @@ from budgetary.core.budget import POLICIES, Budget
 from budgetary.core.errors import BudgetExceeded, ConfigurationError
 from budgetary.core.skip import Skipped
 from budgetary.integrations._common import apply_top_up_once, budget_key
-from budgetary.integrations.langchain import BudgetCallbackHandler, _node_owners
+from budgetary.integrations.langchain import BudgetCallbackHandler, _AwaitedInAsyncRuns, _node_owners
 
 __all__ = ["SKIPPED_KEY", "budget_node", "govern_graph"]
 
@@ -195,10 +198,19 @@ class _Governor:
         node = self.node or config.get("metadata", {}).get("langgraph_node") or self.unnamed
         return node, node if self.by_node else self.agent
 
-    def node_config(self, config: Mapping[str, Any], agent: str | None) -> tuple[Any, _NodeHandler]:
+    def pauses(self, config: Mapping[str, Any], node: str) -> _Pauses | None:
+        """Where the budget pauses this node execution; None unless its policy is ``interrupt`` in a graph run."""
+        if self.policy != "interrupt" or CONFIG_KEY_SCRATCHPAD not in config.get("configurable", {}):
+            return None
+        task = config.get("metadata", {}).get("langgraph_checkpoint_ns") or node
+        return _Pauses(self.budget, task, node, config["configurable"][CONFIG_KEY_SCRATCHPAD])
+
+    def node_config(
+        self, config: Mapping[str, Any], agent: str | None, pauses: _Pauses | None = None
+    ) -> tuple[Any, _NodeHandler]:
         """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
         # It owns the node's calls (see `own`); a node mapped to no agent charges the run.
-        handler = _NodeHandler(self.budget, agent, {} if self.node_is_tools else None)
+        handler = _NodeHandler(self.budget, agent, {} if self.node_is_tools else None, pauses)
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = [handler]
@@ -216,36 +228,41 @@ class _Governor:
         owners = _node_owners.get()
         return _node_owners.set({**owners, handler._key: handler} if owners else {handler._key: handler})
 
-    def enter(self, state: Any, config: Mapping[str, Any], node: str, agent: str | None) -> tuple[bool, Any, int]:
-        """(True, None, interrupts made) to run the node, else (False, the node's result under the policy, _)."""
+    def enter(
+        self, state: Any, config: Mapping[str, Any], node: str, agent: str | None, pauses: _Pauses | None
+    ) -> tuple[bool, Any]:
+        """(True, None) to run the node, else (False, the node's result under the policy)."""
         _end_if_ending(state, config)
         once = self.start_marker(config)
         if once is None and self._retried(config):
-            return True, None, 0
-        attempt = 0
+            return True, None
+        entry = pauses.at(0) if pauses is not None else None
+        if entry is not None:
+            entry.replay()
         while not (decision := self.budget.begin_agent(agent, location=node, once=once)).allowed:
-            again, result = self.refused(self.budget.exceeded(decision, agent), state, config, attempt)
-            if not again:
-                return False, result, attempt
-            attempt += 1
-        return True, None, attempt
+            exc = self.budget.exceeded(decision, agent)
+            if entry is None:
+                return False, self.refused(exc, state, config, None)[1]
+            entry.ask(exc)
+        return True, None
 
     async def aenter(
-        self, state: Any, config: Mapping[str, Any], node: str, agent: str | None
-    ) -> tuple[bool, Any, int]:
+        self, state: Any, config: Mapping[str, Any], node: str, agent: str | None, pauses: _Pauses | None
+    ) -> tuple[bool, Any]:
         """`enter` for async nodes: every store call is awaited or made off the event loop."""
         _end_if_ending(state, config)
         once = self.start_marker(config)
         if once is None and self._retried(config):
-            return True, None, 0
-        attempt = 0
+            return True, None
+        entry = pauses.at(0) if pauses is not None else None
+        if entry is not None:
+            await entry.areplay()
         while not (decision := await self.budget.abegin_agent(agent, location=node, once=once)).allowed:
             exc = await self.budget.aexceeded(decision, agent)
-            again, result = await self.arefused(exc, state, config, attempt)
-            if not again:
-                return False, result, attempt
-            attempt += 1
-        return True, None, attempt
+            if entry is None:
+                return False, (await self.arefused(exc, state, config, None))[1]
+            await entry.aask(exc)
+        return True, None
 
     @staticmethod
     def start_marker(config: Mapping[str, Any]) -> str | None:
@@ -297,51 +314,53 @@ class _Governor:
             logger.warning("could not mark the start of %s; a resume re-running it takes another slot", marker)
 
     def refused(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, answered: Mapping[str, Any] = {}
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], pauses: _Pauses | None,
+        answered: Mapping[str, Any] = {},
     ) -> tuple[bool, Any]:  # fmt: skip
         """Apply the policy to a refusal: (True, None) to try again after an interrupt, else (False, result).
 
         ``answered``: tool call id -> the `ToolMessage` of a tool the node ran before the refusal.
         """
-        step, then = self._refusal(exc, state, config, attempt, answered)
+        if self.policy == "interrupt":
+            point = self._pausing(exc, pauses).at()
+            point.replay()
+            point.ask(exc)
+            return True, None
+        step, then = self._refusal(exc, state, config, answered)
         return then(step())
 
     async def arefused(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, answered: Mapping[str, Any] = {}
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], pauses: _Pauses | None,
+        answered: Mapping[str, Any] = {},
     ) -> tuple[bool, Any]:  # fmt: skip
-        """`refused` for async nodes: its store step (a top-up, a skip marker) runs off the event loop."""
-        step, then = self._refusal(exc, state, config, attempt, answered)
+        """`refused` for async nodes: its store steps (a top-up, a skip marker) run off the event loop."""
+        if self.policy == "interrupt":
+            point = self._pausing(exc, pauses).at()
+            await point.areplay()
+            await point.aask(exc)
+            return True, None
+        step, then = self._refusal(exc, state, config, answered)
         return then(await self.budget.off_loop(step))
 
+    @staticmethod
+    def _pausing(exc: BudgetExceeded, pauses: _Pauses | None) -> _Pauses:
+        if pauses is None:  # not in a graph run (a node called directly): there is no run to pause and resume
+            raise BudgetExceeded(
+                f"{exc}; interrupt can pause only a graph run", budget=exc.budget, agent=exc.agent,
+                resource=exc.resource, limit=exc.limit, spent=exc.spent, requested=exc.requested,
+                snapshot=exc.snapshot,
+            ) from exc  # fmt: skip
+        return pauses
+
     def _refusal(
-        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], attempt: int, answered: Mapping[str, Any]
+        self, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], answered: Mapping[str, Any]
     ) -> tuple[Callable[[], Any], Callable[[Any], tuple[bool, Any]]]:
-        """A refusal under the policy: its store step, and what `refused` returns given the step's result."""
+        """A refusal under ``deny``, ``skip`` or ``end``: its store step, and what `refused` returns after it."""
         node, agent = self.names(config)
         if self.policy == "deny":
             raise exc
-        if self.policy == "interrupt":
-            if CONFIG_KEY_SCRATCHPAD not in config.get("configurable", {}):
-                # Not in a graph run (a node called directly): there is no run to pause and resume.
-                raise BudgetExceeded(
-                    f"{exc}; interrupt can pause only a graph run", budget=exc.budget, agent=exc.agent,
-                    resource=exc.resource, limit=exc.limit, spent=exc.spent, requested=exc.requested,
-                    snapshot=exc.snapshot,
-                ) from exc  # fmt: skip
-            answer, key = self._interrupt(exc, config, node, agent, attempt)
-            return functools.partial(apply_top_up_once, self.budget, answer, key), lambda _: (True, None)
         skip = functools.partial(self.budget.skip, agent, str(exc), resource=exc.resource, location=node)
         return skip, lambda marker: (False, self._skipped(marker, exc, state, config, node, answered))
-
-    def _interrupt(
-        self, exc: BudgetExceeded, config: Mapping[str, Any], node: str, agent: str | None, attempt: int
-    ) -> tuple[Any, tuple[str, int]]:
-        """Pause the run (or, on resume, return its answer): (the answer, the key that applies it once)."""
-        answer = interrupt({
-            "reason": str(exc), "node": node, "agent": agent, "budget": exc.budget, "resource": exc.resource,
-            "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
-        })  # fmt: skip
-        return answer, (config.get("metadata", {}).get("langgraph_checkpoint_ns", "") or node, attempt)
 
     def _skipped(
         self, marker: Skipped, exc: BudgetExceeded, state: Any, config: Mapping[str, Any], node: str,
@@ -398,6 +417,108 @@ class _Governor:
     """The node's name where no LangGraph node names it: a `budget_node` run outside any graph (in a chain)."""
 
 
+class _Pauses:
+    """Where the budget paused one node execution (``interrupt``), so that every re-run pauses the same way.
+
+    LangGraph gives a task's resume values to its ``interrupt()`` calls by position, the node's own
+    calls included. A budget interrupt asked at a check point in an earlier run of the task is made
+    again there on every re-run, even when the budget allows now: its recorded answer comes back
+    (applied once), and the node's own interrupts keep theirs. Check points: 0 is the node's entry,
+    then come its LLM calls, in order. The store remembers where it asked, for any worker that resumes.
+    """
+
+    def __init__(self, budget: Budget, task: str, node: str, scratchpad: Any) -> None:
+        self.budget, self.task, self.node = budget, task, node
+        self._scratchpad = scratchpad
+        self._points = itertools.count(1)
+
+    def answer_waiting(self) -> bool:
+        """Whether the run was resumed with an answer that no interrupt took yet (``Command(resume=...)``).
+
+        ``Command(resume={})`` gives none: LangGraph reads an empty mapping as answers by interrupt id.
+        """
+        return self._scratchpad.get_null_resume(False) is not None
+
+    def here(self) -> bool:
+        """Whether a call runs in this node's own task (not in a graph nested in it, which has its own)."""
+        current = var_child_runnable_config.get()
+        return current is not None and current.get("metadata", {}).get("langgraph_checkpoint_ns") == self.task
+
+    def at(self, point: int | None = None) -> _Point:
+        """Check point ``point``, or the next one."""
+        return _Point(self, next(self._points) if point is None else point)
+
+
+class _Point:
+    """One check point of a node execution: the budget interrupts asked there, in order."""
+
+    __slots__ = ("asked", "pauses", "point")
+
+    def __init__(self, pauses: _Pauses, point: int) -> None:
+        self.pauses, self.point, self.asked = pauses, point, 0
+
+    def _marker(self, what: str) -> str:
+        # "resume:" is the marker of the applied answer (`apply_top_up_once`).
+        return f"{what}:{self.pauses.task}:{self.point}:{self.asked}"
+
+    def replay(self) -> None:
+        """Make again the interrupts asked here by earlier runs of the task."""
+        while self._replays():
+            self._answered(interrupt(self._waiting()))
+
+    async def areplay(self) -> None:
+        while await self.pauses.budget.off_loop(self._replays):
+            await self.pauses.budget.off_loop(self._answered, interrupt(self._waiting()))
+
+    def _replays(self) -> bool:
+        """Whether the next interrupt asked here earlier is made again (its answer is there, or is coming now).
+
+        One left unanswered by a resume without an answer (a top-up made elsewhere, then
+        ``Command(resume={})``) is retired: the run goes on if the budget allows, else asks anew.
+        """
+        budget = self.pauses.budget
+        while budget.marked(self._marker("ask")):
+            if budget.marked(self._marker("retired")):
+                self.asked += 1
+                continue
+            if budget.marked(self._marker("resume")) or self.pauses.answer_waiting():
+                return True
+            budget.mark(self._marker("retired"))
+            self.asked += 1
+            return False
+        return False
+
+    def ask(self, exc: BudgetExceeded) -> None:
+        """Pause for ``exc`` (remembered first: a re-run asks here again); resumed, apply the answer."""
+        self.pauses.budget.mark(self._marker("ask"))
+        self._answered(interrupt(self._question(exc)))
+
+    async def aask(self, exc: BudgetExceeded) -> None:
+        budget = self.pauses.budget
+        await budget.off_loop(budget.mark, self._marker("ask"))
+        await budget.off_loop(self._answered, interrupt(self._question(exc)))
+
+    def _answered(self, answer: Any) -> None:
+        apply_top_up_once(self.pauses.budget, answer, (self.pauses.task, f"{self.point}:{self.asked}"))
+        self.asked += 1
+
+    def _question(self, exc: BudgetExceeded) -> dict[str, Any]:
+        return {
+            "reason": str(exc), "node": self.pauses.node, "agent": exc.agent, "budget": exc.budget,
+            "resource": exc.resource, "limit": exc.limit, "spent": exc.spent, "requested": exc.requested,
+        }  # fmt: skip
+
+    def _waiting(self) -> dict[str, Any]:
+        """What a replayed interrupt asks when it has no answer yet (the run was resumed without one)."""
+        budget = self.pauses.budget
+        return {
+            "reason": f"the budget interrupt of node {self.pauses.node!r} waits for its answer: resume with "
+            "Command(resume={...}) (top_up keywords, or {} after a top-up made elsewhere)",
+            "node": self.pauses.node, "agent": None, "budget": budget.name, "resource": None, "limit": None,
+            "spent": None, "requested": None,
+        }  # fmt: skip
+
+
 class _NodeHandler(BudgetCallbackHandler):
     """The handler of one node execution: it charges the node's agent, whatever metadata names.
 
@@ -405,12 +526,47 @@ class _NodeHandler(BudgetCallbackHandler):
     what its tools answered: skipped, the node answers only the tool calls that did not run.
     """
 
-    def __init__(self, budget: Budget, agent: str | None, answers: dict[str, ToolMessage] | None) -> None:
+    def __init__(
+        self, budget: Budget, agent: str | None, answers: dict[str, ToolMessage] | None, pauses: _Pauses | None
+    ) -> None:
         super().__init__(budget, agent, rank=1)
         self.answers = answers
+        self.pauses = pauses
 
     def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
         return self.agent
+
+    # Under ``interrupt``, an LLM call of the node's own task pauses where it is refused (a node
+    # re-run from its start after a pause would ask its own interrupt() questions again), and every
+    # re-run of the task pauses there again (see `_Pauses`). A call in a graph nested in the node
+    # raises: the nested graph stops and the node pauses as it ends (`_govern_call`).
+
+    def _on_pausing_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        pauses = self.pauses
+        if pauses is None or not pauses.here():
+            return BudgetCallbackHandler._on_chat_model_start(self, serialized, messages, **kwargs)
+        point = pauses.at()
+        point.replay()
+        while True:
+            try:
+                return BudgetCallbackHandler._on_chat_model_start(self, serialized, messages, **kwargs)
+            except BudgetExceeded as exc:
+                point.ask(exc)
+
+    async def _aon_pausing_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        pauses = self.pauses
+        if pauses is None or not pauses.here():
+            return await BudgetCallbackHandler._aon_chat_model_start(self, serialized, messages, **kwargs)
+        point = pauses.at()
+        await point.areplay()
+        while True:
+            try:
+                return await BudgetCallbackHandler._aon_chat_model_start(self, serialized, messages, **kwargs)
+            except BudgetExceeded as exc:
+                await point.aask(exc)
+
+    on_chat_model_start = _AwaitedInAsyncRuns(_on_pausing_start, _aon_pausing_start)
+    on_llm_start = _AwaitedInAsyncRuns(_on_pausing_start, _aon_pausing_start)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         super().on_tool_end(output, run_id=run_id, **kwargs)
@@ -473,13 +629,13 @@ def _govern_call(
     """
     node, agent = governor.names(config)
     governor.budget.ensure_agent(agent)
-    go, result, attempt = governor.enter(state, config, node, agent)
+    pauses = governor.pauses(config, node)
+    go, result = governor.enter(state, config, node, agent, pauses)
     if not go:
         return result
     try:
-        # One interrupt count per execution, in the order LangGraph matches resume values to them.
         while True:
-            node_config, handler = governor.node_config(config, agent)
+            node_config, handler = governor.node_config(config, agent, pauses)
             owner = governor.own(handler)
             try:
                 if in_context:
@@ -491,10 +647,9 @@ def _govern_call(
                 _end_after_subgraph(config)
                 return result
             except BudgetExceeded as exc:
-                again, result = governor.refused(exc, state, config, attempt, handler.answers or {})
+                again, result = governor.refused(exc, state, config, pauses, handler.answers or {})
                 if not again:
                     return result
-                attempt += 1
             finally:
                 _node_owners.reset(owner)
     except BaseException:
@@ -508,12 +663,13 @@ async def _agovern_call(
     """Async twin of `_govern_call`; ``invoke`` returns an awaitable."""
     node, agent = governor.names(config)
     await governor.budget.aensure_agent(agent)
-    go, result, attempt = await governor.aenter(state, config, node, agent)
+    pauses = governor.pauses(config, node)
+    go, result = await governor.aenter(state, config, node, agent, pauses)
     if not go:
         return result
     try:
         while True:
-            node_config, handler = governor.node_config(config, agent)
+            node_config, handler = governor.node_config(config, agent, pauses)
             owner = governor.own(handler)
             try:
                 if in_context:
@@ -524,10 +680,9 @@ async def _agovern_call(
                 _end_after_subgraph(config)
                 return result
             except BudgetExceeded as exc:
-                again, result = await governor.arefused(exc, state, config, attempt, handler.answers or {})
+                again, result = await governor.arefused(exc, state, config, pauses, handler.answers or {})
                 if not again:
                     return result
-                attempt += 1
             finally:
                 _node_owners.reset(owner)
     except BaseException:

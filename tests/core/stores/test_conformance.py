@@ -708,6 +708,21 @@ def test_a_marked_start_takes_no_second_agent_slot(open_store: Opener) -> None:
     assert not again.begin_agent(once="start:task-3").allowed
 
 
+def test_marked_reads_a_marker_without_marking_it(open_store: Opener) -> None:
+    clock = FakeClock()
+    budget = Budget(Limits(max_total_tokens=100), name="b", store=open_store(), clock=clock)
+    other = Budget(Limits(max_total_tokens=100), name="b", store=open_store(), clock=clock)  # another worker's
+    child = Budget(Limits(max_total_tokens=100), name="child", parent=budget, store=budget.store, clock=clock)
+    assert not budget.marked("ask:1") and not budget.marked("ask:1")  # reading leaves it unmarked
+    assert budget.mark("ask:1") and other.marked("ask:1") and not child.marked("ask:1")
+    assert other.top_up(once="ask:2", total_tokens=1) and budget.marked("ask:2")
+    assert not budget.marked("ask:3") and budget.mark("ask:3")
+    clock.advance(30 * 86400 + 1)
+    assert not budget.marked("ask:1")  # forgotten with the marks
+    with pytest.raises(ConfigurationError):
+        budget.marked("")
+
+
 def test_once_markers_are_forgotten_after_thirty_days(open_store: Opener) -> None:
     clock = FakeClock()
     budget = Budget(Limits(max_total_tokens=100), name="b", store=open_store(), clock=clock)

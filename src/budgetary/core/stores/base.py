@@ -127,6 +127,9 @@ class Store(Protocol):
     def top_up(self, key: str, amounts: Vector, now: float, once: str | None = None) -> bool:
         """Raise budget ``key``'s limits by ``amounts``; with ``once``, only the first time (any worker). Applied?"""
 
+    def seen(self, key: str, marker: str, now: float) -> bool:
+        """Whether ``marker`` was marked on budget ``key`` (`top_up`'s ``once``) and is still kept. Changes nothing."""
+
     def record_entry(
         self,
         chain: tuple[str, ...],
@@ -376,6 +379,10 @@ class EngineStore(ABC):
     def top_up(self, key: str, amounts: Vector, now: float, once: str | None = None) -> bool:
         with self._transaction() as engine:
             return engine.top_up(key, amounts, now, once)
+
+    def seen(self, key: str, marker: str, now: float) -> bool:
+        with self._transaction() as engine:
+            return engine.seen(key, marker, now)
 
     def record_entry(
         self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,

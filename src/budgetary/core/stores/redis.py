@@ -957,6 +957,10 @@ class RedisStore:
         argv = ["top_up", repr(float(now)), self._maxlen, key, _vector(*amounts), once or ""]
         return bool(_json(self._call(self._family_keys(key), argv), None)["ok"])
 
+    def seen(self, key: str, marker: str, now: float) -> bool:
+        argv = ["seen", repr(float(now)), self._maxlen, key, marker]
+        return bool(_json(self._call(self._family_keys(key), argv), None)["ok"])
+
     def record_entry(
         self, chain: tuple[str, ...], agent: str | None, kind: str, *, now: float, meta: Meta,
         decision: Decision | None = None, reason: str | None = None,

@@ -1134,6 +1134,11 @@ function ops.set_confidence(argv)
   return {}
 end
 
+-- ARGV: 4 level key, 5 marker. Changes nothing.
+function ops.seen(argv)
+  return {ok = once_seen(argv[4], argv[5])}
+end
+
 -- ARGV: 4 level key, 5 amounts (`vector`), 6 once marker ("": none).
 function ops.top_up(argv)
   local lv = load_level(argv[4])
