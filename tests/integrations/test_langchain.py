@@ -894,6 +894,77 @@ def test_middleware_counts_the_agents_tool_schemas_in_the_estimate():
     assert provider_calls(model) == 0
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_does_not_charge_llm_cache_hits(run_async):
+    # The same question three times: one provider call, two answers from the cache. Charged as
+    # calls, the cache hits counted 450 tokens nobody paid for and used up the cap of 2 calls.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, _ = _agent_parts()
+    model = make_model(responses=[AIMessage("Otters float.")])
+    budget = Budget(Limits(max_llm_calls=2))
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="error")])
+    set_llm_cache(InMemoryCache())
+    try:
+        for _ in range(3):
+            result = asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+            assert result["messages"][-1].content == "Otters float."
+    finally:
+        set_llm_cache(None)
+    assert provider_calls(model) == 1
+    snapshot = budget.snapshot()
+    assert (snapshot.llm_calls, snapshot.total_tokens, snapshot.held_tokens, snapshot.held_llm_calls) == (1, 150, 0, 0)
+    assert len(budget.ledger.history(kind="llm")) == 1
+
+
+class _LLMOutputUsageModel(FakeChatModel):
+    """Reports usage only in ``llm_output["token_usage"]`` (OpenAI's shape), as older integrations do."""
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        return self._moved(super()._generate(messages, stop, run_manager, **kwargs))
+
+    async def _agenerate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        return self._moved(await super()._agenerate(messages, stop, run_manager, **kwargs))
+
+    @staticmethod
+    def _moved(result: Any) -> Any:
+        message = result.generations[0].message
+        usage, message.usage_metadata = message.usage_metadata, None
+        result.llm_output = {
+            "model_name": message.response_metadata["model_name"],
+            "token_usage": {
+                "prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+                "total_tokens": usage["total_tokens"],
+                "prompt_tokens_details": {"cached_tokens": usage["input_token_details"]["cache_read"]},
+                "completion_tokens_details": {"reasoning_tokens": usage["output_token_details"]["reasoning"]},
+            },
+        }  # fmt: skip
+        return result
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_charges_usage_reported_only_in_llm_output(run_async):
+    # LangChain copies llm_output into the reply's response_metadata: the middleware charged the
+    # estimate, flagged, instead of the usage the provider reported there.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, _ = _agent_parts()
+    model = _LLMOutputUsageModel(
+        usage=dict(USAGE), model_name="my-azure-deployment", billed_model_name="gpt-4o-mini-2024-07-18",
+        responses=[AIMessage("Otters float.")],
+    )  # fmt: skip
+    assert model.invoke("hi").usage_metadata is None  # the fake reports no usage_metadata
+    budget = Budget(Limits(max_total_tokens=100_000))
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget)])
+    asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+    (entry,) = budget.ledger.history(kind="llm")
+    assert not entry.estimated and entry.model == "gpt-4o-mini-2024-07-18"
+    assert entry.usage is not None
+    assert (entry.usage.input_tokens, entry.usage.output_tokens) == (120, 30)
+    assert (entry.usage.cache_read_tokens, entry.usage.reasoning_tokens) == (100, 12)
+    assert entry.cost_usd is not None and entry.cost_usd > 0  # priced by the billed name: the deployment has none
+
+
 # -- a call longer than the lease keeps its hold ------------------------------------------------
 
 

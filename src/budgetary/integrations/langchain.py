@@ -893,6 +893,8 @@ def _build_middleware() -> type:
             'BudgetMiddleware needs LangChain v1 (langchain>=1.0): pip install "budgetary[langchain]"'
         ) from exc
 
+    from types import SimpleNamespace
+
     from budgetary.core.errors import BudgetExceeded
     from budgetary.integrations._common import apply_top_up_once
 
@@ -1042,7 +1044,10 @@ def _build_middleware() -> type:
                 _middleware_calls.reset(token)
             if call.ceded:  # a child budget's handler charged the call, for this budget too
                 return response
-            usage, billed = _response_usage(response)
+            usage, billed, cache_hit = _response_usage(response)
+            if cache_hit:
+                reservation.release("served from the LLM cache: no provider call", failed=False)
+                return response
             if usage is None and _refused_inside(response):
                 reservation.release("refused by an inner BudgetMiddleware: no model call", failed=False)
                 return response
@@ -1072,7 +1077,10 @@ def _build_middleware() -> type:
                 _middleware_calls.reset(token)
             if call.ceded:  # a child budget's handler charged the call, for this budget too
                 return response
-            usage, billed = _response_usage(response)
+            usage, billed, cache_hit = _response_usage(response)
+            if cache_hit:
+                await reservation.arelease("served from the LLM cache: no provider call", failed=False)
+                return response
             if usage is None and _refused_inside(response):
                 await reservation.arelease("refused by an inner BudgetMiddleware: no model call", failed=False)
                 return response
@@ -1085,18 +1093,24 @@ def _build_middleware() -> type:
                 await _adispatch_soft_event(event)
             return response
 
-    def _response_usage(response: Any) -> tuple[Any, str | None]:
-        """(``usage_metadata``, billed model name) of a model call's response (a ``ModelResponse`` or a message).
+    def _response_usage(response: Any) -> tuple[Any, str | None, bool]:
+        """(usage, billed model name, LLM-cache hit) of a model call's response (a ``ModelResponse`` or a message).
 
-        The billed name (``gpt-4o-mini-2024-07-18`` for a request of an alias or an Azure deployment)
-        is what prices, as in the handler; None falls back to the requested model.
+        Read as the handler reads an ``LLMResult`` (`_reported_usage`): ``usage_metadata`` and its
+        cache-hit marker, else the ``llm_output`` usage, which LangChain copies into the reply's
+        ``response_metadata`` (the middleware sees no ``LLMResult``). The billed name
+        (``gpt-4o-mini-2024-07-18`` for a request of an alias or an Azure deployment) is what
+        prices; None falls back to the requested model.
         """
         messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
-        for message in messages:
-            usage = getattr(message, "usage_metadata", None)
-            if usage:
-                return usage, _billed_model(message)
-        return None, None
+        replies = [m for m in messages if isinstance(m, AIMessage)]
+        if not replies:
+            return None, None, False
+        reply = next((m for m in replies if m.usage_metadata), replies[0])
+        metadata = reply.response_metadata
+        llm_output = metadata if isinstance(metadata, Mapping) else None
+        # The reply as the one generation of an LLMResult: the handler and the middleware read usage alike.
+        return _reported_usage(SimpleNamespace(generations=[[SimpleNamespace(message=reply)]], llm_output=llm_output))
 
     def _refused_inside(response: Any) -> bool:
         """Whether an inner `BudgetMiddleware` refused the call (so it never reached the model)."""
