@@ -965,6 +965,63 @@ def test_middleware_charges_usage_reported_only_in_llm_output(run_async):
     assert entry.cost_usd is not None and entry.cost_usd > 0  # priced by the billed name: the deployment has none
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("exit_behavior", ["end", "error"])
+def test_middleware_records_each_refusal_it_acts_on_in_the_ledger_once(run_async, exit_behavior):
+    # The cap is reached after the first call: the check before the second refuses (it writes no
+    # entry itself); a call whose estimate is over the cap is refused by the reserve (which does).
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    by_check, by_reserve = Budget(Limits(max_llm_calls=1)), Budget(Limits(max_input_tokens=1_000))
+    model_too_big = make_model(max_tokens=40, responses=[AIMessage("hi")])
+    agents = (
+        create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(by_check, exit_behavior=exit_behavior)]),
+        create_agent(
+            model_too_big, tools=[_tool_with_a_long_description()],
+            middleware=[BudgetMiddleware(by_reserve, exit_behavior=exit_behavior)],
+        ),
+    )  # fmt: skip
+    for agent in agents:
+        try:
+            result = asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+        except BudgetExceeded:
+            assert exit_behavior == "error"
+        else:
+            assert exit_behavior == "end" and "budget refused" in result["messages"][-1].content
+    (denied,) = by_check.ledger.history(kind="deny")
+    assert denied.resource == "llm_calls" and denied.reason
+    (denied,) = by_reserve.ledger.history(kind="deny")
+    assert denied.resource == "input_tokens"
+    assert provider_calls(model) == 1 and provider_calls(model_too_big) == 0
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_records_a_refusal_that_pauses_the_agent_once_across_its_resume(run_async):
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget(Limits(max_llm_calls=1))
+    agent = create_agent(
+        model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="interrupt")],
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "t1"}}
+
+    def run(value: Any) -> Any:
+        return asyncio.run(agent.ainvoke(value, config)) if run_async else agent.invoke(value, config)
+
+    assert run(MESSAGES)["__interrupt__"]
+    assert [e.resource for e in budget.ledger.history(kind="deny")] == ["llm_calls"]
+    # The resume replays the pause (the check refuses again before the top-up): not a second refusal.
+    assert run(Command(resume={"llm_calls": 1}))["messages"][-1].content == "Otters are semi-aquatic mammals."
+    assert [e.resource for e in budget.ledger.history(kind="deny")] == ["llm_calls"]
+    assert provider_calls(model) == 2
+
+
 # -- a call longer than the lease keeps its hold ------------------------------------------------
 
 
