@@ -895,6 +895,134 @@ def test_middleware_counts_the_agents_tool_schemas_in_the_estimate():
     assert provider_calls(model) == 0
 
 
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_does_not_charge_llm_cache_hits(run_async):
+    # The same question three times: one provider call, two answers from the cache. Charged as
+    # calls, the cache hits counted 450 tokens nobody paid for and used up the cap of 2 calls.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, _ = _agent_parts()
+    model = make_model(responses=[AIMessage("Otters float.")])
+    budget = Budget(Limits(max_llm_calls=2))
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="error")])
+    set_llm_cache(InMemoryCache())
+    try:
+        for _ in range(3):
+            result = asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+            assert result["messages"][-1].content == "Otters float."
+    finally:
+        set_llm_cache(None)
+    assert provider_calls(model) == 1
+    snapshot = budget.snapshot()
+    assert (snapshot.llm_calls, snapshot.total_tokens, snapshot.held_tokens, snapshot.held_llm_calls) == (1, 150, 0, 0)
+    assert len(budget.ledger.history(kind="llm")) == 1
+
+
+class _LLMOutputUsageModel(FakeChatModel):
+    """Reports usage only in ``llm_output["token_usage"]`` (OpenAI's shape), as older integrations do."""
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        return self._moved(super()._generate(messages, stop, run_manager, **kwargs))
+
+    async def _agenerate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        return self._moved(await super()._agenerate(messages, stop, run_manager, **kwargs))
+
+    @staticmethod
+    def _moved(result: Any) -> Any:
+        message = result.generations[0].message
+        usage, message.usage_metadata = message.usage_metadata, None
+        result.llm_output = {
+            "model_name": message.response_metadata["model_name"],
+            "token_usage": {
+                "prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"],
+                "total_tokens": usage["total_tokens"],
+                "prompt_tokens_details": {"cached_tokens": usage["input_token_details"]["cache_read"]},
+                "completion_tokens_details": {"reasoning_tokens": usage["output_token_details"]["reasoning"]},
+            },
+        }  # fmt: skip
+        return result
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_charges_usage_reported_only_in_llm_output(run_async):
+    # LangChain copies llm_output into the reply's response_metadata: the middleware charged the
+    # estimate, flagged, instead of the usage the provider reported there.
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, _ = _agent_parts()
+    model = _LLMOutputUsageModel(
+        usage=dict(USAGE), model_name="my-azure-deployment", billed_model_name="gpt-4o-mini-2024-07-18",
+        responses=[AIMessage("Otters float.")],
+    )  # fmt: skip
+    assert model.invoke("hi").usage_metadata is None  # the fake reports no usage_metadata
+    budget = Budget(Limits(max_total_tokens=100_000))
+    agent = create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(budget)])
+    asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+    (entry,) = budget.ledger.history(kind="llm")
+    assert not entry.estimated and entry.model == "gpt-4o-mini-2024-07-18"
+    assert entry.usage is not None
+    assert (entry.usage.input_tokens, entry.usage.output_tokens) == (120, 30)
+    assert (entry.usage.cache_read_tokens, entry.usage.reasoning_tokens) == (100, 12)
+    assert entry.cost_usd is not None and entry.cost_usd > 0  # priced by the billed name: the deployment has none
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("exit_behavior", ["end", "error"])
+def test_middleware_records_each_refusal_it_acts_on_in_the_ledger_once(run_async, exit_behavior):
+    # The cap is reached after the first call: the check before the second refuses (it writes no
+    # entry itself); a call whose estimate is over the cap is refused by the reserve (which does).
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    by_check, by_reserve = Budget(Limits(max_llm_calls=1)), Budget(Limits(max_input_tokens=1_000))
+    model_too_big = make_model(max_tokens=40, responses=[AIMessage("hi")])
+    agents = (
+        create_agent(model, tools=[lookup], middleware=[BudgetMiddleware(by_check, exit_behavior=exit_behavior)]),
+        create_agent(
+            model_too_big, tools=[_tool_with_a_long_description()],
+            middleware=[BudgetMiddleware(by_reserve, exit_behavior=exit_behavior)],
+        ),
+    )  # fmt: skip
+    for agent in agents:
+        try:
+            result = asyncio.run(agent.ainvoke(MESSAGES)) if run_async else agent.invoke(MESSAGES)
+        except BudgetExceeded:
+            assert exit_behavior == "error"
+        else:
+            assert exit_behavior == "end" and "budget refused" in result["messages"][-1].content
+    (denied,) = by_check.ledger.history(kind="deny")
+    assert denied.resource == "llm_calls" and denied.reason
+    (denied,) = by_reserve.ledger.history(kind="deny")
+    assert denied.resource == "input_tokens"
+    assert provider_calls(model) == 1 and provider_calls(model_too_big) == 0
+
+
+@pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
+def test_middleware_records_a_refusal_that_pauses_the_agent_once_across_its_resume(run_async):
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    from budgetary.integrations.langchain import BudgetMiddleware
+
+    create_agent, lookup, model = _agent_parts()
+    budget = Budget(Limits(max_llm_calls=1))
+    agent = create_agent(
+        model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="interrupt")],
+        checkpointer=InMemorySaver(),
+    )  # fmt: skip
+    config = {"configurable": {"thread_id": "t1"}}
+
+    def run(value: Any) -> Any:
+        return asyncio.run(agent.ainvoke(value, config)) if run_async else agent.invoke(value, config)
+
+    assert run(MESSAGES)["__interrupt__"]
+    assert [e.resource for e in budget.ledger.history(kind="deny")] == ["llm_calls"]
+    # The resume replays the pause (the check refuses again before the top-up): not a second refusal.
+    assert run(Command(resume={"llm_calls": 1}))["messages"][-1].content == "Otters are semi-aquatic mammals."
+    assert [e.resource for e in budget.ledger.history(kind="deny")] == ["llm_calls"]
+    assert provider_calls(model) == 2
+
+
 # -- a call longer than the lease keeps its hold ------------------------------------------------
 
 

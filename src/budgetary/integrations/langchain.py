@@ -894,7 +894,12 @@ def _build_middleware() -> type:
             'BudgetMiddleware needs LangChain v1 (langchain>=1.0): pip install "budgetary[langchain]"'
         ) from exc
 
+    from types import SimpleNamespace
+    from typing import cast
+
+    from budgetary.core._engine import Meta
     from budgetary.core.errors import BudgetExceeded
+    from budgetary.core.stores.base import AsyncStore, is_async_store
     from budgetary.integrations._common import apply_top_up_once
 
     class BudgetMiddleware(AgentMiddleware):
@@ -939,20 +944,37 @@ def _build_middleware() -> type:
             scope = self.budget.name if self.agent is None else f"{self.budget.name}/{self.agent}"
             return f"BudgetMiddleware[{scope.replace('|', '_').replace(':', '_')}]"  # LangGraph's reserved characters
 
-        def _refused(self, exc: BudgetExceeded, attempt: int) -> AIMessage | None:
-            """Apply the exit behaviour; None means "try again" (after an interrupt's top-up)."""
-            answer = self._exit(exc, attempt)
-            if isinstance(answer, AIMessage):
-                return answer
-            apply_top_up_once(self.budget, *answer)
-            return None
+        def _refused(self, exc: BudgetExceeded, attempt: int, checked: Decision | None = None) -> AIMessage | None:
+            """Apply the exit behaviour; None means "try again" (after an interrupt's top-up).
 
-        async def _arefused(self, exc: BudgetExceeded, attempt: int) -> AIMessage | None:
-            answer = self._exit(exc, attempt)
-            if isinstance(answer, AIMessage):
-                return answer
-            await self.budget.off_loop(apply_top_up_once, self.budget, *answer)
-            return None
+            ``checked``: a refusal of `Budget.check`, which writes no ledger entry (a refused reserve
+            writes its own). Its ``deny`` entry is written when it ends, raises or pauses the agent,
+            not when a resumed agent replays the pause.
+            """
+            try:
+                answer = self._exit(exc, attempt)
+            except BaseException:  # "error" raises the refusal, "interrupt" pauses the agent (GraphInterrupt)
+                _record_refusal(self.budget, checked, self.agent)
+                raise
+            if not isinstance(answer, AIMessage):  # a resume: its refusal was recorded when the agent paused
+                apply_top_up_once(self.budget, *answer)
+                return None
+            _record_refusal(self.budget, checked, self.agent)
+            return answer
+
+        async def _arefused(
+            self, exc: BudgetExceeded, attempt: int, checked: Decision | None = None
+        ) -> AIMessage | None:
+            try:
+                answer = self._exit(exc, attempt)
+            except BaseException:
+                await _arecord_refusal(self.budget, checked, self.agent)
+                raise
+            if not isinstance(answer, AIMessage):
+                await self.budget.off_loop(apply_top_up_once, self.budget, *answer)
+                return None
+            await _arecord_refusal(self.budget, checked, self.agent)
+            return answer
 
         def _exit(self, exc: BudgetExceeded, attempt: int) -> AIMessage | tuple[Any, tuple[str, int]]:
             """Raise, end with a message, or interrupt: the resume's answer and its once-only key."""
@@ -975,7 +997,8 @@ def _build_middleware() -> type:
             """Refuse before the model node runs when no call could start."""
             attempt = 0
             while not (decision := self.budget.check(self.agent)).allowed:
-                if (message := self._refused(self.budget.exceeded(decision, self.agent), attempt)) is not None:
+                exc = self.budget.exceeded(decision, self.agent)
+                if (message := self._refused(exc, attempt, decision)) is not None:
                     return {"jump_to": "end", "messages": [message]}
                 attempt += 1
             return None
@@ -986,7 +1009,7 @@ def _build_middleware() -> type:
             attempt = 0
             while not (decision := await self.budget.acheck(self.agent)).allowed:
                 exc = await self.budget.aexceeded(decision, self.agent)
-                if (message := await self._arefused(exc, attempt)) is not None:
+                if (message := await self._arefused(exc, attempt, decision)) is not None:
                     return {"jump_to": "end", "messages": [message]}
                 attempt += 1
             return None
@@ -1043,7 +1066,10 @@ def _build_middleware() -> type:
                 _middleware_calls.reset(token)
             if call.ceded:  # a child budget's handler charged the call, for this budget too
                 return response
-            usage, billed = _response_usage(response)
+            usage, billed, cache_hit = _response_usage(response)
+            if cache_hit:
+                reservation.release("served from the LLM cache: no provider call", failed=False)
+                return response
             if usage is None and _refused_inside(response):
                 reservation.release("refused by an inner BudgetMiddleware: no model call", failed=False)
                 return response
@@ -1073,7 +1099,10 @@ def _build_middleware() -> type:
                 _middleware_calls.reset(token)
             if call.ceded:  # a child budget's handler charged the call, for this budget too
                 return response
-            usage, billed = _response_usage(response)
+            usage, billed, cache_hit = _response_usage(response)
+            if cache_hit:
+                await reservation.arelease("served from the LLM cache: no provider call", failed=False)
+                return response
             if usage is None and _refused_inside(response):
                 await reservation.arelease("refused by an inner BudgetMiddleware: no model call", failed=False)
                 return response
@@ -1086,18 +1115,44 @@ def _build_middleware() -> type:
                 await _adispatch_soft_event(event)
             return response
 
-    def _response_usage(response: Any) -> tuple[Any, str | None]:
-        """(``usage_metadata``, billed model name) of a model call's response (a ``ModelResponse`` or a message).
+    def _response_usage(response: Any) -> tuple[Any, str | None, bool]:
+        """(usage, billed model name, LLM-cache hit) of a model call's response (a ``ModelResponse`` or a message).
 
-        The billed name (``gpt-4o-mini-2024-07-18`` for a request of an alias or an Azure deployment)
-        is what prices, as in the handler; None falls back to the requested model.
+        Read as the handler reads an ``LLMResult`` (`_reported_usage`): ``usage_metadata`` and its
+        cache-hit marker, else the ``llm_output`` usage, which LangChain copies into the reply's
+        ``response_metadata`` (the middleware sees no ``LLMResult``). The billed name
+        (``gpt-4o-mini-2024-07-18`` for a request of an alias or an Azure deployment) is what
+        prices; None falls back to the requested model.
         """
         messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
-        for message in messages:
-            usage = getattr(message, "usage_metadata", None)
-            if usage:
-                return usage, _billed_model(message)
-        return None, None
+        replies = [m for m in messages if isinstance(m, AIMessage)]
+        if not replies:
+            return None, None, False
+        reply = next((m for m in replies if m.usage_metadata), replies[0])
+        metadata = reply.response_metadata
+        llm_output = metadata if isinstance(metadata, Mapping) else None
+        # The reply as the one generation of an LLMResult: the handler and the middleware read usage alike.
+        return _reported_usage(SimpleNamespace(generations=[[SimpleNamespace(message=reply)]], llm_output=llm_output))
+
+    # Budget has no public call that records a refusal it did not decide itself: `check` is the
+    # non-consuming one and writes nothing, so the middleware writes the entry of the refusal it acts on.
+    def _record_refusal(budget: Budget, decision: Decision | None, agent: str | None) -> None:
+        """Write the ``deny`` ledger entry of a refusal of `Budget.check` (nothing for None)."""
+        if decision is not None:
+            budget._store.record_entry(
+                budget._chain, agent, "deny", now=budget._clock(), meta=Meta(budget.run_id), decision=decision
+            )
+
+    async def _arecord_refusal(budget: Budget, decision: Decision | None, agent: str | None) -> None:
+        if decision is None:
+            return
+        store = budget._store
+        if not is_async_store(store):
+            await budget.off_loop(_record_refusal, budget, decision, agent)
+            return
+        await cast(AsyncStore, store).arecord_entry(
+            budget._chain, agent, "deny", now=budget._clock(), meta=Meta(budget.run_id), decision=decision
+        )
 
     def _refused_inside(response: Any) -> bool:
         """Whether an inner `BudgetMiddleware` refused the call (so it never reached the model)."""
