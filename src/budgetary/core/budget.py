@@ -738,6 +738,21 @@ class Budget:
             return host
         return self._counted(await astore.acount_tool(self._chain, agent, tool, now=self._clock(), meta=meta))
 
+    def _record_refusal(self, decision: Decision, agent: str | None) -> None:
+        """The ``deny`` entry of a refusal an adapter acts on that no store step wrote (`check` writes none)."""
+        self._store.record_entry(
+            self._chain, agent, "deny", now=self._clock(), meta=Meta(self.run_id), decision=decision
+        )
+
+    async def _arecord_refusal(self, decision: Decision, agent: str | None) -> None:
+        store = self._store
+        if not is_async_store(store):
+            await off_loop(store, self._record_refusal, decision, agent)
+            return
+        await cast(AsyncStore, store).arecord_entry(
+            self._chain, agent, "deny", now=self._clock(), meta=Meta(self.run_id), decision=decision
+        )
+
     def _host_tool_refusal(self, agent: str | None, tool: str) -> Decision | None:
         """The host guards' refusal of a tool call, if any."""
         if self._guards is None:

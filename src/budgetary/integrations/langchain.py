@@ -895,11 +895,8 @@ def _build_middleware() -> type:
         ) from exc
 
     from types import SimpleNamespace
-    from typing import cast
 
-    from budgetary.core._engine import Meta
     from budgetary.core.errors import BudgetExceeded
-    from budgetary.core.stores.base import AsyncStore, is_async_store
     from budgetary.integrations._common import apply_top_up_once
 
     class BudgetMiddleware(AgentMiddleware):
@@ -954,12 +951,14 @@ def _build_middleware() -> type:
             try:
                 answer = self._exit(exc, attempt)
             except BaseException:  # "error" raises the refusal, "interrupt" pauses the agent (GraphInterrupt)
-                _record_refusal(self.budget, checked, self.agent)
+                if checked is not None:
+                    self.budget._record_refusal(checked, self.agent)
                 raise
             if not isinstance(answer, AIMessage):  # a resume: its refusal was recorded when the agent paused
                 apply_top_up_once(self.budget, *answer)
                 return None
-            _record_refusal(self.budget, checked, self.agent)
+            if checked is not None:
+                self.budget._record_refusal(checked, self.agent)
             return answer
 
         async def _arefused(
@@ -968,12 +967,14 @@ def _build_middleware() -> type:
             try:
                 answer = self._exit(exc, attempt)
             except BaseException:
-                await _arecord_refusal(self.budget, checked, self.agent)
+                if checked is not None:
+                    await self.budget._arecord_refusal(checked, self.agent)
                 raise
             if not isinstance(answer, AIMessage):
                 await self.budget.off_loop(apply_top_up_once, self.budget, *answer)
                 return None
-            await _arecord_refusal(self.budget, checked, self.agent)
+            if checked is not None:
+                await self.budget._arecord_refusal(checked, self.agent)
             return answer
 
         def _exit(self, exc: BudgetExceeded, attempt: int) -> AIMessage | tuple[Any, tuple[str, int]]:
@@ -1136,24 +1137,6 @@ def _build_middleware() -> type:
 
     # Budget has no public call that records a refusal it did not decide itself: `check` is the
     # non-consuming one and writes nothing, so the middleware writes the entry of the refusal it acts on.
-    def _record_refusal(budget: Budget, decision: Decision | None, agent: str | None) -> None:
-        """Write the ``deny`` ledger entry of a refusal of `Budget.check` (nothing for None)."""
-        if decision is not None:
-            budget._store.record_entry(
-                budget._chain, agent, "deny", now=budget._clock(), meta=Meta(budget.run_id), decision=decision
-            )
-
-    async def _arecord_refusal(budget: Budget, decision: Decision | None, agent: str | None) -> None:
-        if decision is None:
-            return
-        store = budget._store
-        if not is_async_store(store):
-            await budget.off_loop(_record_refusal, budget, decision, agent)
-            return
-        await cast(AsyncStore, store).arecord_entry(
-            budget._chain, agent, "deny", now=budget._clock(), meta=Meta(budget.run_id), decision=decision
-        )
-
     def _refused_inside(response: Any) -> bool:
         """Whether an inner `BudgetMiddleware` refused the call (so it never reached the model)."""
         messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])
