@@ -1047,3 +1047,37 @@ def test_the_task_start_check_is_not_charged_with_charge_failed_calls():
     entries = budget.ledger.history(kind="llm")
     assert len(entries) == fake.calls.count == 3 and not any(e.estimated for e in entries)
     assert budget.snapshot().total_tokens == 3 * 120
+
+
+def test_every_entry_of_an_unnamed_task_carries_its_description_as_its_location():
+    # CrewAI names an unnamed task's step by its description: its agent start did, and so must its calls.
+    fake = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    tasks = [
+        Task(description="Research otters", expected_output="facts", agent=researcher),
+        Task(description="Research beavers", expected_output="facts", agent=researcher),
+    ]
+    budget = Budget(Limits(max_llm_calls=1))
+    crew = govern_crew(Crew(agents=[researcher], tasks=tasks), budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff()
+    assert [(e.kind, e.location) for e in budget.ledger] == [
+        ("agent_start", "Research otters"),
+        ("llm", "Research otters"),
+        ("soft_limit", "Research otters"),
+        ("agent_start", "Research beavers"),
+        ("deny", "Research beavers"),
+    ]
+
+
+def test_delegated_work_on_an_unnamed_crew_task_carries_that_tasks_description():
+    manager, worker_llm = delegating_manager(1), llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=worker_llm)
+    task = Task(description="Write a report on otters", expected_output="a report")
+    crew = Crew(agents=[researcher], tasks=[task], process=Process.hierarchical, manager_llm=manager)
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    entries = budget.ledger.history(kind="llm")
+    assert [e.agent for e in entries] == ["Crew Manager", "Researcher", "Crew Manager"]
+    assert {e.location for e in entries} == {"Write a report on otters"}

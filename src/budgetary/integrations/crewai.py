@@ -4,8 +4,10 @@
 ``kickoff_for_each`` makes) under ``budget``: before each LLM call it reserves
 (a token estimate of the messages plus the LLM's ``max_tokens``) or aborts the
 kickoff with `CrewBudgetExceeded`; after it, it charges the usage the provider
-reported for that very call, attributed to the agent's role and the task;
-before each tool call it counts it or refuses it (the agent is told why).
+reported for that very call, attributed to the agent's role and the task (the
+ledger entry's ``location``: the task's name, else its description, as CrewAI
+names its steps; delegated work and agent-less calls are filed under the crew
+task they are done for); before each tool call it counts it or refuses it (the agent is told why).
 
 Policies (per task name, then per agent role, then the default):
 ``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
@@ -206,11 +208,23 @@ class _Run:
 
     def policy_for(self, task: Any, role: str | None) -> str:
         """The policy of work on ``task``: by its name, else (delegated work) the crew task's, then by role."""
-        return self.gov.policy(self.location_for(task), role)
+        name = getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
+        return self.gov.policy(name, role)
 
     def location_for(self, task: Any) -> str | None:
-        """The task's name, else the crew task's under way (the forced final answer, delegated work)."""
-        return getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
+        """Where work on ``task`` is filed: the task's step name if it is the run's, else the crew task's under way.
+
+        Delegated work (a task CrewAI builds for the coworker) and agent-less calls are filed under the crew
+        task they are done for.
+        """
+        if getattr(task, "name", None) or (task is not None and str(getattr(task, "id", "")) in self.tasks):
+            return _step_name(task)
+        return _step_name(self.tasks.get(str(get_current_task_id() or "")))
+
+
+def _step_name(task: Any) -> str | None:
+    """A task's name, else its description: what CrewAI names the task's step."""
+    return getattr(task, "name", None) or getattr(task, "description", None) or None
 
 
 @dataclass(frozen=True)
@@ -331,7 +345,7 @@ def _pre_step(ctx: Any) -> None:
     role = getattr(agent_obj, "role", None)
     agent = gov.agent(role)
     policy = run.policy_for(task, role)
-    location = getattr(task, "name", None) or getattr(ctx, "step_name", None)
+    location = _step_name(task) or getattr(ctx, "step_name", None)
     if run.ended is not None:
         _skip(run, agent_obj, task, gov.budget.skip(agent, run.ended.reason, location=location, run_id=run.run_id))
         return None
