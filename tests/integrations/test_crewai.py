@@ -1081,3 +1081,113 @@ def test_delegated_work_on_an_unnamed_crew_task_carries_that_tasks_description()
     entries = budget.ledger.history(kind="llm")
     assert [e.agent for e in entries] == ["Crew Manager", "Researcher", "Crew Manager"]
     assert {e.location for e in entries} == {"Write a report on otters"}
+
+
+def manager_delegating_to(*coworkers: str) -> Any:
+    def script(messages, index, agent, task):
+        if index < len(coworkers):
+            payload = {"task": f"Part {index} of the report", "context": "report", "coworker": coworkers[index]}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: the report"
+
+    return llm(responder=script)
+
+
+def hierarchical_pair(manager: Any) -> tuple[Crew, Any, Any]:
+    researcher_llm, writer_llm = llm(), llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=researcher_llm)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=writer_llm)
+    task = Task(name="report", description="Write a report on otters", expected_output="a report")
+    crew = Crew(agents=[researcher, writer], tasks=[task], process=Process.hierarchical, manager_llm=manager)
+    return crew, researcher_llm, writer_llm
+
+
+def test_each_delegation_is_an_agent_start_of_the_coworker():
+    crew, _, _ = hierarchical_pair(manager_delegating_to("Researcher", "Writer", "Researcher"))
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    starts = [(e.agent, e.location) for e in budget.ledger.history(kind="agent_start")]
+    assert starts == [
+        ("Crew Manager", "report"),
+        ("Researcher", "report"),
+        ("Writer", "report"),
+        ("Researcher", "report"),
+    ]
+    assert budget.snapshot().agents_started == 4
+
+
+def test_max_agents_refuses_a_delegation_and_deny_ends_the_kickoff():
+    manager = manager_delegating_to("Researcher", "Writer")
+    crew, researcher_llm, writer_llm = hierarchical_pair(manager)
+    budget = Budget(Limits(max_agents=2))  # the manager's task start and one delegation
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff()
+    assert (info.value.resource, info.value.agent) == ("agents", "Writer")
+    assert researcher_llm.calls.count == 1 and writer_llm.calls.count == 0
+    assert manager.calls.count == 2  # the manager made no paid call after the refusal
+    assert budget.snapshot().agents_started == 2
+
+
+def test_max_agents_refuses_a_delegation_and_skip_hands_the_manager_a_placeholder():
+    manager = manager_delegating_to("Researcher", "Writer")
+    seen: list[str] = []
+    inner = manager.responder
+    manager.responder = lambda messages, *args: seen.append(json.dumps(messages)) or inner(messages, *args)
+    crew, researcher_llm, writer_llm = hierarchical_pair(manager)
+    budget = Budget(Limits(max_agents=2))
+    govern_crew(crew, budget, on_exhausted="skip")
+    assert crew.kickoff().raw == "the report"
+    assert researcher_llm.calls.count == 1 and writer_llm.calls.count == 0 and manager.calls.count == 3
+    assert "skipped by budget" in seen[-1]
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Writer", "report")]
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["Crew Manager", "Researcher"]
+
+
+def researcher_delegating_to_writer() -> tuple[Crew, Any]:
+    def script(messages, index, agent, task):
+        if agent.role == "Researcher" and not any(m.get("role") == "assistant" for m in messages):
+            payload = {"task": "Write it up", "context": "facts", "coworker": "Writer"}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: done"
+
+    fake = llm(responder=script)
+    researcher = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, allow_delegation=True)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=researcher)
+    return Crew(agents=[researcher, writer], tasks=[task]), fake
+
+
+def test_a_delegation_in_a_sequential_crew_is_an_agent_start():
+    crew, fake = researcher_delegating_to_writer()
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher", "Writer", "Researcher"]
+    starts = [(e.agent, e.location) for e in budget.ledger.history(kind="agent_start")]
+    assert starts == [("Researcher", "research"), ("Writer", "research")]
+
+    crew, fake = researcher_delegating_to_writer()
+    govern_crew(crew, Budget(Limits(max_agents=1)))
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff()
+    assert (info.value.resource, info.value.agent) == ("agents", "Writer")
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher"]
+
+
+def test_every_task_start_is_an_agent_start_even_for_an_agent_that_ran_before():
+    fake = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+        Task(name="research-more", description="Research more", expected_output="facts", agent=researcher),
+    ]
+    crew = Crew(agents=[researcher, writer], tasks=tasks)
+    budget = Budget(Limits(max_agents=2))
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff()
+    assert [is_budget_skipped(t.output) for t in tasks] == [False, False, True]
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Researcher", "research-more")]

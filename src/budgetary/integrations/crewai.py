@@ -27,6 +27,18 @@ it to the manager as an observation: under ``deny`` the run's next LLM call
 raises it again (tools are refused until then), under ``end`` the remaining
 tasks are skipped, under ``skip`` the manager goes on without that work.
 
+Agent starts (what ``max_agents`` counts) are executions, as LangGraph's node runs are: each task
+start (by its agent; in a hierarchical crew by the manager, once per task), so an agent that works
+three tasks starts three times, and each piece of delegated work, when a coworker tool ('Delegate
+work to coworker', 'Ask question to coworker') runs a coworker (a start of the coworker, filed under
+the crew task; CrewAI's retry of that work is the same start). The kickoff itself is none, and a
+task skipped at its start takes no slot. Delegation is also a tool call, counted (or refused) first.
+A refused delegation follows the policy: under ``deny`` the tool shows the refusal to the delegating
+agent and the run's next LLM call raises it; under ``skip`` and ``end`` (which also skips every later
+task) the coworker does not run and its answer is the skip placeholder. Only coworkers that are
+CrewAI ``Agent``s are counted (the gate wraps ``Agent.execute_task``), and delegated work has no
+start check: a coworker whose first call is then refused under ``skip`` has taken its slot.
+
 A custom ``BaseLLM`` must call ``_invoke_before_llm_call_hooks`` and
 ``_invoke_after_llm_call_hooks`` around its provider call, as CrewAI's native
 providers do: calls CrewAI makes without an agent (the forced final answer
@@ -76,7 +88,7 @@ from typing import Any
 
 try:
     import crewai.crew as crew_module
-    from crewai import Crew, Task
+    from crewai import Agent, Crew, Task
     from crewai.agents.agent_builder.base_agent_executor import BaseAgentExecutor
     from crewai.context import get_current_task_id
     from crewai.hooks import (
@@ -174,6 +186,7 @@ class _Run:
     """A refusal under ``deny`` that CrewAI may swallow (a delegation tool turns it into an observation):
     raised again at the run's next gate."""
     started: set[str] = field(default_factory=set)  # ids of the tasks that have made a call
+    delegated: set[str] = field(default_factory=set)  # ids of the delegated tasks whose start was decided
     retried: set[int] = field(default_factory=set)  # id(agent): agents whose task CrewAI retries with the stub
     nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
     """Soft limits to tell on the next call: per agent for its allocation, under None for the run's limits."""
@@ -222,6 +235,11 @@ class _Run:
         return _step_name(self.tasks.get(str(get_current_task_id() or "")))
 
 
+def _placeholder(reason: str) -> str:
+    """The text that stands in for the answer of work the budget skipped."""
+    return f"[skipped by budget: {reason}]"
+
+
 def _step_name(task: Any) -> str | None:
     """A task's name, else its description: what CrewAI names the task's step."""
     return getattr(task, "name", None) or getattr(task, "description", None) or None
@@ -257,7 +275,7 @@ class _SkipLLM(BaseLLM):
     reason: str = ""
 
     def call(self, messages: Any, *args: Any, **kwargs: Any) -> str:
-        return f"Thought: the budget skipped this task\nFinal Answer: [skipped by budget: {self.reason}]"
+        return f"Thought: the budget skipped this task\nFinal Answer: {_placeholder(self.reason)}"
 
     async def acall(self, messages: Any, *args: Any, **kwargs: Any) -> str:
         return self.call(messages)
@@ -794,6 +812,67 @@ def _governed_from_checkpoint(from_checkpoint: Any) -> Any:
     return classmethod(restore)
 
 
+def _delegated_start(execute: Any) -> Any:
+    """``Agent.execute_task`` that counts the start of an agent on work no task start of the run counted.
+
+    That is delegation: CrewAI's coworker tools ('Delegate work to coworker', 'Ask question to coworker')
+    run the coworker on a task they build, which passes no step hook. See `_begin_delegated`.
+    """
+
+    @functools.wraps(execute)
+    def governed(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+        refused = _begin_delegated(self, task)
+        return execute(self, task, *args, **kwargs) if refused is None else refused
+
+    return governed
+
+
+def _adelegated_start(execute: Any) -> Any:
+    """`_delegated_start` for ``Agent.aexecute_task``."""
+
+    @functools.wraps(execute)
+    async def governed(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+        refused = _begin_delegated(self, task)
+        return await execute(self, task, *args, **kwargs) if refused is None else refused
+
+    return governed
+
+
+def _begin_delegated(agent_obj: Any, task: Any) -> str | None:
+    """Take a ``max_agents`` slot for ``agent_obj``'s start on ``task``, unless a task start counted it.
+
+    Returns None to let the work run, else (``skip``/``end``) the placeholder that is its answer; under
+    ``deny`` it raises, and since the delegation tool turns that into an observation, the run's next
+    gate raises it again (as for a coworker's refused call, `_refused_mid_task`).
+    """
+    run = _run.get()
+    if run is None or task is None:
+        return None
+    task_id = str(getattr(task, "id", ""))
+    with run.lock:
+        # A task of the run was counted at its start; CrewAI's retry of delegated work is the same start.
+        if task_id in run.task_roles or task_id in run.delegated:
+            return None
+        run.delegated.add(task_id)
+    gov = run.gov
+    role = getattr(agent_obj, "role", None)
+    agent = gov.agent(role)
+    location = run.location_for(task)
+    decision = gov.budget.begin_agent(agent, run_id=run.run_id, location=location)
+    if decision.allowed:
+        return None
+    exc = gov.budget.exceeded(decision, agent)
+    policy = run.policy_for(task, role)
+    if policy == "deny":
+        if run.refused is None:
+            run.refused = exc
+        raise CrewBudgetExceeded(exc)
+    marker = gov.budget.skip(agent, str(exc), resource=exc.resource, location=location, run_id=run.run_id)
+    if policy == "end" and run.ended is None:
+        run.ended = marker
+    return _placeholder(marker.reason)
+
+
 @dataclass(frozen=True)
 class _ReplayStart:
     """What `_execution_start` reads of CrewAI's start context, for a replay."""
@@ -834,6 +913,9 @@ def _install() -> None:
         # The one method every way of running a task alone passes through (private: pinned crewai).
         Task._execute_core = _task_run(Task._execute_core)  # type: ignore[method-assign]
         Task._aexecute_core = _atask_run(Task._aexecute_core)  # type: ignore[method-assign]
+        # Where delegated work starts: the coworker tools call it directly, past every step hook.
+        Agent.execute_task = _delegated_start(Agent.execute_task)  # type: ignore[method-assign]
+        Agent.aexecute_task = _adelegated_start(Agent.aexecute_task)  # type: ignore[method-assign]
         _installed = True
 
 
