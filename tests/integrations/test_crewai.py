@@ -16,7 +16,15 @@ pytest.importorskip("crewai")
 
 from crewai import Agent, Crew, PlanningConfig, Process, Task
 from crewai.events.event_bus import crewai_event_bus
-from crewai.hooks import HookAborted
+from crewai.hooks import (
+    HookAborted,
+    InterceptionPoint,
+    clear_all_global_hooks,
+    clear_all_hooks,
+    clear_hooks,
+    get_hooks,
+    register_hook,
+)
 from crewai.state.checkpoint_config import CheckpointConfig
 from crewai.tools import tool
 
@@ -1191,3 +1199,41 @@ def test_every_task_start_is_an_agent_start_even_for_an_agent_that_ran_before():
     crew.kickoff()
     assert [is_budget_skipped(t.output) for t in tasks] == [False, False, True]
     assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Researcher", "research-more")]
+
+
+@pytest.fixture
+def hooks_put_back() -> Any:
+    """Put CrewAI's global hook lists back as they were: the test clears them."""
+    saved = {point: get_hooks(point) for point in InterceptionPoint}
+    yield
+    for point, hooks in saved.items():
+        clear_hooks(point)
+        for hook in hooks:
+            register_hook(point, hook)
+
+
+@pytest.mark.usefixtures("hooks_put_back")
+@pytest.mark.parametrize("clear", [clear_all_global_hooks, clear_all_hooks])
+def test_hooks_the_host_cleared_are_registered_again(clear):
+    clear()  # before govern_crew: it registers them again
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=1))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 1 == budget.snapshot().llm_calls
+
+    clear()  # after it: the kickoff of a governed crew registers them again
+    fake.calls.records.clear()
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 0
+
+    clear()
+    budget = Budget(Limits(max_llm_calls=1))
+    with budget_scope(budget), pytest.raises(CrewBudgetExceeded):
+        three_task_crew(fake).kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 1 == budget.snapshot().llm_calls
+    ours = [hook for point in InterceptionPoint for hook in get_hooks(point) if "budgetary" in hook.__module__]
+    assert len(ours) == len(set(ours)) == 8  # each registered again once

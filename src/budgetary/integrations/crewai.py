@@ -47,7 +47,10 @@ not checked; its usage is still charged, after the fact.
 
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
-into each agent executor when it is created. Importing it also wraps
+into each agent executor when it is created. A host that clears CrewAI's global hooks
+(``crewai.hooks.clear_all_global_hooks()``, say in a test teardown) would leave every budget open:
+``govern_crew``, ``budget_scope`` and every kickoff of a governed crew (or in a scope) register
+again those of this module's hooks that are gone. Importing it also wraps
 ``Crew.copy`` (copies keep the budget), ``Crew.kickoff``/``akickoff`` (a
 kickoff ended by Ctrl-C or a cancellation, which CrewAI ends without its end
 hook, leaves no run or hold behind), ``Crew.replay`` (run under the budget
@@ -91,15 +94,7 @@ try:
     from crewai import Agent, Crew, Task
     from crewai.agents.agent_builder.base_agent_executor import BaseAgentExecutor
     from crewai.context import get_current_task_id
-    from crewai.hooks import (
-        HookAborted,
-        InterceptionPoint,
-        register_after_llm_call_hook,
-        register_after_tool_call_hook,
-        register_before_llm_call_hook,
-        register_before_tool_call_hook,
-        register_hook,
-    )
+    from crewai.hooks import HookAborted, InterceptionPoint, get_hooks, register_hook
     from crewai.llms.base_llm import BaseLLM
 except ImportError as exc:  # pragma: no cover - exercised only without the extra (in a subprocess)
     # The version too: an older crewai imports, but lacks the interception layer this module is built on.
@@ -686,6 +681,8 @@ def _closing_kickoff(kickoff: Any, *, starts_run: bool = False) -> Any:
 
     @functools.wraps(kickoff)
     def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, _ATTR, None) is not None or _scope.get() is not None:
+            _ensure_hooks()  # before CrewAI copies the hook lists into the agents' executors
         outer = _run.get()
         if starts_run:
             _execution_start(_ReplayStart(self))
@@ -702,6 +699,8 @@ def _closing_akickoff(akickoff: Any) -> Any:
 
     @functools.wraps(akickoff)
     async def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, _ATTR, None) is not None or _scope.get() is not None:
+            _ensure_hooks()
         outer = _run.get()
         try:
             return _marked_if_last_skipped(await akickoff(self, *args, **kwargs))
@@ -887,20 +886,40 @@ _governed_crews: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictio
 """Crew id -> the governed crew with that id (the last governed), for `Crew.from_checkpoint`."""
 
 
+def _register_missing_hooks() -> None:
+    """Register each dispatcher of this module that is not registered: all of them at import.
+
+    A host may clear CrewAI's global hooks after the import (``clear_all_global_hooks()`` in a test
+    teardown): the budget would then fail open, silently. ``register_before_llm_call_hook`` and the
+    other legacy registrations append to these same lists. Call it under ``_install_lock``.
+    """
+    for point, hook in (
+        (InterceptionPoint.EXECUTION_START, _execution_start),
+        (InterceptionPoint.EXECUTION_END, _execution_end),
+        (InterceptionPoint.PRE_STEP, _pre_step),
+        (InterceptionPoint.POST_STEP, _post_step),
+        (InterceptionPoint.PRE_MODEL_CALL, _before_llm),
+        (InterceptionPoint.POST_MODEL_CALL, _after_llm),
+        (InterceptionPoint.PRE_TOOL_CALL, _before_tool),
+        (InterceptionPoint.POST_TOOL_CALL, _after_tool),
+    ):
+        if hook not in get_hooks(point):
+            register_hook(point, hook)
+
+
+def _ensure_hooks() -> None:
+    """Register again the dispatchers a host cleared (before a governed kickoff, in govern_crew, budget_scope)."""
+    with _install_lock:
+        _register_missing_hooks()
+
+
 def _install() -> None:
     """Register one dispatcher per hook point, once per process."""
     global _installed
     with _install_lock:
         if _installed:
             return
-        register_hook(InterceptionPoint.EXECUTION_START, _execution_start)
-        register_hook(InterceptionPoint.EXECUTION_END, _execution_end)
-        register_hook(InterceptionPoint.PRE_STEP, _pre_step)
-        register_hook(InterceptionPoint.POST_STEP, _post_step)
-        register_before_llm_call_hook(_before_llm)
-        register_after_llm_call_hook(_after_llm)
-        register_before_tool_call_hook(_before_tool)
-        register_after_tool_call_hook(_after_tool)
+        _register_missing_hooks()
         # The one synchronous place where each call's provider-reported usage passes.
         BaseLLM._track_token_usage_internal = _track_usage(BaseLLM._track_token_usage_internal)  # type: ignore[method-assign]
         Crew.copy = _governed_copy(Crew.copy)  # type: ignore[method-assign]
@@ -945,6 +964,7 @@ def govern_crew(
         raise ConfigurationError(f"crew must be a crewai Crew, got {type(crew).__name__} {crew!r}")
     gov = _governance(budget, agents, on_exhausted, policies)
     _attach(crew, gov)
+    _ensure_hooks()
     return crew
 
 
@@ -1013,6 +1033,7 @@ def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator
         ```
     """
     gov = _governance(budget, None, on_exhausted, None)
+    _ensure_hooks()
     outer = _run.get()
     scope = _Scope(gov, _Run(gov, outer=outer, scope=True))
     token = _scope.set(scope)
