@@ -7,7 +7,8 @@ kickoff with `CrewBudgetExceeded`; after it, it charges the usage the provider
 reported for that very call, attributed to the agent's role and the task (the
 ledger entry's ``location``: the task's name, else its description, as CrewAI
 names its steps; delegated work and agent-less calls are filed under the crew
-task they are done for); before each tool call it counts it or refuses it (the agent is told why).
+task they are done for); before each tool call it counts it or refuses it (the
+agent is told why).
 
 Policies (per task name, then per agent role, then the default):
 ``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
