@@ -16,7 +16,15 @@ pytest.importorskip("crewai")
 
 from crewai import Agent, Crew, PlanningConfig, Process, Task
 from crewai.events.event_bus import crewai_event_bus
-from crewai.hooks import HookAborted
+from crewai.hooks import (
+    HookAborted,
+    InterceptionPoint,
+    clear_all_global_hooks,
+    clear_all_hooks,
+    clear_hooks,
+    get_hooks,
+    register_hook,
+)
 from crewai.state.checkpoint_config import CheckpointConfig
 from crewai.tools import tool
 
@@ -1047,3 +1055,185 @@ def test_the_task_start_check_is_not_charged_with_charge_failed_calls():
     entries = budget.ledger.history(kind="llm")
     assert len(entries) == fake.calls.count == 3 and not any(e.estimated for e in entries)
     assert budget.snapshot().total_tokens == 3 * 120
+
+
+def test_every_entry_of_an_unnamed_task_carries_its_description_as_its_location():
+    # CrewAI names an unnamed task's step by its description: its agent start did, and so must its calls.
+    fake = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    tasks = [
+        Task(description="Research otters", expected_output="facts", agent=researcher),
+        Task(description="Research beavers", expected_output="facts", agent=researcher),
+    ]
+    budget = Budget(Limits(max_llm_calls=1))
+    crew = govern_crew(Crew(agents=[researcher], tasks=tasks), budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff()
+    assert [(e.kind, e.location) for e in budget.ledger] == [
+        ("agent_start", "Research otters"),
+        ("llm", "Research otters"),
+        ("soft_limit", "Research otters"),
+        ("agent_start", "Research beavers"),
+        ("deny", "Research beavers"),
+    ]
+
+
+def test_delegated_work_on_an_unnamed_crew_task_carries_that_tasks_description():
+    manager, worker_llm = delegating_manager(1), llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=worker_llm)
+    task = Task(description="Write a report on otters", expected_output="a report")
+    crew = Crew(agents=[researcher], tasks=[task], process=Process.hierarchical, manager_llm=manager)
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    entries = budget.ledger.history(kind="llm")
+    assert [e.agent for e in entries] == ["Crew Manager", "Researcher", "Crew Manager"]
+    assert {e.location for e in entries} == {"Write a report on otters"}
+
+
+def manager_delegating_to(*coworkers: str) -> Any:
+    def script(messages, index, agent, task):
+        if index < len(coworkers):
+            payload = {"task": f"Part {index} of the report", "context": "report", "coworker": coworkers[index]}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: the report"
+
+    return llm(responder=script)
+
+
+def hierarchical_pair(manager: Any) -> tuple[Crew, Any, Any]:
+    researcher_llm, writer_llm = llm(), llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=researcher_llm)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=writer_llm)
+    task = Task(name="report", description="Write a report on otters", expected_output="a report")
+    crew = Crew(agents=[researcher, writer], tasks=[task], process=Process.hierarchical, manager_llm=manager)
+    return crew, researcher_llm, writer_llm
+
+
+def test_each_delegation_is_an_agent_start_of_the_coworker():
+    crew, _, _ = hierarchical_pair(manager_delegating_to("Researcher", "Writer", "Researcher"))
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    starts = [(e.agent, e.location) for e in budget.ledger.history(kind="agent_start")]
+    assert starts == [
+        ("Crew Manager", "report"),
+        ("Researcher", "report"),
+        ("Writer", "report"),
+        ("Researcher", "report"),
+    ]
+    assert budget.snapshot().agents_started == 4
+
+
+def test_max_agents_refuses_a_delegation_and_deny_ends_the_kickoff():
+    manager = manager_delegating_to("Researcher", "Writer")
+    crew, researcher_llm, writer_llm = hierarchical_pair(manager)
+    budget = Budget(Limits(max_agents=2))  # the manager's task start and one delegation
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff()
+    assert (info.value.resource, info.value.agent) == ("agents", "Writer")
+    assert researcher_llm.calls.count == 1 and writer_llm.calls.count == 0
+    assert manager.calls.count == 2  # the manager made no paid call after the refusal
+    assert budget.snapshot().agents_started == 2
+
+
+def test_max_agents_refuses_a_delegation_and_skip_hands_the_manager_a_placeholder():
+    manager = manager_delegating_to("Researcher", "Writer")
+    seen: list[str] = []
+    inner = manager.responder
+    manager.responder = lambda messages, *args: seen.append(json.dumps(messages)) or inner(messages, *args)
+    crew, researcher_llm, writer_llm = hierarchical_pair(manager)
+    budget = Budget(Limits(max_agents=2))
+    govern_crew(crew, budget, on_exhausted="skip")
+    assert crew.kickoff().raw == "the report"
+    assert researcher_llm.calls.count == 1 and writer_llm.calls.count == 0 and manager.calls.count == 3
+    assert "skipped by budget" in seen[-1]
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Writer", "report")]
+    assert [e.agent for e in budget.ledger.history(kind="agent_start")] == ["Crew Manager", "Researcher"]
+
+
+def researcher_delegating_to_writer() -> tuple[Crew, Any]:
+    def script(messages, index, agent, task):
+        if agent.role == "Researcher" and not any(m.get("role") == "assistant" for m in messages):
+            payload = {"task": "Write it up", "context": "facts", "coworker": "Writer"}
+            return f"Thought: delegate\nAction: Delegate work to coworker\nAction Input: {json.dumps(payload)}"
+        return "Thought: done\nFinal Answer: done"
+
+    fake = llm(responder=script)
+    researcher = Agent(role="Researcher", goal="Find", backstory="x", llm=fake, allow_delegation=True)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    task = Task(name="research", description="Research otters", expected_output="facts", agent=researcher)
+    return Crew(agents=[researcher, writer], tasks=[task]), fake
+
+
+def test_a_delegation_in_a_sequential_crew_is_an_agent_start():
+    crew, fake = researcher_delegating_to_writer()
+    budget = Budget()
+    govern_crew(crew, budget)
+    crew.kickoff()
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher", "Writer", "Researcher"]
+    starts = [(e.agent, e.location) for e in budget.ledger.history(kind="agent_start")]
+    assert starts == [("Researcher", "research"), ("Writer", "research")]
+
+    crew, fake = researcher_delegating_to_writer()
+    govern_crew(crew, Budget(Limits(max_agents=1)))
+    with pytest.raises(CrewBudgetExceeded) as info:
+        crew.kickoff()
+    assert (info.value.resource, info.value.agent) == ("agents", "Writer")
+    assert [r["agent"] for r in fake.calls.records] == ["Researcher"]
+
+
+def test_every_task_start_is_an_agent_start_even_for_an_agent_that_ran_before():
+    fake = llm()
+    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
+    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
+    tasks = [
+        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
+        Task(name="write", description="Write", expected_output="a line", agent=writer),
+        Task(name="research-more", description="Research more", expected_output="facts", agent=researcher),
+    ]
+    crew = Crew(agents=[researcher, writer], tasks=tasks)
+    budget = Budget(Limits(max_agents=2))
+    govern_crew(crew, budget, on_exhausted="skip")
+    crew.kickoff()
+    assert [is_budget_skipped(t.output) for t in tasks] == [False, False, True]
+    assert [(e.agent, e.location) for e in budget.ledger.history(kind="skip")] == [("Researcher", "research-more")]
+
+
+@pytest.fixture
+def hooks_put_back() -> Any:
+    """Put CrewAI's global hook lists back as they were: the test clears them."""
+    saved = {point: get_hooks(point) for point in InterceptionPoint}
+    yield
+    for point, hooks in saved.items():
+        clear_hooks(point)
+        for hook in hooks:
+            register_hook(point, hook)
+
+
+@pytest.mark.usefixtures("hooks_put_back")
+@pytest.mark.parametrize("clear", [clear_all_global_hooks, clear_all_hooks])
+def test_hooks_the_host_cleared_are_registered_again(clear):
+    clear()  # before govern_crew: it registers them again
+    fake = llm()
+    crew = three_task_crew(fake)
+    budget = Budget(Limits(max_llm_calls=1))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 1 == budget.snapshot().llm_calls
+
+    clear()  # after it: the kickoff of a governed crew registers them again
+    fake.calls.records.clear()
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 0
+
+    clear()
+    budget = Budget(Limits(max_llm_calls=1))
+    with budget_scope(budget), pytest.raises(CrewBudgetExceeded):
+        three_task_crew(fake).kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 1 == budget.snapshot().llm_calls
+    ours = [hook for point in InterceptionPoint for hook in get_hooks(point) if "budgetary" in hook.__module__]
+    assert len(ours) == len(set(ours)) == 8  # each registered again once

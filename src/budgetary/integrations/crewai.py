@@ -4,8 +4,11 @@
 ``kickoff_for_each`` makes) under ``budget``: before each LLM call it reserves
 (a token estimate of the messages plus the LLM's ``max_tokens``) or aborts the
 kickoff with `CrewBudgetExceeded`; after it, it charges the usage the provider
-reported for that very call, attributed to the agent's role and the task;
-before each tool call it counts it or refuses it (the agent is told why).
+reported for that very call, attributed to the agent's role and the task (the
+ledger entry's ``location``: the task's name, else its description, as CrewAI
+names its steps; delegated work and agent-less calls are filed under the crew
+task they are done for); before each tool call it counts it or refuses it (the
+agent is told why).
 
 Policies (per task name, then per agent role, then the default):
 ``deny`` (kickoff raises; earlier task outputs stay on their tasks), ``skip``
@@ -25,6 +28,18 @@ it to the manager as an observation: under ``deny`` the run's next LLM call
 raises it again (tools are refused until then), under ``end`` the remaining
 tasks are skipped, under ``skip`` the manager goes on without that work.
 
+Agent starts (what ``max_agents`` counts) are executions, as LangGraph's node runs are: each task
+start (by its agent; in a hierarchical crew by the manager, once per task), so an agent that works
+three tasks starts three times, and each piece of delegated work, when a coworker tool ('Delegate
+work to coworker', 'Ask question to coworker') runs a coworker (a start of the coworker, filed under
+the crew task; CrewAI's retry of that work is the same start). The kickoff itself is none, and a
+task skipped at its start takes no slot. Delegation is also a tool call, counted (or refused) first.
+A refused delegation follows the policy: under ``deny`` the tool shows the refusal to the delegating
+agent and the run's next LLM call raises it; under ``skip`` and ``end`` (which also skips every later
+task) the coworker does not run and its answer is the skip placeholder. Only coworkers that are
+CrewAI ``Agent``s are counted (the gate wraps ``Agent.execute_task``), and delegated work has no
+start check: a coworker whose first call is then refused under ``skip`` has taken its slot.
+
 A custom ``BaseLLM`` must call ``_invoke_before_llm_call_hooks`` and
 ``_invoke_after_llm_call_hooks`` around its provider call, as CrewAI's native
 providers do: calls CrewAI makes without an agent (the forced final answer
@@ -33,7 +48,10 @@ not checked; its usage is still charged, after the fact.
 
 Hooks are registered once, when this module is imported: import it before any
 agent runs (``govern_crew`` does), because CrewAI copies the global hook lists
-into each agent executor when it is created. Importing it also wraps
+into each agent executor when it is created. A host that clears CrewAI's global hooks
+(``crewai.hooks.clear_all_global_hooks()``, say in a test teardown) would leave every budget open:
+``govern_crew``, ``budget_scope`` and every kickoff of a governed crew (or in a scope) register
+again those of this module's hooks that are gone. Importing it also wraps
 ``Crew.copy`` (copies keep the budget), ``Crew.kickoff``/``akickoff`` (a
 kickoff ended by Ctrl-C or a cancellation, which CrewAI ends without its end
 hook, leaves no run or hold behind), ``Crew.replay`` (run under the budget
@@ -74,18 +92,10 @@ from typing import Any
 
 try:
     import crewai.crew as crew_module
-    from crewai import Crew, Task
+    from crewai import Agent, Crew, Task
     from crewai.agents.agent_builder.base_agent_executor import BaseAgentExecutor
     from crewai.context import get_current_task_id
-    from crewai.hooks import (
-        HookAborted,
-        InterceptionPoint,
-        register_after_llm_call_hook,
-        register_after_tool_call_hook,
-        register_before_llm_call_hook,
-        register_before_tool_call_hook,
-        register_hook,
-    )
+    from crewai.hooks import HookAborted, InterceptionPoint, get_hooks, register_hook
     from crewai.llms.base_llm import BaseLLM
 except ImportError as exc:  # pragma: no cover - exercised only without the extra (in a subprocess)
     # The version too: an older crewai imports, but lacks the interception layer this module is built on.
@@ -172,6 +182,7 @@ class _Run:
     """A refusal under ``deny`` that CrewAI may swallow (a delegation tool turns it into an observation):
     raised again at the run's next gate."""
     started: set[str] = field(default_factory=set)  # ids of the tasks that have made a call
+    delegated: set[str] = field(default_factory=set)  # ids of the delegated tasks whose start was decided
     retried: set[int] = field(default_factory=set)  # id(agent): agents whose task CrewAI retries with the stub
     nudges: dict[str | None, SoftLimit] = field(default_factory=dict)
     """Soft limits to tell on the next call: per agent for its allocation, under None for the run's limits."""
@@ -206,11 +217,28 @@ class _Run:
 
     def policy_for(self, task: Any, role: str | None) -> str:
         """The policy of work on ``task``: by its name, else (delegated work) the crew task's, then by role."""
-        return self.gov.policy(self.location_for(task), role)
+        name = getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
+        return self.gov.policy(name, role)
 
     def location_for(self, task: Any) -> str | None:
-        """The task's name, else the crew task's under way (the forced final answer, delegated work)."""
-        return getattr(task, "name", None) or self.task_names.get(str(get_current_task_id() or ""))
+        """Where work on ``task`` is filed: the task's step name if it is the run's, else the crew task's under way.
+
+        Delegated work (a task CrewAI builds for the coworker) and agent-less calls are filed under the crew
+        task they are done for.
+        """
+        if getattr(task, "name", None) or (task is not None and str(getattr(task, "id", "")) in self.tasks):
+            return _step_name(task)
+        return _step_name(self.tasks.get(str(get_current_task_id() or "")))
+
+
+def _placeholder(reason: str) -> str:
+    """The text that stands in for the answer of work the budget skipped."""
+    return f"[skipped by budget: {reason}]"
+
+
+def _step_name(task: Any) -> str | None:
+    """A task's name, else its description: what CrewAI names the task's step."""
+    return getattr(task, "name", None) or getattr(task, "description", None) or None
 
 
 @dataclass(frozen=True)
@@ -243,7 +271,7 @@ class _SkipLLM(BaseLLM):
     reason: str = ""
 
     def call(self, messages: Any, *args: Any, **kwargs: Any) -> str:
-        return f"Thought: the budget skipped this task\nFinal Answer: [skipped by budget: {self.reason}]"
+        return f"Thought: the budget skipped this task\nFinal Answer: {_placeholder(self.reason)}"
 
     async def acall(self, messages: Any, *args: Any, **kwargs: Any) -> str:
         return self.call(messages)
@@ -331,7 +359,7 @@ def _pre_step(ctx: Any) -> None:
     role = getattr(agent_obj, "role", None)
     agent = gov.agent(role)
     policy = run.policy_for(task, role)
-    location = getattr(task, "name", None) or getattr(ctx, "step_name", None)
+    location = _step_name(task) or getattr(ctx, "step_name", None)
     if run.ended is not None:
         _skip(run, agent_obj, task, gov.budget.skip(agent, run.ended.reason, location=location, run_id=run.run_id))
         return None
@@ -654,6 +682,8 @@ def _closing_kickoff(kickoff: Any, *, starts_run: bool = False) -> Any:
 
     @functools.wraps(kickoff)
     def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, _ATTR, None) is not None or _scope.get() is not None:
+            _ensure_hooks()  # before CrewAI copies the hook lists into the agents' executors
         outer = _run.get()
         if starts_run:
             _execution_start(_ReplayStart(self))
@@ -670,6 +700,8 @@ def _closing_akickoff(akickoff: Any) -> Any:
 
     @functools.wraps(akickoff)
     async def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, _ATTR, None) is not None or _scope.get() is not None:
+            _ensure_hooks()
         outer = _run.get()
         try:
             return _marked_if_last_skipped(await akickoff(self, *args, **kwargs))
@@ -780,6 +812,67 @@ def _governed_from_checkpoint(from_checkpoint: Any) -> Any:
     return classmethod(restore)
 
 
+def _delegated_start(execute: Any) -> Any:
+    """``Agent.execute_task`` that counts the start of an agent on work no task start of the run counted.
+
+    That is delegation: CrewAI's coworker tools ('Delegate work to coworker', 'Ask question to coworker')
+    run the coworker on a task they build, which passes no step hook. See `_begin_delegated`.
+    """
+
+    @functools.wraps(execute)
+    def governed(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+        refused = _begin_delegated(self, task)
+        return execute(self, task, *args, **kwargs) if refused is None else refused
+
+    return governed
+
+
+def _adelegated_start(execute: Any) -> Any:
+    """`_delegated_start` for ``Agent.aexecute_task``."""
+
+    @functools.wraps(execute)
+    async def governed(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+        refused = _begin_delegated(self, task)
+        return await execute(self, task, *args, **kwargs) if refused is None else refused
+
+    return governed
+
+
+def _begin_delegated(agent_obj: Any, task: Any) -> str | None:
+    """Take a ``max_agents`` slot for ``agent_obj``'s start on ``task``, unless a task start counted it.
+
+    Returns None to let the work run, else (``skip``/``end``) the placeholder that is its answer; under
+    ``deny`` it raises, and since the delegation tool turns that into an observation, the run's next
+    gate raises it again (as for a coworker's refused call, `_refused_mid_task`).
+    """
+    run = _run.get()
+    if run is None or task is None:
+        return None
+    task_id = str(getattr(task, "id", ""))
+    with run.lock:
+        # A task of the run was counted at its start; CrewAI's retry of delegated work is the same start.
+        if task_id in run.task_roles or task_id in run.delegated:
+            return None
+        run.delegated.add(task_id)
+    gov = run.gov
+    role = getattr(agent_obj, "role", None)
+    agent = gov.agent(role)
+    location = run.location_for(task)
+    decision = gov.budget.begin_agent(agent, run_id=run.run_id, location=location)
+    if decision.allowed:
+        return None
+    exc = gov.budget.exceeded(decision, agent)
+    policy = run.policy_for(task, role)
+    if policy == "deny":
+        if run.refused is None:
+            run.refused = exc
+        raise CrewBudgetExceeded(exc)
+    marker = gov.budget.skip(agent, str(exc), resource=exc.resource, location=location, run_id=run.run_id)
+    if policy == "end" and run.ended is None:
+        run.ended = marker
+    return _placeholder(marker.reason)
+
+
 @dataclass(frozen=True)
 class _ReplayStart:
     """What `_execution_start` reads of CrewAI's start context, for a replay."""
@@ -794,20 +887,40 @@ _governed_crews: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictio
 """Crew id -> the governed crew with that id (the last governed), for `Crew.from_checkpoint`."""
 
 
+def _register_missing_hooks() -> None:
+    """Register each dispatcher of this module that is not registered: all of them at import.
+
+    A host may clear CrewAI's global hooks after the import (``clear_all_global_hooks()`` in a test
+    teardown): the budget would then fail open, silently. ``register_before_llm_call_hook`` and the
+    other legacy registrations append to these same lists. Call it under ``_install_lock``.
+    """
+    for point, hook in (
+        (InterceptionPoint.EXECUTION_START, _execution_start),
+        (InterceptionPoint.EXECUTION_END, _execution_end),
+        (InterceptionPoint.PRE_STEP, _pre_step),
+        (InterceptionPoint.POST_STEP, _post_step),
+        (InterceptionPoint.PRE_MODEL_CALL, _before_llm),
+        (InterceptionPoint.POST_MODEL_CALL, _after_llm),
+        (InterceptionPoint.PRE_TOOL_CALL, _before_tool),
+        (InterceptionPoint.POST_TOOL_CALL, _after_tool),
+    ):
+        if hook not in get_hooks(point):
+            register_hook(point, hook)
+
+
+def _ensure_hooks() -> None:
+    """Register again the dispatchers a host cleared (before a governed kickoff, in govern_crew, budget_scope)."""
+    with _install_lock:
+        _register_missing_hooks()
+
+
 def _install() -> None:
     """Register one dispatcher per hook point, once per process."""
     global _installed
     with _install_lock:
         if _installed:
             return
-        register_hook(InterceptionPoint.EXECUTION_START, _execution_start)
-        register_hook(InterceptionPoint.EXECUTION_END, _execution_end)
-        register_hook(InterceptionPoint.PRE_STEP, _pre_step)
-        register_hook(InterceptionPoint.POST_STEP, _post_step)
-        register_before_llm_call_hook(_before_llm)
-        register_after_llm_call_hook(_after_llm)
-        register_before_tool_call_hook(_before_tool)
-        register_after_tool_call_hook(_after_tool)
+        _register_missing_hooks()
         # The one synchronous place where each call's provider-reported usage passes.
         BaseLLM._track_token_usage_internal = _track_usage(BaseLLM._track_token_usage_internal)  # type: ignore[method-assign]
         Crew.copy = _governed_copy(Crew.copy)  # type: ignore[method-assign]
@@ -820,6 +933,9 @@ def _install() -> None:
         # The one method every way of running a task alone passes through (private: pinned crewai).
         Task._execute_core = _task_run(Task._execute_core)  # type: ignore[method-assign]
         Task._aexecute_core = _atask_run(Task._aexecute_core)  # type: ignore[method-assign]
+        # Where delegated work starts: the coworker tools call it directly, past every step hook.
+        Agent.execute_task = _delegated_start(Agent.execute_task)  # type: ignore[method-assign]
+        Agent.aexecute_task = _adelegated_start(Agent.aexecute_task)  # type: ignore[method-assign]
         _installed = True
 
 
@@ -849,6 +965,7 @@ def govern_crew(
         raise ConfigurationError(f"crew must be a crewai Crew, got {type(crew).__name__} {crew!r}")
     gov = _governance(budget, agents, on_exhausted, policies)
     _attach(crew, gov)
+    _ensure_hooks()
     return crew
 
 
@@ -917,6 +1034,7 @@ def budget_scope(budget: Budget, *, on_exhausted: str | None = None) -> Iterator
         ```
     """
     gov = _governance(budget, None, on_exhausted, None)
+    _ensure_hooks()
     outer = _run.get()
     scope = _Scope(gov, _Run(gov, outer=outer, scope=True))
     token = _scope.set(scope)
