@@ -119,6 +119,34 @@ def test_interrupt_resumes_with_a_top_up_applied_once():
     assert model.calls.count == 4
 
 
+@pytest.mark.parametrize("runner", ["sync", "async"])
+def test_a_subgraph_node_refused_inside_pauses_once_and_goes_on_after_the_top_up(runner: str) -> None:
+    """A call refused in a nested graph stops it; the node pauses as it ends, and the resume's answer lets it finish."""
+    search, summarize = fake(), fake()
+    inner = StateGraph(Research)
+    inner.add_node("search", lambda state: {"notes": [search.invoke("search").content]})
+    inner.add_node("summarize", lambda state: {"notes": [summarize.invoke("sum up").content]})
+    inner.add_edge(START, "search")
+    inner.add_edge("search", "summarize")
+    outer = StateGraph(Research)
+    outer.add_node("research", inner.compile())
+    outer.add_edge(START, "research")
+    budget = Budget(Limits(max_llm_calls=1))
+    app = govern_graph(outer, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+
+    def run(value: Any) -> dict:
+        return app.invoke(value, config) if runner == "sync" else asyncio.run(app.ainvoke(value, config))
+
+    (pending,) = run({"topic": "otters"})["__interrupt__"]
+    assert (pending.value["agent"], pending.value["resource"]) == ("research", "llm_calls")
+    done = run(Command(resume={"llm_calls": 3}))
+    assert "__interrupt__" not in done and done["notes"] == [search.responses[0], summarize.responses[0]]
+    # The resumed node re-ran from its start: the search call is repeated (see the README).
+    assert (search.calls.count, summarize.calls.count) == (2, 1)
+    assert budget.snapshot().limits.max_llm_calls == 4 and budget.snapshot().held_llm_calls == 0
+
+
 def test_an_async_graph_interrupts_and_resumes_with_the_store_off_its_loop(tmp_path: Any) -> None:
     import threading
 

@@ -324,7 +324,8 @@ class _Governor:
         if self.policy == "interrupt":
             point = self._pausing(exc, pauses).at()
             point.replay()
-            point.ask(exc)
+            if not point.asked:  # else try again with the answers an earlier run of the task got here
+                point.ask(exc)
             return True, None
         step, then = self._refusal(exc, state, config, answered)
         return then(step())
@@ -337,7 +338,8 @@ class _Governor:
         if self.policy == "interrupt":
             point = self._pausing(exc, pauses).at()
             await point.areplay()
-            await point.aask(exc)
+            if not point.asked:
+                await point.aask(exc)
             return True, None
         step, then = self._refusal(exc, state, config, answered)
         return then(await self.budget.off_loop(step))
