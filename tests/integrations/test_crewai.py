@@ -90,14 +90,8 @@ def test_ledger_tokens_equal_what_the_provider_reported():
 
 def test_a_per_agent_cap_skips_that_agents_later_task_and_the_crew_finishes():
     fake = llm()
-    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
-    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
-    tasks = [
-        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
-        Task(name="write", description="Write", expected_output="a line", agent=writer),
-        Task(name="research-more", description="Research more", expected_output="facts", agent=researcher),
-    ]
-    crew = Crew(agents=[researcher, writer], tasks=tasks, process=Process.sequential)
+    crew = researcher_twice(fake)
+    tasks = crew.tasks
     budget = Budget(Limits(max_total_tokens=10_000))
     budget.agent("Researcher", max_tokens=150)
     govern_crew(crew, budget, on_exhausted="skip")
@@ -1186,14 +1180,8 @@ def test_a_delegation_in_a_sequential_crew_is_an_agent_start():
 
 def test_every_task_start_is_an_agent_start_even_for_an_agent_that_ran_before():
     fake = llm()
-    researcher = Agent(role="Researcher", goal="Find facts", backstory="Careful.", llm=fake)
-    writer = Agent(role="Writer", goal="Write", backstory="Terse.", llm=fake)
-    tasks = [
-        Task(name="research", description="Research otters", expected_output="facts", agent=researcher),
-        Task(name="write", description="Write", expected_output="a line", agent=writer),
-        Task(name="research-more", description="Research more", expected_output="facts", agent=researcher),
-    ]
-    crew = Crew(agents=[researcher, writer], tasks=tasks)
+    crew = researcher_twice(fake)
+    tasks = crew.tasks
     budget = Budget(Limits(max_agents=2))
     govern_crew(crew, budget, on_exhausted="skip")
     crew.kickoff()

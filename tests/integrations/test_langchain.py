@@ -694,18 +694,22 @@ def test_middleware_error_raises_budget_exceeded():
     assert provider_calls(model) == 1
 
 
-def test_middleware_interrupt_hands_control_back_then_resumes_after_a_top_up():
+def _pausing_agent(budget: Budget) -> tuple[Any, FakeChatModel]:
+    """A ``create_agent`` agent whose BudgetMiddleware interrupts (with a checkpointer), and its model."""
     from langgraph.checkpoint.memory import InMemorySaver
-    from langgraph.types import Command
 
     from budgetary.integrations.langchain import BudgetMiddleware
 
     create_agent, lookup, model = _agent_parts()
+    middleware = [BudgetMiddleware(budget, exit_behavior="interrupt")]
+    return create_agent(model, tools=[lookup], middleware=middleware, checkpointer=InMemorySaver()), model
+
+
+def test_middleware_interrupt_hands_control_back_then_resumes_after_a_top_up():
+    from langgraph.types import Command
+
     budget = Budget(Limits(max_llm_calls=1))
-    agent = create_agent(
-        model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="interrupt")],
-        checkpointer=InMemorySaver(),
-    )  # fmt: skip
+    agent, model = _pausing_agent(budget)
     config = {"configurable": {"thread_id": "t1"}}
     paused = agent.invoke({"messages": [("user", "what is an otter?")]}, config)
     (pending,) = paused["__interrupt__"]
@@ -999,17 +1003,10 @@ def test_middleware_records_each_refusal_it_acts_on_in_the_ledger_once(run_async
 
 @pytest.mark.parametrize("run_async", [False, True], ids=["sync", "async"])
 def test_middleware_records_a_refusal_that_pauses_the_agent_once_across_its_resume(run_async):
-    from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.types import Command
 
-    from budgetary.integrations.langchain import BudgetMiddleware
-
-    create_agent, lookup, model = _agent_parts()
     budget = Budget(Limits(max_llm_calls=1))
-    agent = create_agent(
-        model, tools=[lookup], middleware=[BudgetMiddleware(budget, exit_behavior="interrupt")],
-        checkpointer=InMemorySaver(),
-    )  # fmt: skip
+    agent, model = _pausing_agent(budget)
     config = {"configurable": {"thread_id": "t1"}}
 
     def run(value: Any) -> Any:

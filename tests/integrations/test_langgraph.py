@@ -747,6 +747,22 @@ def test_end_inside_a_governed_subgraph_returns_the_outer_graphs_state():
         assert [m.location for m in state["budget_skipped"]] == ["polish"], runner  # where the run ended
 
 
+class Chat(TypedDict, total=False):
+    messages: Annotated[list[Any], operator.add]
+
+
+def tool_loop(model: FakeChatModel, tools: Any) -> StateGraph:
+    """A plain agent loop: a "model" node that binds the tool node's tools, and the "tools" node."""
+    bound = model.bind_tools(list(tools.tools_by_name.values()))
+    builder = StateGraph(Chat)
+    builder.add_node("model", lambda state: {"messages": [bound.invoke(state["messages"])]})
+    builder.add_node("tools", tools)
+    builder.add_edge(START, "model")
+    builder.add_conditional_edges("model", lambda state: "tools" if state["messages"][-1].tool_calls else END)
+    builder.add_edge("tools", "model")
+    return builder
+
+
 def test_a_users_handler_stands_aside_for_the_nodes_mapped_agents():
     from langgraph.prebuilt import ToolNode
 
@@ -756,17 +772,7 @@ def test_a_users_handler_stands_aside_for_the_nodes_mapped_agents():
         return "found"
 
     calls = [AIMessage("", tool_calls=[{"name": "lookup", "args": {"term": "otter"}, "id": "c1"}]), AIMessage("ok")]
-    model = fake(responses=calls).bind_tools([lookup])
-
-    class Chat(TypedDict, total=False):
-        messages: Annotated[list[Any], operator.add]
-
-    builder = StateGraph(Chat)
-    builder.add_node("model", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("tools", ToolNode([lookup]))
-    builder.add_edge(START, "model")
-    builder.add_conditional_edges("model", lambda state: "tools" if state["messages"][-1].tool_calls else END)
-    builder.add_edge("tools", "model")
+    builder = tool_loop(fake(responses=calls), ToolNode([lookup]))
     budget = Budget()
     app = govern_graph(builder, budget, agents={"model": "thinker", "tools": "toolbox"})
     # The user's handler would attribute by node name; the nodes' mapped agents are charged instead.
@@ -794,17 +800,7 @@ def test_a_skipped_tool_node_answers_only_the_tool_calls_that_did_not_run(policy
         {"name": "send_email", "args": {"to": "ann"}, "id": "c1"},
         {"name": "send_email", "args": {"to": "bob"}, "id": "c2"},
     ])  # fmt: skip
-    model = fake(responses=[two_calls, AIMessage("done")]).bind_tools([send_email])
-
-    class Chat(TypedDict, total=False):
-        messages: Annotated[list[Any], operator.add]
-
-    builder = StateGraph(Chat)
-    builder.add_node("model", lambda state: {"messages": [model.invoke(state["messages"])]})
-    builder.add_node("tools", ToolNode([send_email]))
-    builder.add_edge(START, "model")
-    builder.add_conditional_edges("model", lambda state: "tools" if state["messages"][-1].tool_calls else END)
-    builder.add_edge("tools", "model")
+    builder = tool_loop(fake(responses=[two_calls, AIMessage("done")]), ToolNode([send_email]))
     budget = Budget(Limits(max_tool_calls=1))
     state = govern_graph(builder, budget, policies={"tools": policy}).invoke(
         {"messages": [HumanMessage("mail both")]}, {"max_concurrency": 1}
