@@ -1225,3 +1225,13 @@ def test_hooks_the_host_cleared_are_registered_again(clear):
     assert fake.calls.count == 1 == budget.snapshot().llm_calls
     ours = [hook for point in InterceptionPoint for hook in get_hooks(point) if "budgetary" in hook.__module__]
     assert len(ours) == len(set(ours)) == 8  # each registered again once
+
+    clear()  # then the agents run ungoverned: their executors copy LLM-call hook lists without ours
+    crew = three_task_crew(fake)
+    crew.kickoff(inputs={"topic": "warm-up"})
+    fake.calls.records.clear()
+    budget = Budget(Limits(max_llm_calls=1))
+    govern_crew(crew, budget)
+    with pytest.raises(CrewBudgetExceeded):
+        crew.kickoff(inputs={"topic": "otters"})
+    assert fake.calls.count == 1 == budget.snapshot().llm_calls

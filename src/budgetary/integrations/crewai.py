@@ -683,7 +683,7 @@ def _closing_kickoff(kickoff: Any, *, starts_run: bool = False) -> Any:
     @functools.wraps(kickoff)
     def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, _ATTR, None) is not None or _scope.get() is not None:
-            _ensure_hooks()  # before CrewAI copies the hook lists into the agents' executors
+            _ensure_hooks(self)  # before CrewAI copies the hook lists into new agents' executors
         outer = _run.get()
         if starts_run:
             _execution_start(_ReplayStart(self))
@@ -701,7 +701,7 @@ def _closing_akickoff(akickoff: Any) -> Any:
     @functools.wraps(akickoff)
     async def closing(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, _ATTR, None) is not None or _scope.get() is not None:
-            _ensure_hooks()
+            _ensure_hooks(self)
         outer = _run.get()
         try:
             return _marked_if_last_skipped(await akickoff(self, *args, **kwargs))
@@ -908,10 +908,21 @@ def _register_missing_hooks() -> None:
             register_hook(point, hook)
 
 
-def _ensure_hooks() -> None:
-    """Register again the dispatchers a host cleared (before a governed kickoff, in govern_crew, budget_scope)."""
+def _ensure_hooks(crew: Any = None) -> None:
+    """Register again the dispatchers a host cleared (before a governed kickoff, in govern_crew, budget_scope).
+
+    An agent that ran while they were gone keeps its executor, which copied the LLM-call hook lists
+    without them when it was made: ``crew``'s agents' executors get them back too.
+    """
     with _install_lock:
         _register_missing_hooks()
+    agents = [*(getattr(crew, "agents", None) or ()), getattr(crew, "manager_agent", None)]
+    for agent in agents:
+        executor = getattr(agent, "agent_executor", None)
+        for hooks, hook in (("before_llm_call_hooks", _before_llm), ("after_llm_call_hooks", _after_llm)):
+            listed = getattr(executor, hooks, None)
+            if isinstance(listed, list) and hook not in listed:
+                listed.append(hook)
 
 
 def _install() -> None:
@@ -965,7 +976,7 @@ def govern_crew(
         raise ConfigurationError(f"crew must be a crewai Crew, got {type(crew).__name__} {crew!r}")
     gov = _governance(budget, agents, on_exhausted, policies)
     _attach(crew, gov)
-    _ensure_hooks()
+    _ensure_hooks(crew)
     return crew
 
 
