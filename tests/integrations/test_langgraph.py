@@ -262,6 +262,72 @@ def test_a_node_question_after_a_resume_without_an_answer_gets_its_own_answer():
     assert model.calls.count == 2 and budget.snapshot().limits.max_llm_calls == 2
 
 
+def test_a_roomy_answer_to_a_later_call_also_covers_the_repeat_of_an_earlier_one():
+    """The re-run's first call is refused before the answer reaches the second call's pause: still one question."""
+    model = fake()
+
+    def write(state: Reviewed) -> dict:
+        return {"draft": f"{model.invoke('outline').content} {model.invoke('draft').content}"}
+
+    builder = StateGraph(Reviewed)
+    builder.add_node("write", write)
+    builder.add_edge(START, "write")
+    budget = Budget(Limits(max_llm_calls=1))
+    app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    assert app.invoke({}, config)["__interrupt__"][0].value["resource"] == "llm_calls"
+    done = app.invoke(Command(resume={"llm_calls": 20}), config)
+    assert "__interrupt__" not in done and done["draft"] == "ok ok"
+    assert budget.snapshot().limits.max_llm_calls == 21 and model.calls.count == 3
+
+
+def test_a_budget_pause_answered_by_its_interrupt_id_keeps_the_nodes_own_question():
+    model = fake()
+    budget = Budget(Limits(max_llm_calls=0))
+    app = govern_graph(reviewed_draft(model, ask_first=False), budget, on_exhausted="interrupt",
+                       checkpointer=InMemorySaver())  # fmt: skip
+    config = {"configurable": {"thread_id": "t"}}
+    (pause,) = app.invoke({}, config)["__interrupt__"]
+    budget.top_up(llm_calls=2)  # elsewhere; then an empty answer, given by the pause's id
+    (question,) = app.invoke(Command(resume={pause.id: {}}), config)["__interrupt__"]
+    assert question.value == {"q": f"approve {model.responses[0]!r}?"}
+    assert app.invoke(Command(resume={question.id: "yes"}), config)["approved"] == "yes"
+
+
+def test_a_tool_the_node_calls_itself_pauses_where_it_is_refused():
+    """The node's questions before and after a refused tool call keep their answers."""
+    sent: list[str] = []
+
+    @tool
+    def send_email(to: str) -> str:
+        """Send an email."""
+        sent.append(to)
+        return f"sent to {to}"
+
+    def mail(state: Reviewed) -> dict:
+        first = interrupt("send it?")
+        result = send_email.invoke({"to": "ann"})
+        return {"draft": f"{first} {result}", "approved": interrupt("done?")}
+
+    builder = StateGraph(Reviewed)
+    builder.add_node("mail", mail)
+    builder.add_edge(START, "mail")
+    budget = Budget(Limits(max_tool_calls=0))
+    app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    answers = {"send it?": "go", "done?": "yes"}
+    asked, state = [], app.invoke({}, config)
+    while "__interrupt__" in state:
+        question = state["__interrupt__"][0].value
+        asked.append(question if isinstance(question, str) else "budget")
+        state = app.invoke(
+            Command(resume=answers[question] if isinstance(question, str) else {"tool_calls": 2}), config
+        )
+    assert asked == ["send it?", "budget", "done?"]
+    # The run after the last answer re-ran the node: its tool call too (the top-up left room for it).
+    assert (state["draft"], state["approved"], sent) == ("go sent to ann", "yes", ["ann", "ann"])
+
+
 def test_interrupt_without_a_checkpointer_is_refused_up_front():
     with pytest.raises(ValueError, match="checkpointer"):
         govern_graph(research_builder(fake()), Budget(), on_exhausted="interrupt")

@@ -15,9 +15,11 @@ node, follows the node's policy:
 - ``interrupt``: pause with ``interrupt()``; resume with
   ``Command(resume={"total_tokens": 5000})`` (`Budget.top_up` keywords, applied
   once however often the node re-runs, and in whichever process: the store
-  remembers the answers it applied) or ``Command(resume={})``. An LLM call of the
-  node pauses where it is refused; every re-run of the node pauses at the same places
-  (see `_Pauses`), so that the node's own ``interrupt()`` questions keep their answers.
+  remembers the answers it applied) or ``Command(resume={})``. An LLM or tool call the
+  node makes itself pauses where it is refused; every re-run of the node pauses at the same
+  places (see `_Pauses`), so that the node's own ``interrupt()`` questions keep their answers.
+  A refusal inside a nested graph or a tool node's tool ends that work; the node pauses as it
+  ends and runs again from its start (asking its earlier questions again).
 - ``skip``: the node does not run; a `Skipped` marker goes to the ledger and to a
   ``budget_skipped`` state key if the schema has one (a list with an adding
   reducer). A skipped tool node answers its pending tool calls with error tool
@@ -50,8 +52,9 @@ import functools
 import inspect
 import itertools
 import logging
+import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
@@ -432,14 +435,23 @@ class _Pauses:
     def __init__(self, budget: Budget, task: str, node: str, scratchpad: Any) -> None:
         self.budget, self.task, self.node = budget, task, node
         self._scratchpad = scratchpad
+        self._answers_at_start = len(scratchpad.resume)  # it grows only when an interrupt takes the new answer
         self._points = itertools.count(1)
 
     def answer_waiting(self) -> bool:
-        """Whether the run was resumed with an answer that no interrupt took yet (``Command(resume=...)``).
+        """Whether the task's next ``interrupt()`` would get an answer rather than pause.
 
+        Its answer is the one recorded at its position (an earlier run's, or one given by interrupt id),
+        else the run's new ``Command(resume=...)`` answer if no interrupt took it yet.
         ``Command(resume={})`` gives none: LangGraph reads an empty mapping as answers by interrupt id.
         """
-        return self._scratchpad.get_null_resume(False) is not None
+        scratchpad = self._scratchpad
+        position, answers = _next_interrupt(scratchpad), len(scratchpad.resume)
+        if position is None:  # another LangGraph: make the interrupt again (it pauses if nothing answers)
+            return True
+        if position < answers:
+            return True
+        return position == answers == self._answers_at_start and scratchpad.get_null_resume(False) is not None
 
     def here(self) -> bool:
         """Whether a call runs in this node's own task (not in a graph nested in it, which has its own)."""
@@ -449,6 +461,18 @@ class _Pauses:
     def at(self, point: int | None = None) -> _Point:
         """Check point ``point``, or the next one."""
         return _Point(self, next(self._points) if point is None else point)
+
+
+def _next_interrupt(scratchpad: Any) -> int | None:
+    """The position the task's next ``interrupt()`` takes (LangGraph counts them per task run); None if unknown.
+
+    Read without taking one: LangGraph's counter is an ``itertools.count`` (its ``repr`` is ``count(n)``).
+    """
+    counter = getattr(scratchpad.interrupt_counter, "_counter", False)
+    if counter is None:  # not used yet in this run of the task
+        return 0
+    match = re.fullmatch(r"count\((\d+)\)", repr(getattr(counter, "__self__", None)))
+    return int(match.group(1)) if match else None
 
 
 class _Point:
@@ -534,41 +558,56 @@ class _NodeHandler(BudgetCallbackHandler):
         super().__init__(budget, agent, rank=1)
         self.answers = answers
         self.pauses = pauses
+        self.tool_pauses = pauses if answers is None else None  # a tool node's tools: see below
 
     def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
         return self.agent
 
-    # Under ``interrupt``, an LLM call of the node's own task pauses where it is refused (a node
-    # re-run from its start after a pause would ask its own interrupt() questions again), and every
-    # re-run of the task pauses there again (see `_Pauses`). A call in a graph nested in the node
-    # raises: the nested graph stops and the node pauses as it ends (`_govern_call`).
+    # Under ``interrupt``, an LLM or tool call of the node's own task pauses where it is refused (a
+    # node re-run from its start after a pause would ask its own interrupt() questions again), and
+    # every re-run of the task pauses there again (see `_Pauses`). A call in a graph nested in the
+    # node raises: the nested graph stops and the node pauses as it ends (`_govern_call`); so does a
+    # tool of a tool node (its calls run at once, in no fixed order).
 
-    def _on_pausing_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
-        pauses = self.pauses
+    def _pausing(self, pauses: _Pauses | None, start: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         if pauses is None or not pauses.here():
-            return BudgetCallbackHandler._on_chat_model_start(self, serialized, messages, **kwargs)
+            return start(self, *args, **kwargs)
         point = pauses.at()
         point.replay()
         while True:
             try:
-                return BudgetCallbackHandler._on_chat_model_start(self, serialized, messages, **kwargs)
+                return start(self, *args, **kwargs)
             except BudgetExceeded as exc:
                 point.ask(exc)
 
-    async def _aon_pausing_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
-        pauses = self.pauses
+    async def _apausing(
+        self, pauses: _Pauses | None, start: Callable[..., Awaitable[None]], *args: Any, **kwargs: Any
+    ) -> None:  # fmt: skip
         if pauses is None or not pauses.here():
-            return await BudgetCallbackHandler._aon_chat_model_start(self, serialized, messages, **kwargs)
+            return await start(self, *args, **kwargs)
         point = pauses.at()
         await point.areplay()
         while True:
             try:
-                return await BudgetCallbackHandler._aon_chat_model_start(self, serialized, messages, **kwargs)
+                return await start(self, *args, **kwargs)
             except BudgetExceeded as exc:
                 await point.aask(exc)
 
-    on_chat_model_start = _AwaitedInAsyncRuns(_on_pausing_start, _aon_pausing_start)
-    on_llm_start = _AwaitedInAsyncRuns(_on_pausing_start, _aon_pausing_start)
+    def _on_call_start(self, *args: Any, **kwargs: Any) -> None:
+        return self._pausing(self.pauses, BudgetCallbackHandler._on_chat_model_start, *args, **kwargs)
+
+    async def _aon_call_start(self, *args: Any, **kwargs: Any) -> None:
+        return await self._apausing(self.pauses, BudgetCallbackHandler._aon_chat_model_start, *args, **kwargs)
+
+    def _on_tool_call_start(self, *args: Any, **kwargs: Any) -> None:
+        return self._pausing(self.tool_pauses, BudgetCallbackHandler._on_tool_start, *args, **kwargs)
+
+    async def _aon_tool_call_start(self, *args: Any, **kwargs: Any) -> None:
+        return await self._apausing(self.tool_pauses, BudgetCallbackHandler._aon_tool_start, *args, **kwargs)
+
+    on_chat_model_start = _AwaitedInAsyncRuns(_on_call_start, _aon_call_start)
+    on_llm_start = _AwaitedInAsyncRuns(_on_call_start, _aon_call_start)
+    on_tool_start = _AwaitedInAsyncRuns(_on_tool_call_start, _aon_tool_call_start)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         super().on_tool_end(output, run_id=run_id, **kwargs)
