@@ -205,11 +205,20 @@ def reviewed_draft(model: FakeChatModel, *, ask_first: bool) -> StateGraph:
             approved = interrupt({"q": f"approve {draft!r}?"})
         return {"draft": draft, "approved": approved}
 
+    return one_node(write)
+
+
+def one_node(fn: Any) -> StateGraph:
     builder = StateGraph(Reviewed)
-    builder.add_node("write", write)
-    builder.add_edge(START, "write")
-    builder.add_edge("write", END)
+    builder.add_node(fn.__name__, fn)
+    builder.add_edge(START, fn.__name__)
     return builder
+
+
+def pausing(builder: StateGraph, budget: Budget) -> tuple[Any, dict]:
+    """``builder`` governed under ``interrupt`` with a checkpointer, and a thread's config."""
+    app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
+    return app, {"configurable": {"thread_id": "t"}}
 
 
 @pytest.mark.parametrize("runner", ["sync", "async"])
@@ -247,18 +256,20 @@ def test_a_node_asking_its_own_questions_gets_its_answers_around_a_budget_interr
     assert (limits.max_llm_calls, limits.max_agents) == ((2, None) if refused_at == "call" else (None, 1))
 
 
-def test_a_node_question_after_a_resume_without_an_answer_gets_its_own_answer():
-    """Resumed with Command(resume={}) after a top-up made elsewhere, then the node asks: the answer is its own."""
+@pytest.mark.parametrize("by_id", [False, True], ids=["resume", "resume by id"])
+def test_a_node_question_after_a_resume_without_an_answer_gets_its_own_answer(by_id: bool) -> None:
+    """Resumed with an empty answer after a top-up made elsewhere, then the node asks: the answer is its own."""
     model = fake()
     budget = Budget(Limits(max_llm_calls=0))
     app = govern_graph(reviewed_draft(model, ask_first=False), budget, on_exhausted="interrupt",
                        checkpointer=InMemorySaver())  # fmt: skip
     config = {"configurable": {"thread_id": "t"}}
-    assert app.invoke({}, config)["__interrupt__"][0].value["resource"] == "llm_calls"
+    (pause,) = app.invoke({}, config)["__interrupt__"]
+    assert pause.value["resource"] == "llm_calls"
     budget.top_up(llm_calls=2)
-    (question,) = app.invoke(Command(resume={}), config)["__interrupt__"]
+    (question,) = app.invoke(Command(resume={pause.id: {}} if by_id else {}), config)["__interrupt__"]
     assert question.value == {"q": f"approve {model.responses[0]!r}?"}
-    assert app.invoke(Command(resume="yes"), config)["approved"] == "yes"
+    assert app.invoke(Command(resume={question.id: "yes"} if by_id else "yes"), config)["approved"] == "yes"
     assert model.calls.count == 2 and budget.snapshot().limits.max_llm_calls == 2
 
 
@@ -269,29 +280,12 @@ def test_a_roomy_answer_to_a_later_call_also_covers_the_repeat_of_an_earlier_one
     def write(state: Reviewed) -> dict:
         return {"draft": f"{model.invoke('outline').content} {model.invoke('draft').content}"}
 
-    builder = StateGraph(Reviewed)
-    builder.add_node("write", write)
-    builder.add_edge(START, "write")
     budget = Budget(Limits(max_llm_calls=1))
-    app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
-    config = {"configurable": {"thread_id": "t"}}
+    app, config = pausing(one_node(write), budget)
     assert app.invoke({}, config)["__interrupt__"][0].value["resource"] == "llm_calls"
     done = app.invoke(Command(resume={"llm_calls": 20}), config)
     assert "__interrupt__" not in done and done["draft"] == "ok ok"
     assert budget.snapshot().limits.max_llm_calls == 21 and model.calls.count == 3
-
-
-def test_a_budget_pause_answered_by_its_interrupt_id_keeps_the_nodes_own_question():
-    model = fake()
-    budget = Budget(Limits(max_llm_calls=0))
-    app = govern_graph(reviewed_draft(model, ask_first=False), budget, on_exhausted="interrupt",
-                       checkpointer=InMemorySaver())  # fmt: skip
-    config = {"configurable": {"thread_id": "t"}}
-    (pause,) = app.invoke({}, config)["__interrupt__"]
-    budget.top_up(llm_calls=2)  # elsewhere; then an empty answer, given by the pause's id
-    (question,) = app.invoke(Command(resume={pause.id: {}}), config)["__interrupt__"]
-    assert question.value == {"q": f"approve {model.responses[0]!r}?"}
-    assert app.invoke(Command(resume={question.id: "yes"}), config)["approved"] == "yes"
 
 
 def test_a_tool_the_node_calls_itself_pauses_where_it_is_refused():
@@ -309,12 +303,8 @@ def test_a_tool_the_node_calls_itself_pauses_where_it_is_refused():
         result = send_email.invoke({"to": "ann"})
         return {"draft": f"{first} {result}", "approved": interrupt("done?")}
 
-    builder = StateGraph(Reviewed)
-    builder.add_node("mail", mail)
-    builder.add_edge(START, "mail")
     budget = Budget(Limits(max_tool_calls=0))
-    app = govern_graph(builder, budget, on_exhausted="interrupt", checkpointer=InMemorySaver())
-    config = {"configurable": {"thread_id": "t"}}
+    app, config = pausing(one_node(mail), budget)
     answers = {"send it?": "go", "done?": "yes"}
     asked, state = [], app.invoke({}, config)
     while "__interrupt__" in state:
