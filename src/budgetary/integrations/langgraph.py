@@ -429,7 +429,8 @@ class _Pauses:
     calls included. A budget interrupt asked at a check point in an earlier run of the task is made
     again there on every re-run, even when the budget allows now: its recorded answer comes back
     (applied once), and the node's own interrupts keep theirs. Check points: 0 is the node's entry,
-    then come its LLM calls, in order. The store remembers where it asked, for any worker that resumes.
+    then come the LLM and tool calls of its own task, in order, and the refusals that end its body
+    (from a nested graph or a tool node). The store remembers where it asked, for any worker that resumes.
     """
 
     def __init__(self, budget: Budget, task: str, node: str, scratchpad: Any) -> None:
