@@ -141,6 +141,20 @@ def test_top_up_raises_the_named_budgets_limits_and_nothing_else(tmp_path: Path)
     assert day.limits.max_total_tokens == 51_000 and str(day.limits.max_cost_usd) == "5.5"
 
 
+def test_top_up_of_a_resource_the_budget_sets_no_limit_on_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    run = _spend(url)  # the run limits LLM calls only; its parent, tokens and cost
+    before = run.snapshot()
+    assert _cli("--store", url, "top-up", "tenant acme", 'report "42"', "--total-tokens", "5000")[0] == 1
+    assert "sets no limit on total_tokens: --total-tokens would change nothing there" in capsys.readouterr().err
+    assert run.snapshot().limits == before.limits and run.snapshot().parent == before.parent
+    code, _ = _cli("--store", url, "top-up", "tenant acme", 'report "42"', "--total-tokens", "5000", "--llm-calls", "1")
+    assert code == 0 and "--total-tokens would change nothing there; raising the others" in capsys.readouterr().err
+    assert run.snapshot().limits.max_llm_calls == before.limits.max_llm_calls + 1
+
+
 def test_top_up_refuses_bad_amounts_and_unknown_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'b.db'}"
     run = _spend(url)

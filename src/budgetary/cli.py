@@ -4,7 +4,7 @@ Examples:
     budgetary --store redis://cache:6379/0 report tenant-acme report-42
     budgetary --store sqlite:////var/lib/myapp/budget.db ledger tenant-acme --kind deny --last 20
     BUDGETARY_STORE=redis://cache:6379/0 budgetary ledger tenant-acme --format csv > ledger.csv
-    budgetary --store redis://cache:6379/0 top-up tenant-acme report-42 --total-tokens 5000 --cost-usd 0.5
+    budgetary --store redis://cache:6379/0 top-up tenant-acme report-42 --cost-usd 0.5 --llm-calls 20
 
 A budget is named by its path, outermost first: ``tenant-acme report-42`` is the budget
 ``report-42`` whose parent is ``tenant-acme``. The CLI never creates a budget; only
@@ -127,7 +127,14 @@ def _top_up(store: Store, path: Sequence[str], args: argparse.Namespace, out: Te
         raise ConfigurationError("top-up needs an amount, e.g. --total-tokens 5000 or --cost-usd 0.5")
     vector = top_up_vector(amounts)  # checks every amount before anything changes
     chain = _chain(path)
-    store.figures(chain, time.time())  # an unknown budget fails here: top-up never creates one
+    limits = figures_snapshot(store.figures(chain, time.time())).limits  # an unknown budget fails here
+    unlimited = [name for name in amounts if getattr(limits, f"max_{name}") is None]
+    if unlimited:  # raising a limit the budget does not set would change nothing: say so, not exit 0 silently
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in unlimited)
+        message = f"budget {path[-1]!r} sets no limit on {', '.join(unlimited)}: {flags} would change nothing there"
+        if len(unlimited) == len(amounts):
+            raise ConfigurationError(f"{message} (top up the budget that sets it)")
+        print(f"budgetary: {message}; raising the others", file=sys.stderr)
     store.top_up(chain[0], vector, time.time())
     _report(store, path, out)
 
