@@ -44,9 +44,9 @@ Policy = Literal["deny", "skip", "interrupt", "end"]
 POLICIES: tuple[str, ...] = ("deny", "skip", "interrupt", "end")
 """What an adapter does when the budget refuses: raise, skip the work, pause the run, end the run."""
 
-# A refusal on one of these may disappear when the cheap upper bound is replaced by an exact count.
 # One close per reservation: its owner and the lease keeper's thread may race to close it (`Reservation._claim`).
 _closing = threading.Lock()
+# A refusal on one of these may disappear when the cheap upper bound is replaced by an exact count.
 _INPUT_SENSITIVE = frozenset({"input_tokens", "total_tokens", "cost_usd", "allocation"})
 
 # Hold ids are a per-budget random prefix and a counter. A forked child inherits both, so parent

@@ -813,15 +813,15 @@ def _billed_model(message: Any) -> str | None:
 
 
 def _reported_usage(response: Any) -> tuple[Any, str | None, bool]:
-    """(usage in any shape settle reads, billed model, cache hit) from an ``LLMResult``.
-
-    usage_metadata first, llm_output as fallback.
-    """
+    """(usage in any shape settle reads, billed model, cache hit) from an ``LLMResult``: see `_message_usage`."""
     generations = getattr(response, "generations", None) or []
     first = generations[0][0] if generations and generations[0] else None
-    message = getattr(first, "message", None)
+    return _message_usage(getattr(first, "message", None), getattr(response, "llm_output", None) or {})
+
+
+def _message_usage(message: Any, llm_output: Mapping[str, Any]) -> tuple[Any, str | None, bool]:
+    """(usage, billed model, cache hit) of a reply: its usage_metadata first, ``llm_output``'s usage as fallback."""
     metadata = getattr(message, "usage_metadata", None)
-    llm_output = getattr(response, "llm_output", None) or {}
     model = _billed_model(message) or llm_output.get("model_name")
     if metadata:
         if not isinstance(metadata, Mapping):  # built with model_construct or assigned after validation
@@ -894,8 +894,6 @@ def _build_middleware() -> type:
             'BudgetMiddleware needs LangChain v1 (langchain>=1.0): pip install "budgetary[langchain]"'
         ) from exc
 
-    from types import SimpleNamespace
-
     from budgetary.core.errors import BudgetExceeded
     from budgetary.integrations._common import apply_top_up_once
 
@@ -948,34 +946,32 @@ def _build_middleware() -> type:
             writes its own). Its ``deny`` entry is written when it ends, raises or pauses the agent,
             not when a resumed agent replays the pause.
             """
+            resumed = False  # "error" raises the refusal, "interrupt" pauses the agent (GraphInterrupt)
             try:
                 answer = self._exit(exc, attempt)
-            except BaseException:  # "error" raises the refusal, "interrupt" pauses the agent (GraphInterrupt)
-                if checked is not None:
+                resumed = not isinstance(answer, AIMessage)  # its refusal was recorded when the agent paused
+            finally:
+                if checked is not None and not resumed:
                     self.budget._record_refusal(checked, self.agent)
-                raise
-            if not isinstance(answer, AIMessage):  # a resume: its refusal was recorded when the agent paused
-                apply_top_up_once(self.budget, *answer)
-                return None
-            if checked is not None:
-                self.budget._record_refusal(checked, self.agent)
-            return answer
+            if isinstance(answer, AIMessage):
+                return answer
+            apply_top_up_once(self.budget, *answer)
+            return None
 
         async def _arefused(
             self, exc: BudgetExceeded, attempt: int, checked: Decision | None = None
         ) -> AIMessage | None:
+            resumed = False
             try:
                 answer = self._exit(exc, attempt)
-            except BaseException:
-                if checked is not None:
+                resumed = not isinstance(answer, AIMessage)
+            finally:
+                if checked is not None and not resumed:
                     await self.budget._arecord_refusal(checked, self.agent)
-                raise
-            if not isinstance(answer, AIMessage):
-                await self.budget.off_loop(apply_top_up_once, self.budget, *answer)
-                return None
-            if checked is not None:
-                await self.budget._arecord_refusal(checked, self.agent)
-            return answer
+            if isinstance(answer, AIMessage):
+                return answer
+            await self.budget.off_loop(apply_top_up_once, self.budget, *answer)
+            return None
 
         def _exit(self, exc: BudgetExceeded, attempt: int) -> AIMessage | tuple[Any, tuple[str, int]]:
             """Raise, end with a message, or interrupt: the resume's answer and its once-only key."""
@@ -1131,12 +1127,8 @@ def _build_middleware() -> type:
             return None, None, False
         reply = next((m for m in replies if m.usage_metadata), replies[0])
         metadata = reply.response_metadata
-        llm_output = metadata if isinstance(metadata, Mapping) else None
-        # The reply as the one generation of an LLMResult: the handler and the middleware read usage alike.
-        return _reported_usage(SimpleNamespace(generations=[[SimpleNamespace(message=reply)]], llm_output=llm_output))
+        return _message_usage(reply, metadata if isinstance(metadata, Mapping) else {})
 
-    # Budget has no public call that records a refusal it did not decide itself: `check` is the
-    # non-consuming one and writes nothing, so the middleware writes the entry of the refusal it acts on.
     def _refused_inside(response: Any) -> bool:
         """Whether an inner `BudgetMiddleware` refused the call (so it never reached the model)."""
         messages = getattr(response, "result", None) or ([response] if isinstance(response, AIMessage) else [])

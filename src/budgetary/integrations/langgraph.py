@@ -213,7 +213,12 @@ class _Governor:
     ) -> tuple[Any, _NodeHandler]:
         """``config`` with a handler charging the node's calls to ``agent`` (one per execution), and the handler."""
         # It owns the node's calls (see `own`); a node mapped to no agent charges the run.
-        handler = _NodeHandler(self.budget, agent, {} if self.node_is_tools else None, pauses)
+        answers: dict[str, ToolMessage] | None = {} if self.node_is_tools else None
+        handler = (
+            _NodeHandler(self.budget, agent, answers)
+            if pauses is None
+            else _PausingNodeHandler(self.budget, agent, answers, pauses)
+        )
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = [handler]
@@ -553,22 +558,35 @@ class _NodeHandler(BudgetCallbackHandler):
     what its tools answered: skipped, the node answers only the tool calls that did not run.
     """
 
-    def __init__(
-        self, budget: Budget, agent: str | None, answers: dict[str, ToolMessage] | None, pauses: _Pauses | None
-    ) -> None:
+    def __init__(self, budget: Budget, agent: str | None, answers: dict[str, ToolMessage] | None) -> None:
         super().__init__(budget, agent, rank=1)
         self.answers = answers
-        self.pauses = pauses
-        self.tool_pauses = pauses if answers is None else None  # a tool node's tools: see below
 
     def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
         return self.agent
 
-    # Under ``interrupt``, an LLM or tool call of the node's own task pauses where it is refused (a
-    # node re-run from its start after a pause would ask its own interrupt() questions again), and
-    # every re-run of the task pauses there again (see `_Pauses`). A call in a graph nested in the
-    # node raises: the nested graph stops and the node pauses as it ends (`_govern_call`); so does a
-    # tool of a tool node (its calls run at once, in no fixed order).
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        super().on_tool_end(output, run_id=run_id, **kwargs)
+        if self.answers is not None and isinstance(output, ToolMessage):
+            self.answers[output.tool_call_id] = output
+
+
+class _PausingNodeHandler(_NodeHandler):
+    """The handler of a node execution under ``interrupt``: a call of the node's own task pauses where refused.
+
+    A node re-run from its start after a pause would ask its own interrupt() questions again, and
+    every re-run of the task pauses at the same places (see `_Pauses`). A call in a graph nested in
+    the node raises: the nested graph stops and the node pauses as it ends (`_govern_call`); so does a
+    tool of a tool node (its calls run at once, in no fixed order). Nodes under other policies use
+    `_NodeHandler`, which adds nothing to their calls.
+    """
+
+    def __init__(
+        self, budget: Budget, agent: str | None, answers: dict[str, ToolMessage] | None, pauses: _Pauses
+    ) -> None:
+        super().__init__(budget, agent, answers)
+        self.pauses = pauses
+        self.tool_pauses = pauses if answers is None else None  # a tool node's tools raise, as above
 
     def _pausing(self, pauses: _Pauses | None, start: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         if pauses is None or not pauses.here():
@@ -609,11 +627,6 @@ class _NodeHandler(BudgetCallbackHandler):
     on_chat_model_start = _AwaitedInAsyncRuns(_on_call_start, _aon_call_start)
     on_llm_start = _AwaitedInAsyncRuns(_on_call_start, _aon_call_start)
     on_tool_start = _AwaitedInAsyncRuns(_on_tool_call_start, _aon_tool_call_start)
-
-    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        super().on_tool_end(output, run_id=run_id, **kwargs)
-        if self.answers is not None and isinstance(output, ToolMessage):
-            self.answers[output.tool_call_id] = output
 
 
 def _end_if_ending(state: Any, config: Mapping[str, Any]) -> None:
