@@ -742,6 +742,8 @@ class RedisStore:
                     f"sync call {what!r}: use the async API (await budget.areserve(...), await budget.asnapshot(), "
                     "...), or give the store a sync redis.RedisCluster client"
                 )
+            if twin is not None:  # a forked child's: kept referenced, as the caller's client is (`_forked_client`)
+                self._parents_clients.append(twin[0])
             copy = type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
             twin = self._twin = (type(self._aclient).from_pool(copy), _forks)
         return twin[0]
