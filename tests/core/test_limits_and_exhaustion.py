@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import pickle
 import re
 import threading
@@ -10,6 +12,8 @@ import time
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from budgetary import (
     Budget,
@@ -481,3 +485,41 @@ def test_a_live_llm_call_block_keeps_its_lease_while_a_forgotten_hold_expires():
         live.settle(Usage(input_tokens=10, output_tokens=10))
     assert not forgotten.renew()
     assert [e.reason for e in budget.ledger.history(kind="release")] == ["lease expired"]
+
+
+# -- the engine's quick pass -----------------------------------------------------------------
+
+_maybe = st.one_of(st.none(), st.integers(0, 300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=_maybe,
+    calls=st.one_of(st.none(), st.integers(0, 4)),
+    tools=st.one_of(st.none(), st.integers(0, 3)),
+    warn_at=st.sampled_from([(), (0.5,), (0.8, 0.9)]),
+    spent=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 80)), max_size=4),
+    held=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 80)), max_size=3),
+    tool_calls=st.integers(0, 4),
+    request=st.tuples(st.integers(0, 120), st.integers(0, 120)),
+)
+def test_the_quick_pass_decides_as_the_full_rules(tokens, calls, tools, warn_at, spent, held, tool_calls, request):
+    # Every call's decision first takes a quick pass that allows a call far from every limit; a call
+    # whose agent has a confidence threshold skips it. With a threshold no confidence reached, both
+    # must decide alike, at any distance from the limits (exactly at them too).
+    budget = Budget(Limits(max_total_tokens=tokens, max_llm_calls=calls, max_tool_calls=tools, warn_at=warn_at))
+    for inp, out in spent:
+        budget.record(None, Usage(input_tokens=inp, output_tokens=out), model="gpt-4o-mini")
+    for inp, out in held:
+        with contextlib.suppress(BudgetExceeded):
+            budget.reserve(model="gpt-4o-mini", prompt_tokens=inp, max_output_tokens=out)
+    for _ in range(tool_calls):
+        budget.check_tool()
+    engine = budget.store._engine
+    levels = engine.levels_of(budget._chain, budget._clock())
+    state = engine._agent(levels[0], None)
+    prompt, out = request
+    req = [prompt, out, prompt + out, 0, 1, 0, 0, 0]
+    quick = engine._evaluate(levels, None, state, req, False)
+    full = engine._evaluate(levels, None, dataclasses.replace(state, threshold=1.0), req, False)
+    assert quick == full

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from budgetary import Usage, UsageError
@@ -241,3 +241,40 @@ def test_crewai_native_provider_dicts():
     assert (openai.cache_read_tokens, openai.reasoning_tokens) == (40, 7)
     with pytest.raises(UsageError, match="prompt_tokens"):
         Usage.from_crewai({"cached_prompt_tokens": 3})
+
+
+_weird_count = st.one_of(
+    st.integers(min_value=-3, max_value=2**64),
+    st.none(),
+    st.booleans(),
+    st.sampled_from([1.0, 2.5, "7", "", Decimal(3)]),
+)
+# Mostly the plain counts providers report, sometimes anything else a report could hold.
+_count = st.one_of(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50), _weird_count)
+_details = st.one_of(
+    st.none(),
+    st.just({}),
+    st.dictionaries(st.sampled_from(["cache_read", "cache_creation", "reasoning", "audio"]), _count),
+)
+
+
+@settings(max_examples=2000)  # cheap examples; odd values are a small share of each
+@example({"input_tokens": 5, "output_tokens": 3, "input_token_details": {"cache_read": False}})
+@example({"input_tokens": 5, "output_tokens": 3, "input_token_details": {"cache_creation": ""}})
+@example({"input_tokens": 5, "output_tokens": 3, "output_token_details": {"reasoning": None}})
+@example({"input_tokens": 5, "output_tokens": 3, "output_token_details": {"reasoning": 4}})
+@given(
+    st.fixed_dictionaries(
+        {"input_tokens": _count, "output_tokens": _count},
+        optional={"total_tokens": _count, "input_token_details": _details, "output_token_details": _details},
+    )
+)
+def test_langchain_reports_read_in_one_step_agree_with_the_general_reader(report):
+    # A plain dict takes the one-step path; the same report behind a read-only mapping takes the general one.
+    def read(data: object) -> object:
+        try:
+            return Usage.from_langchain(data)
+        except UsageError as exc:
+            return type(exc)
+
+    assert read(report) == read(MappingProxyType(report))

@@ -104,6 +104,8 @@ class Level:
     limits: list[int | None] = field(init=False, repr=False, compare=False)
     spend_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
     count_checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
+    checks: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
+    """``spend_checks`` then ``count_checks``: every limited dimension, for `Engine._evaluate`'s quick pass."""
     soft_checks: list[tuple[int, int, int, tuple[tuple[float, int], ...]]] = field(
         init=False, repr=False, compare=False
     )
@@ -120,6 +122,7 @@ class Level:
         self.limits = limits
         self.spend_checks = [(d, lim) for d in SPEND_DIMS if (lim := limits[d]) is not None]
         self.count_checks = [(d, lim) for d in (LLM, TOOL, AGENTS) if (lim := limits[d]) is not None]
+        self.checks = self.spend_checks + self.count_checks
         warn_at = self.warn_at
         self.soft_checks = []
         for d in range(7) if warn_at else ():
@@ -226,13 +229,6 @@ class Engine:
                     self._roll_window(level, now)
         return levels
 
-    def _locate(self, chain: tuple[str, ...], agent: str | None, now: float) -> tuple[list[Level], AgentState]:
-        """`_chain` and `_agent` in one call, for the two per-call operations."""
-        cached = self._chains.get(chain)
-        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
-        state = levels[0].agents.get(agent)
-        return levels, state if state is not None else self._agent(levels[0], agent)
-
     def forget_chains(self) -> None:
         """Drop cached chains (after a budget was added or its window changed)."""
         self._chains.clear()
@@ -297,6 +293,22 @@ class Engine:
         self, levels: list[Level], agent: str | None, state: AgentState, req: Vector, gate: bool
     ) -> tuple[Decision, list[tuple[str | None, int]]]:
         """Decide a request; return the decision and the transfers it needs (not applied)."""
+        if not gate and state.unit is None and state.threshold is None:
+            # The usual call: room under every limit and no level near a soft limit. One pass decides
+            # it; anything else (a limit it would pass too) is decided in full below.
+            for level in levels:
+                if level.warm:
+                    break
+                spent_v = level.spent
+                held_v = level.held
+                for d, limit in level.checks:
+                    if spent_v[d] + held_v[d] + req[d] >= limit:  # at the limit: decided below (exhausted?)
+                        break
+                else:
+                    continue
+                break
+            else:
+                return ALLOW, _NO_PLAN
         # Spend limits first, at every level: they are reported before anything else.
         for level in levels:
             spent_v = level.spent
@@ -475,8 +487,18 @@ class Engine:
     ) -> Outcome:  # fmt: skip
         """Atomically check and hold ``req`` for one call; ``quiet`` writes no ``deny`` entry."""
         with self.guard:
-            levels, state = self._locate(chain, agent, now)
+            # The chain's levels (`_chain` only when a lease may have expired or a window may roll)
+            # and the agent's state, read inline: every LLM call passes here twice.
+            cached = self._chains.get(chain)
+            levels = (
+                cached[0]
+                if cached is not None and not cached[1] and now < self.next_expiry
+                else self._chain(chain, now)
+            )
             run = levels[0]
+            state = run.agents.get(agent)
+            if state is None:
+                state = self._agent(run, agent)
             if gate:
                 req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
             decision, plan = self._evaluate(levels, agent, state, req, gate)
@@ -487,7 +509,8 @@ class Engine:
             moved = self._apply_plan(now, run, chain, agent, plan, meta) if plan else 0
             for level in levels:
                 _add(level.held, req)
-            state.hold(req)
+            if state.unit is not None:  # only an allocation reads what the agent holds
+                state.hold(req)
             expires = now + ttl
             self.holds[hold_id] = Hold(hold_id, chain, agent, req, expires, meta.run_id, meta.model, meta.location)
             if expires < self.next_expiry:
@@ -515,8 +538,16 @@ class Engine:
         cost, the entry's cost is ``actual[COST]``.
         """
         with self.guard:
-            levels, state = self._locate(chain, agent, now)
+            cached = self._chains.get(chain)  # as in `reserve`
+            levels = (
+                cached[0]
+                if cached is not None and not cached[1] and now < self.next_expiry
+                else self._chain(chain, now)
+            )
             run = levels[0]
+            state = run.agents.get(agent)
+            if state is None:
+                state = self._agent(run, agent)
             hold = self.holds.get(hold_id) if hold_id is not None else None
             if hold is not None:
                 del self.holds[hold.id]  # not pop(): a store's holds mapping may track deletions
@@ -524,7 +555,8 @@ class Engine:
                 amounts = hold.amounts
                 for level in levels:  # the usual case: the same levels hold and spend
                     _move(level.held, level.spent, amounts, actual)
-                state.unhold(amounts)
+                if state.unit is not None:
+                    state.unhold(amounts)
                 _add(state.spent, actual)
             else:
                 if hold is not None:

@@ -861,6 +861,24 @@ class Budget:
         decision = outcome.decision if early is None else _stricter(outcome.decision, early)
         return Reservation(self, hold_id, agent, model, provider, req, meta, decision, rates, now)
 
+    def _reserve_for(
+        self, agent: str | None, model: str | None, messages: Any, max_output_tokens: int | None, location: str | None
+    ) -> Reservation:
+        """`reserve` for the framework adapters, which pass checked arguments: registers a new agent first."""
+        if agent is not None and agent not in self._contracts:
+            self.ensure_agent(agent)
+        return self._reserve(agent, model, messages, None, max_output_tokens, None, None, location)
+
+    async def _areserve_for(
+        self, agent: str | None, model: str | None, messages: Any, max_output_tokens: int | None, location: str | None
+    ) -> Reservation:
+        """`_reserve_for` for async code: never blocks the event loop (see `areserve`)."""
+        if agent is not None and agent not in self._contracts:
+            await self.aensure_agent(agent)
+        return await self.areserve(
+            agent, model=model, messages=messages, max_output_tokens=max_output_tokens, location=location
+        )
+
     def _reserve_request(
         self, agent: str | None, model: str | None, messages: Any, prompt_tokens: int | None,
         max_output_tokens: int | None, provider: str | None, run_id: str | None, location: str | None,

@@ -82,7 +82,8 @@ def message_texts(messages: Any) -> list[str]:
             texts.extend(message_texts(message))
         elif type(message) is not dict and "content" in (fields := getattr(message, "__dict__", _NO_FIELDS)):
             # A LangChain (pydantic) message: read its fields without attribute lookups.
-            texts.append(_content_text(fields["content"]))
+            content = fields["content"]
+            texts.append(content if type(content) is str else _content_text(content))
             if fields.get("tool_calls"):
                 texts.append(_json(fields["tool_calls"]))
         elif isinstance(message, Mapping):
@@ -142,12 +143,16 @@ def _framing(texts: list[str], chat: bool) -> int:
 
 def upper_bound(messages: Any) -> int:
     """An upper bound on the prompt tokens of ``messages`` (UTF-8 bytes plus framing); no tiktoken."""
-    texts = message_texts(messages)
+    # LangChain passes one list of messages per prompt: the usual single prompt skips a level.
+    one_prompt = type(messages) is list and len(messages) == 1 and type(messages[0]) is list
+    texts = message_texts(messages[0] if one_prompt else messages)
     total = 0
     for text in texts:
         # ASCII text is one byte per char; only encode when there may be multi-byte chars.
         total += len(text) if text.isascii() else _utf8_len(text)
-    return total + _framing(texts, not isinstance(messages, str))
+    if texts and not isinstance(messages, str):
+        total += FRAMING_PER_MESSAGE * len(texts) + FRAMING_PER_PROMPT  # `_framing`, inline
+    return total
 
 
 def _utf8_len(text: str) -> int:

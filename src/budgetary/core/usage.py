@@ -203,6 +203,8 @@ class Usage:
     @classmethod
     def from_langchain(cls, metadata: Any) -> Usage:
         """LangChain ``usage_metadata`` (``input_token_details``/``output_token_details``)."""
+        if type(metadata) is dict and (usage := _plain_langchain(metadata)) is not None:
+            return usage
         m = _require_mapping(metadata, "usage_metadata")
         inp = _details(m, "input_token_details") if "input_token_details" in m else None
         out = _details(m, "output_token_details") if "output_token_details" in m else None
@@ -325,6 +327,46 @@ _SET_CACHE_WRITE = vars(Usage)["cache_write_tokens"].__set__
 _SET_REASONING = vars(Usage)["reasoning_tokens"].__set__
 _SET_TOTAL = vars(Usage)["total_tokens"].__set__
 _SET_COST = vars(Usage)["cost_usd"].__set__
+
+
+def _plain_langchain(m: dict[str, Any]) -> Usage | None:
+    """`Usage.from_langchain` of the usual report (plain dicts of in-range ints) in one step; None otherwise.
+
+    Every settled LangChain call reads one; anything unusual (a missing or ``None`` count, a float,
+    an inconsistent part) takes the general path, which coerces or names the problem.
+    """
+    i = m.get("input_tokens")
+    o = m.get("output_tokens")
+    if type(i) is not int or type(o) is not int or not (0 <= i <= MAX_INT and 0 <= o <= MAX_INT):
+        return None
+    r = w = z = 0
+    details = m.get("input_token_details")
+    if details:  # often there, all zeros (ChatOpenAI: {"audio": 0, "cache_read": 0})
+        if type(details) is not dict:
+            return None
+        r = details.get("cache_read", 0)
+        w = details.get("cache_creation", 0)
+        if type(r) is not int or type(w) is not int or r < 0 or w < 0 or r + w > i:
+            return None
+    details = m.get("output_token_details")
+    if details:
+        if type(details) is not dict:
+            return None
+        z = details.get("reasoning", 0)
+        if type(z) is not int or not 0 <= z <= o:
+            return None
+    usage = _new_usage(Usage)
+    _SET_INPUT(usage, i)
+    _SET_OUTPUT(usage, o)
+    _SET_CACHE_READ(usage, r)
+    _SET_CACHE_WRITE(usage, w)
+    _SET_REASONING(usage, z)
+    _SET_TOTAL(usage, i + o if i + o <= MAX_INT else MAX_INT)
+    _SET_COST(usage, None)
+    return usage
+
+
+_new_usage = object.__new__
 
 
 def _as_mapping(data: Any) -> Mapping[str, Any] | None:

@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from types import MethodType
+from types import MappingProxyType, MethodType
 from typing import Any
 from uuid import UUID
 
@@ -94,7 +94,7 @@ no parent run to carry it. ``on_soft_limit`` is called either way.
 _AGENT_KEYS = ("agent", "budgetary_agent")
 
 
-def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
+def agent_from_metadata(metadata: Mapping[str, Any] | None) -> str | None:
     """The agent a LangChain/LangGraph run belongs to, from its callback metadata.
 
     In order: user metadata (``agent``); the outer node of a subgraph
@@ -332,15 +332,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Reserve for the call or raise `BudgetExceeded`."""
         begun = self._begin(run_id, parent_run_id, metadata, kwargs)
         if begun is not None:
-            claim, agent, model, max_out, location = begun
+            claim, agent, model, max_out, location, tools = begun
             try:
                 for held in claim.ceded:
                     held.release("charged through a child budget by its handler", failed=False)
-                self.budget.ensure_agent(agent)
-                reservation = self.budget.reserve(
-                    agent, model=model, messages=_with_tools(messages, kwargs), max_output_tokens=max_out,
-                    location=location,
-                )  # fmt: skip
+                reservation = self.budget._reserve_for(
+                    agent, model, messages if tools is None else [*messages, tools], max_out, location
+                )
             except BaseException as exc:
                 self._release_claim(run_id)  # after a denied start LangChain sends no end/error event
                 for held in _holds_of_refused_start(run_id, claim):
@@ -355,15 +353,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ) -> None:  # fmt: skip
         begun = self._begin(run_id, parent_run_id, metadata, kwargs)
         if begun is not None:
-            claim, agent, model, max_out, location = begun
+            claim, agent, model, max_out, location, tools = begun
             try:
                 for held in claim.ceded:
                     await held.arelease("charged through a child budget by its handler", failed=False)
-                await self.budget.aensure_agent(agent)
-                reservation = await self.budget.areserve(
-                    agent, model=model, messages=_with_tools(messages, kwargs), max_output_tokens=max_out,
-                    location=location,
-                )  # fmt: skip
+                reservation = await self.budget._areserve_for(
+                    agent, model, messages if tools is None else [*messages, tools], max_out, location
+                )
             except BaseException as exc:
                 self._release_claim(run_id)
                 for held in _holds_of_refused_start(run_id, claim):
@@ -507,34 +503,48 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     # -- internals -----------------------------------------------------------------------
 
-    def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
+    def _agent_for(self, metadata: Mapping[str, Any] | None) -> str | None:
         """The agent this handler charges a call to (callers register it: `ensure_agent` or its twin)."""
         return self.agent if self.agent is not None else agent_from_metadata(metadata)
 
     def _begin(
         self, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
-    ) -> tuple[_Claim, str | None, str | None, int | None, str | None] | None:  # fmt: skip
-        """Claim the call: (claim, agent, model, max output tokens, location); None if another handler charges it."""
+    ) -> tuple[_Claim, str | None, str | None, int | None, str | None, str | None] | None:  # fmt: skip
+        """Claim the call: (claim, agent, model, max output tokens, location, tools' JSON text or None).
+
+        None if another handler charges the call. Every LLM call passes here: it reads what it needs
+        from the call's metadata and invocation params in one go.
+        """
         middleware = _middleware_calls.get()
         if middleware and self._middleware_charges():
             return None  # BudgetMiddleware already reserved this call
-        params = kwargs.get("invocation_params") or {}
-        charger = self._charging_for()  # a governed node's handler, if the call runs in one
-        claim = self._take(run_id, parent_run_id, params or None, charger._precedence)
-        if claim is None:
-            return None
+        params = kwargs.get("invocation_params") or _NOTHING
+        owners = _node_owners.get()  # `_charging_for`, inline: a governed node's handler, in one
+        charger = self if owners is None else owners.get(self._key) or self
+        claim = _Claim(self, parent_run_id, params or None, charger._precedence)
+        if self._claims.setdefault(run_id, claim) is not claim and not self._take(run_id, claim):
+            return None  # atomic setdefault: the usual case, one handler per family, ends there
         if middleware:
             claim.ceded = self._take_over_middleware()
-        metadata = metadata or {}
-        model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
-        max_out = metadata.get("ls_max_tokens")
-        for key in _OUTPUT_CAP_KEYS:
-            if max_out is not None:
-                break
-            max_out = params.get(key)
+        meta = metadata or _NOTHING
+        model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
+        max_out = meta.get("ls_max_tokens")
+        if max_out is None:
+            for key in _OUTPUT_CAP_KEYS:
+                max_out = params.get(key)
+                if max_out is not None:
+                    break
         if max_out is not None and (type(max_out) is not int or max_out < 0):
             max_out = _output_cap(max_out)
-        return claim, charger._agent_for(metadata), model, max_out, metadata.get("langgraph_node")
+        tools = params.get("tools") or params.get("functions")
+        return (
+            claim,
+            charger._agent_for(meta),
+            model,
+            max_out,
+            meta.get("langgraph_node"),
+            _tools_text(tools) if tools else None,
+        )
 
     def _started(self, claim: _Claim, run_id: UUID, reservation: Reservation) -> bool:
         """Record the call's reservation; False if a more specific handler took the run meanwhile."""
@@ -617,26 +627,21 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return self
         return owners.get(self._key) or self
 
-    def _take(
-        self, run_id: UUID, parent_run_id: UUID | None, batch: object, precedence: tuple[int, int]
-    ) -> _Claim | None:
-        """Claim ``run_id`` at ``precedence`` unless a handler of this budget's family that takes precedence has it."""
+    def _take(self, run_id: UUID, claim: _Claim) -> bool:
+        """Put ``claim`` on ``run_id``, which another handler of the family claimed first, if it takes precedence."""
         claims = self._claims
-        claim = _Claim(self, parent_run_id, batch, precedence)
-        if claims.setdefault(run_id, claim) is claim:  # atomic: the usual case, one handler per family
-            return claim
-        with _claims_lock:  # another handler of the family saw the run first: precedence decides
+        with _claims_lock:
             current = claims.get(run_id)
-            if current is not None and current.rank >= precedence:
+            if current is not None and current.rank >= claim.rank:
                 if self.on_soft_limit is not None:
                     current.also += (self,)
-                return None
+                return False
             if current is not None:
                 claim.also = current.also + ((current.handler,) if current.handler.on_soft_limit is not None else ())
             claims[run_id] = claim
         if current is not None and current.reservation is not None:
             current.reservation.release("re-attributed to a more specific handler", failed=False)
-        return claim
+        return True
 
     def _release_claim(self, run_id: UUID) -> _Claim | None:
         claim = self._claims.get(run_id)
@@ -646,6 +651,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
 
 _OUTPUT_CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
 
 
 def _output_cap(*values: Any) -> int | None:
@@ -738,14 +744,6 @@ def _tool_schema(tool: Any) -> Any:
         return str(tool)
 
 
-def _with_tools(messages: Any, kwargs: Mapping[str, Any]) -> Any:
-    """The call's prompt for the estimate: its messages, plus the bound tools' schemas if any."""
-    params = kwargs.get("invocation_params")
-    tools = params.get("tools") or params.get("functions") if params else None
-    text = _tools_text(tools) if tools else None
-    return messages if text is None else [*messages, text]
-
-
 # `Budget.check_tool` returns only its decision and tells the budget's listeners of the thresholds
 # the count crossed: one listener per budget collects them for the tool call counting in this
 # context (asyncio.to_thread copies the context, so a store run in a worker thread is covered).
@@ -808,8 +806,10 @@ def _event_data(event: SoftLimit) -> dict[str, Any]:
 def _billed_model(message: Any) -> str | None:
     """The model name the provider reported in a message's ``response_metadata``, if any."""
     metadata = getattr(message, "response_metadata", None)
-    name = (metadata.get("model_name") or metadata.get("model")) if isinstance(metadata, Mapping) else None
-    return name if isinstance(name, str) else None
+    if type(metadata) is not dict and not isinstance(metadata, Mapping):
+        return None
+    name = metadata.get("model_name") or metadata.get("model")
+    return name if type(name) is str or isinstance(name, str) else None
 
 
 def _reported_usage(response: Any) -> tuple[Any, str | None, bool]:
@@ -824,7 +824,7 @@ def _message_usage(message: Any, llm_output: Mapping[str, Any]) -> tuple[Any, st
     metadata = getattr(message, "usage_metadata", None)
     model = _billed_model(message) or llm_output.get("model_name")
     if metadata:
-        if not isinstance(metadata, Mapping):  # built with model_construct or assigned after validation
+        if type(metadata) is not dict and not isinstance(metadata, Mapping):  # model_construct, or assigned later
             return metadata, model, False  # unreadable: the lenient settle logs it and charges the estimate
         if metadata.get("total_cost") == 0:  # LangChain's only marker of an LLM-cache hit
             return None, model, True

@@ -562,7 +562,7 @@ class _NodeHandler(BudgetCallbackHandler):
         super().__init__(budget, agent, rank=1)
         self.answers = answers
 
-    def _agent_for(self, metadata: dict[str, Any] | None) -> str | None:
+    def _agent_for(self, metadata: Mapping[str, Any] | None) -> str | None:
         return self.agent
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
