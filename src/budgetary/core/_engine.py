@@ -110,6 +110,8 @@ class Level:
         init=False, repr=False, compare=False
     )
     """Per limited dimension: the limit, the count that reaches the first threshold, and each threshold's count."""
+    floors: list[tuple[int, int]] = field(init=False, repr=False, compare=False)
+    """Per limited dimension: the count that reaches the first threshold (``soft_checks``, short)."""
     warm: bool = field(init=False, repr=False, compare=False)
     """False when no counter has reached its first warning threshold, so soft-limit scans can be skipped."""
 
@@ -129,6 +131,7 @@ class Level:
             if lim := limits[d]:
                 marks = tuple((t, _reach(t, lim)) for t in warn_at)
                 self.soft_checks.append((d, lim, marks[0][1], marks))
+        self.floors = [(d, floor) for d, _, floor, _ in self.soft_checks]
         self.rewarm()
 
     def rewarm(self) -> None:
@@ -582,7 +585,20 @@ class Engine:
             u = state.unit
             if u is not None and state.spent[u] + state.held[u] > state.allocated:
                 moved = self._cover_overrun(now, run, chain, agent, state, meta)
-            events = self._fire(now, levels, chain, agent, state, meta)
+            # Thresholds only fire once a counter reaches a level's first one, or on an allocation.
+            events: Sequence[SoftLimit] = _NO_EVENTS
+            for level in levels:
+                spent_v = level.spent
+                for d, floor in level.floors:
+                    if spent_v[d] >= floor:
+                        break
+                else:
+                    continue  # still cold: `warm` stays False (counters only grow between refreshes)
+                events = self._fire(now, levels, chain, agent, state, meta)
+                break
+            else:
+                if u is not None:
+                    events = self._fire(now, levels, chain, agent, state, meta)
             return Outcome(ALLOW, events, moved, entry)
 
     def _cover_overrun(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,

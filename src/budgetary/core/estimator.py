@@ -76,16 +76,16 @@ def message_texts(messages: Any) -> list[str]:
         ) from None
     texts: list[str] = []
     for message in items:
-        if isinstance(message, str):
-            texts.append(message)
-        elif isinstance(message, (list, tuple)):  # LangChain passes list[list[BaseMessage]]
-            texts.extend(message_texts(message))
-        elif type(message) is not dict and "content" in (fields := getattr(message, "__dict__", _NO_FIELDS)):
-            # A LangChain (pydantic) message: read its fields without attribute lookups.
+        if type(message) is not dict and "content" in (fields := getattr(message, "__dict__", _NO_FIELDS)):
+            # A LangChain (pydantic) message, the usual item: read its fields without attribute lookups.
             content = fields["content"]
             texts.append(content if type(content) is str else _content_text(content))
             if fields.get("tool_calls"):
                 texts.append(_json(fields["tool_calls"]))
+        elif isinstance(message, str):
+            texts.append(message)
+        elif isinstance(message, (list, tuple)):  # LangChain passes list[list[BaseMessage]]
+            texts.extend(message_texts(message))
         elif isinstance(message, Mapping):
             text = _content_text(message.get("content"))
             if len(message) > 2 or "content" not in message:

@@ -164,11 +164,12 @@ class _Claim:
 
 
 # Claims per family of budgets (a budget, its parent, ...: keyed by the top one), shared by every
-# handler of the family in this process. A child budget's charge is also its parents', so one
+# handler of the family in this process; each table is keyed by run id as `UUID.int` (hashing a
+# UUID runs Python code, four times per call). A child budget's charge is also its parents', so one
 # call seen by handlers of a budget and of its parent must be charged once, by the child's.
 # Keyed by the top budget's `budget_key`, so that two objects of one shared budget share a table;
 # each handler holds its table, which lives as long as one of them does.
-class _ClaimTable(dict[UUID, _Claim]):
+class _ClaimTable(dict[int, _Claim]):
     __slots__ = ("__weakref__",)
 
 
@@ -222,12 +223,12 @@ def _holds_of_refused_start(run_id: UUID, refused: _Claim) -> list[Reservation]:
     the same generate call it started before (a text LLM's batch, ``agenerate`` of several
     message lists). Their holds would otherwise be renewed for as long as the process lives.
     """
-    batch, parent = refused.batch, refused.parent
+    batch, parent, key = refused.batch, refused.parent, run_id.int
 
-    def doomed(rid: UUID, claim: _Claim) -> bool:
+    def doomed(rid: int, claim: _Claim) -> bool:
         # Prompts of one generate call share their parent run too: a call elsewhere never matches
         # both, even from a model that would reuse its invocation_params.
-        return rid == run_id or (batch is not None and claim.batch is batch and claim.parent == parent)
+        return rid == key or (batch is not None and claim.batch is batch and claim.parent == parent)
 
     with _claims_lock:
         tables = list(_claims.values())
@@ -481,7 +482,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         # re-attribution: a count cannot be taken back), and the claim lasts until the tool ends. So
         # a parent's handler listed before its child's counts the call for the parent only.
         claim = _Claim(self, parent_run_id)
-        if self._claims.setdefault(run_id, claim) is not claim:  # atomic: first handler wins
+        if self._claims.setdefault(run_id.int, claim) is not claim:  # atomic: first handler wins
             return None
         name = kwargs.get("name") or (serialized or {}).get("name") or "tool"
         return self._charging_for()._agent_for(metadata), str(name)
@@ -522,7 +523,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         owners = _node_owners.get()  # `_charging_for`, inline: a governed node's handler, in one
         charger = self if owners is None else owners.get(self._key) or self
         claim = _Claim(self, parent_run_id, params or None, charger._precedence)
-        if self._claims.setdefault(run_id, claim) is not claim and not self._take(run_id, claim):
+        if self._claims.setdefault(run_id.int, claim) is not claim and not self._take(run_id, claim):
             return None  # atomic setdefault: the usual case, one handler per family, ends there
         if middleware:
             claim.ceded = self._take_over_middleware()
@@ -551,7 +552,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         # Set first, then look: a handler taking the run over releases what it finds set, so
         # between the two of them the reservation is released at least once (release is idempotent).
         claim.reservation = reservation.keep_alive()  # a call longer than the lease keeps its hold
-        return self._claims.get(run_id) is claim
+        return self._claims.get(run_id.int) is claim
 
     def _ended(
         self, response: Any, run_id: UUID
@@ -631,23 +632,23 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         """Put ``claim`` on ``run_id``, which another handler of the family claimed first, if it takes precedence."""
         claims = self._claims
         with _claims_lock:
-            current = claims.get(run_id)
+            current = claims.get(run_id.int)
             if current is not None and current.rank >= claim.rank:
                 if self.on_soft_limit is not None:
                     current.also += (self,)
                 return False
             if current is not None:
                 claim.also = current.also + ((current.handler,) if current.handler.on_soft_limit is not None else ())
-            claims[run_id] = claim
+            claims[run_id.int] = claim
         if current is not None and current.reservation is not None:
             current.reservation.release("re-attributed to a more specific handler", failed=False)
         return True
 
     def _release_claim(self, run_id: UUID) -> _Claim | None:
-        claim = self._claims.get(run_id)
+        claim = self._claims.get(run_id.int)
         if claim is None or claim.handler is not self:
             return None
-        return self._claims.pop(run_id, None)  # atomic: None if a parent's chain error took it meanwhile
+        return self._claims.pop(run_id.int, None)  # atomic: None if a parent's chain error took it meanwhile
 
 
 _OUTPUT_CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
