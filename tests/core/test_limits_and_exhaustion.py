@@ -22,6 +22,7 @@ from budgetary import (
     Limits,
     SoftLimit,
     Usage,
+    UsageError,
 )
 
 # -- Limits ---------------------------------------------------------------------------------
@@ -48,6 +49,29 @@ def test_limits_default_is_unbounded_and_none_means_no_limit():
 def test_limits_reject_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ConfigurationError, match=field):
         Limits(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_llm_calls": 1.5}, "max_llm_calls must be a whole number of calls, got 1.5"),
+        ({"max_tool_calls": "x"}, "max_tool_calls must be an integer count of calls, got 'x'"),
+        ({"max_agents": True}, "max_agents must be an integer count of agents, got True"),
+        ({"max_total_tokens": 2.5}, "max_total_tokens must be a whole number of tokens, got 2.5"),
+    ],
+)
+def test_count_limit_errors_name_what_the_limit_counts(kwargs, message):
+    with pytest.raises(ConfigurationError) as raised:
+        Limits(**kwargs)
+    assert str(raised.value) == message
+
+
+def test_top_up_errors_name_what_the_resource_counts():
+    budget = Budget(Limits(max_llm_calls=2, max_total_tokens=10))
+    with pytest.raises(UsageError, match=r"^llm_calls must be an integer count of calls, got 'x'$"):
+        budget.top_up(llm_calls="x")
+    with pytest.raises(UsageError, match=r"^total_tokens must be an integer token count, got 'x'$"):
+        budget.top_up(total_tokens="x")
 
 
 @pytest.mark.parametrize("warn_at", [(0.0,), (1.0,), (1.5,), ("x",)])

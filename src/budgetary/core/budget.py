@@ -28,7 +28,7 @@ from budgetary.core.estimator import count_tokens, estimate_text_tokens, upper_b
 from budgetary.core.gate import check_fraction
 from budgetary.core.guard import ALLOW, Decision, Deny, SoftLimit, combine_guards
 from budgetary.core.ledger import Ledger, LedgerEntry
-from budgetary.core.limits import Limits
+from budgetary.core.limits import Limits, count_unit
 from budgetary.core.prices import Price, PriceTable
 from budgetary.core.skip import Skipped
 from budgetary.core.snapshot import Snapshot
@@ -1464,7 +1464,7 @@ def top_up_vector(amounts: Mapping[str, int | Decimal | float | str]) -> Vector:
             cost = coerce_cost(amount, resource)
             vector[index] = usd_to_nanos(cost) if cost is not None else 0
         else:
-            vector[index] = coerce_count(amount, resource)
+            vector[index] = coerce_count(amount, resource, count_unit(resource))
     return vector
 
 

@@ -71,7 +71,7 @@ class Limits:
                     raise ConfigurationError(str(exc)) from None
             elif name.startswith("max_") and value is not None:
                 try:
-                    object.__setattr__(self, name, coerce_count(value, name))
+                    object.__setattr__(self, name, coerce_count(value, name, count_unit(name)))
                 except UsageError as exc:
                     raise ConfigurationError(str(exc)) from None
         warn_at = self.warn_at
@@ -112,7 +112,7 @@ class Limits:
                 if current is not None and add is not None:
                     changes[field_name] = current + add
             else:
-                add_int = coerce_count(amount, name)
+                add_int = coerce_count(amount, name, count_unit(name))
                 if current is not None:
                     changes[field_name] = sat(current + add_int)
         return replace(self, **changes)
@@ -129,3 +129,9 @@ class Limits:
             else:
                 out.append(min(value, MAX_INT))
         return out
+
+
+def count_unit(name: str) -> str:
+    """What a count limit or resource counts (``max_llm_calls``/``llm_calls``: calls), for error messages."""
+    name = name.removeprefix("max_")
+    return "agents" if name == "agents" else "calls" if name.endswith("_calls") else "tokens"

@@ -26,30 +26,31 @@ _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
-def coerce_count(value: Any, name: str) -> int:
-    """Return ``value`` as a non-negative int (saturated), or raise `UsageError` naming ``name``."""
+def coerce_count(value: Any, name: str, unit: str = "tokens") -> int:
+    """Return ``value`` as a non-negative int (saturated), or raise `UsageError` naming ``name`` and ``unit``."""
     if type(value) is int:
         if value < 0:
             raise UsageError(f"{name} must be >= 0, got {value}")
         return value if value <= MAX_INT else MAX_INT
+    count = "an integer token count" if unit == "tokens" else f"an integer count of {unit}"
     if isinstance(value, bool) or value is None:
-        raise UsageError(f"{name} must be an integer token count, got {value!r}")
+        raise UsageError(f"{name} must be {count}, got {value!r}")
     if isinstance(value, int):
-        return coerce_count(int(value), name)
+        return coerce_count(int(value), name, unit)
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value) or not value.is_integer():
-            raise UsageError(f"{name} must be a whole number of tokens, got {value!r}")
-        return coerce_count(int(value), name)
+            raise UsageError(f"{name} must be a whole number of {unit}, got {value!r}")
+        return coerce_count(int(value), name, unit)
     if isinstance(value, Decimal):
         if not value.is_finite() or value != value.to_integral_value():
-            raise UsageError(f"{name} must be a whole number of tokens, got {value!r}")
-        return coerce_count(int(value), name)
+            raise UsageError(f"{name} must be a whole number of {unit}, got {value!r}")
+        return coerce_count(int(value), name, unit)
     if isinstance(value, str):
         text = value.strip()
         if not _INT_TEXT.fullmatch(text):
-            raise UsageError(f"{name} must be an integer token count, got {value!r}")
-        return coerce_count(int(text), name)
-    raise UsageError(f"{name} must be an integer token count, got {type(value).__name__} {value!r}")
+            raise UsageError(f"{name} must be {count}, got {value!r}")
+        return coerce_count(int(text), name, unit)
+    raise UsageError(f"{name} must be {count}, got {type(value).__name__} {value!r}")
 
 
 def coerce_cost(value: Any, name: str = "cost_usd") -> Decimal | None:
