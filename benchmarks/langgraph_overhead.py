@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypedDict
 
@@ -44,18 +45,23 @@ def build(model: FakeChatModel) -> StateGraph:
     return builder
 
 
-def main() -> None:
+def cases() -> tuple[dict[str, Callable[[], object]], Budget]:
+    """The three cases, and the budget of the governed graph (also used by `instructions.py`)."""
     model = FakeChatModel(usage={"input_tokens": 50, "output_tokens": 10, "total_tokens": 60}, max_tokens=10)
     plain = build(model).compile()
     budget = Budget(Limits(max_total_tokens=10**12, max_cost_usd=10**6))
     governed = govern_graph(build(model), budget)
     usage = UsageMetadataCallbackHandler()
-    cases = {
+    return {
         "plain graph": lambda: plain.invoke({"notes": []}),
         "plain + usage handler": lambda: plain.invoke({"notes": []}, {"callbacks": [usage]}),
         "govern_graph": lambda: governed.invoke({"notes": []}),
-    }
-    compare(cases, baseline="plain graph", unit="ms/run", rounds=7, per_round=20, warmup=3, scale=1e3)
+    }, budget
+
+
+def main() -> None:
+    runs, budget = cases()
+    compare(runs, baseline="plain graph", unit="ms/run", rounds=7, per_round=20, warmup=3, scale=1e3)
     assert budget.snapshot().llm_calls > 0 and budget.snapshot().agents_started > 0
 
 

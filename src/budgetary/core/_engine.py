@@ -136,8 +136,15 @@ class Level:
 
     def rewarm(self) -> None:
         """Recompute `warm` after the counters changed."""
+        self.warm = self.reached_floor()
+
+    def reached_floor(self) -> bool:
+        """Whether a counter reached its first warning threshold."""
         spent = self.spent
-        self.warm = any(spent[d] >= floor for d, _, floor, _ in self.soft_checks)
+        for d, floor in self.floors:
+            if spent[d] >= floor:
+                return True
+        return False
 
 
 @dataclass(slots=True)
@@ -232,6 +239,13 @@ class Engine:
                     self._roll_window(level, now)
         return levels
 
+    def _locate(self, chain: tuple[str, ...], agent: str | None, now: float) -> tuple[list[Level], AgentState]:
+        """`_chain` and `_agent` in one call, for the two per-call operations."""
+        cached = self._chains.get(chain)
+        levels = self._chain(chain, now) if cached is None or cached[1] or now >= self.next_expiry else cached[0]
+        state = levels[0].agents.get(agent)
+        return levels, state if state is not None else self._agent(levels[0], agent)
+
     def forget_chains(self) -> None:
         """Drop cached chains (after a budget was added or its window changed)."""
         self._chains.clear()
@@ -296,22 +310,8 @@ class Engine:
         self, levels: list[Level], agent: str | None, state: AgentState, req: Vector, gate: bool
     ) -> tuple[Decision, list[tuple[str | None, int]]]:
         """Decide a request; return the decision and the transfers it needs (not applied)."""
-        if not gate and state.unit is None and state.threshold is None:
-            # The usual call: room under every limit and no level near a soft limit. One pass decides
-            # it; anything else (a limit it would pass too) is decided in full below.
-            for level in levels:
-                if level.warm:
-                    break
-                spent_v = level.spent
-                held_v = level.held
-                for d, limit in level.checks:
-                    if spent_v[d] + held_v[d] + req[d] >= limit:  # at the limit: decided below (exhausted?)
-                        break
-                else:
-                    continue
-                break
-            else:
-                return ALLOW, _NO_PLAN
+        if not gate and state.unit is None and state.threshold is None and _far_from_limits(levels, req):
+            return ALLOW, _NO_PLAN  # the usual call, decided in one pass; any other in full below
         # Spend limits first, at every level: they are reported before anything else.
         for level in levels:
             spent_v = level.spent
@@ -490,18 +490,8 @@ class Engine:
     ) -> Outcome:  # fmt: skip
         """Atomically check and hold ``req`` for one call; ``quiet`` writes no ``deny`` entry."""
         with self.guard:
-            # The chain's levels (`_chain` only when a lease may have expired or a window may roll)
-            # and the agent's state, read inline: every LLM call passes here twice.
-            cached = self._chains.get(chain)
-            levels = (
-                cached[0]
-                if cached is not None and not cached[1] and now < self.next_expiry
-                else self._chain(chain, now)
-            )
+            levels, state = self._locate(chain, agent, now)
             run = levels[0]
-            state = run.agents.get(agent)
-            if state is None:
-                state = self._agent(run, agent)
             if gate:
                 req = [0, 0, 0, 0, req[LLM], 0, 0, 0]
             decision, plan = self._evaluate(levels, agent, state, req, gate)
@@ -541,16 +531,8 @@ class Engine:
         cost, the entry's cost is ``actual[COST]``.
         """
         with self.guard:
-            cached = self._chains.get(chain)  # as in `reserve`
-            levels = (
-                cached[0]
-                if cached is not None and not cached[1] and now < self.next_expiry
-                else self._chain(chain, now)
-            )
+            levels, state = self._locate(chain, agent, now)
             run = levels[0]
-            state = run.agents.get(agent)
-            if state is None:
-                state = self._agent(run, agent)
             hold = self.holds.get(hold_id) if hold_id is not None else None
             if hold is not None:
                 del self.holds[hold.id]  # not pop(): a store's holds mapping may track deletions
@@ -585,21 +567,11 @@ class Engine:
             u = state.unit
             if u is not None and state.spent[u] + state.held[u] > state.allocated:
                 moved = self._cover_overrun(now, run, chain, agent, state, meta)
-            # Thresholds only fire once a counter reaches a level's first one, or on an allocation.
-            events: Sequence[SoftLimit] = _NO_EVENTS
-            for level in levels:
-                spent_v = level.spent
-                for d, floor in level.floors:
-                    if spent_v[d] >= floor:
-                        break
-                else:
-                    continue  # still cold: `warm` stays False (counters only grow between refreshes)
-                events = self._fire(now, levels, chain, agent, state, meta)
-                break
-            else:
-                if u is not None:
-                    events = self._fire(now, levels, chain, agent, state, meta)
-            return Outcome(ALLOW, events, moved, entry)
+            # Thresholds fire once a counter reaches a level's first one, or on an allocation; a level
+            # still below every first threshold stays cold (counters only grow between refreshes).
+            if u is None and not any(level.reached_floor() for level in levels):
+                return Outcome(ALLOW, _NO_EVENTS, moved, entry)
+            return Outcome(ALLOW, self._fire(now, levels, chain, agent, state, meta), moved, entry)
 
     def _cover_overrun(self, now: float, run: Level, chain: tuple[str, ...], agent: str | None,
                        state: AgentState, meta: Meta) -> int:  # fmt: skip
@@ -788,6 +760,23 @@ def _move(held: Vector, spent: Vector, amounts: Vector, actual: Vector) -> None:
         t7 - a7 if t7 > a7 else 0,
     )
     _add(spent, actual)
+
+
+def _far_from_limits(levels: list[Level], req: Vector) -> bool:
+    """Whether ``req`` stays strictly under every limit of ``levels``, none of them near a soft limit.
+
+    Then the full rules allow it with nothing to report. Strictly: a request that reaches a limit
+    exactly may find it exhausted, which the full rules say.
+    """
+    for level in levels:
+        if level.warm:
+            return False
+        spent = level.spent
+        held = level.held
+        for d, limit in level.checks:
+            if spent[d] + held[d] + req[d] >= limit:
+                return False
+    return True
 
 
 def _sub(target: Vector, amounts: Vector) -> None:

@@ -520,8 +520,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if middleware and self._middleware_charges():
             return None  # BudgetMiddleware already reserved this call
         params = kwargs.get("invocation_params") or _NOTHING
-        owners = _node_owners.get()  # `_charging_for`, inline: a governed node's handler, in one
-        charger = self if owners is None else owners.get(self._key) or self
+        charger = self._charging_for()  # a governed node's handler, if the call runs in one
         claim = _Claim(self, parent_run_id, params or None, charger._precedence)
         if self._claims.setdefault(run_id.int, claim) is not claim and not self._take(run_id, claim):
             return None  # atomic setdefault: the usual case, one handler per family, ends there
